@@ -1,0 +1,31 @@
+"""Tiny CPU config for the tests: a two-level U-Net on a 32x32x8 grid, a few steps.
+
+  python launch.py --config=configs/test.py --workdir=/tmp/wmh_test \
+      --config.data.root=/tmp/wmh_test_data
+"""
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.data.root = '/tmp/wmh_jax_test_data'
+  c.data.num_subjects = 6
+  c.data.grid = (32, 32, 8)
+  c.data.val_fraction = 0.34
+  c.data.shuffle_buffer = 8
+  c.model.encoder_filters = ((4, 8), (8, 16))
+  c.model.kernel_sizes = ((3, 3, 1), (3, 3, 3))
+  c.model.pool_sizes = ((2, 2, 1), (2, 2, 2))
+  c.model.bottleneck_filters = (16, 16)
+  c.model.bottleneck_kernel = (3, 3, 3)
+  c.model.decoder_filters = (4, 8)
+  c.train.patch_size = None
+  c.train.num_steps = 12
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 2
+  c.train.log_every_steps = 4
+  c.train.eval_every_steps = 6
+  c.train.checkpoint_every_steps = 6
+  c.evaluate.num_images = 1
+  return c

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny challenge-layout dataset written with nibabel."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from wmh_jax import nifti_io  # pylint: disable=wrong-import-position
+
+SITES = ('Utrecht', 'Singapore', 'Amsterdam/GE3T')
+
+
+def write_tiny_subject(folder: Path, rng, shape=(40, 36, 12), affine=None,
+                       with_mask=True, other=True):
+  """An ellipsoid 'brain' with bright blobs (label 1) and a dark one (label 2)."""
+  affine = np.diag([1.2, 1.2, 3.0, 1.0]) if affine is None else affine
+  g = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing='ij')
+  brain = (g[0] ** 2 + g[1] ** 2 + g[2] ** 2) < 0.8
+  img = np.where(brain, 100.0, 5.0) + rng.normal(0, 3, shape)
+  labels = np.zeros(shape, np.uint8)
+  for _ in range(3):
+    c = rng.uniform(-0.4, 0.4, 3)
+    blob = sum((gi - ci) ** 2 for gi, ci in zip(g, c)) < 0.03
+    labels[blob & brain] = 1
+  if other:
+    c = rng.uniform(-0.3, 0.3, 3)
+    labels[(sum((gi - ci) ** 2 for gi, ci in zip(g, c)) < 0.01) & (labels == 0)] = 2
+  img = np.where(labels == 1, 180.0, np.where(labels == 2, 20.0, img))
+  nifti_io.save(folder / 'pre' / 'FLAIR.nii.gz', img.astype(np.float32), affine)
+  if with_mask:
+    nifti_io.save(folder / 'wmh.nii.gz', labels, affine, dtype=np.uint8)
+  return img, labels
+
+
+@pytest.fixture(scope='session')
+def tiny_dataset(tmp_path_factory) -> Path:
+  """9 subjects, 3 per site, in the challenge layout."""
+  root = tmp_path_factory.mktemp('wmh_tiny')
+  rng = np.random.default_rng(0)
+  for site in SITES:
+    for i in range(3):
+      write_tiny_subject(root / site / f'{i}', rng)
+  return root

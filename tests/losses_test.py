@@ -1,0 +1,84 @@
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from wmh_jax import losses
+from wmh_jax import metrics
+
+BIG = 40.0  # a logit whose sigmoid is 1 to float32 precision
+
+
+def _logits(pred):
+  return jnp.where(jnp.asarray(pred, bool), BIG, -BIG)[None]
+
+
+def test_perfect_prediction_has_zero_loss():
+  labels = np.zeros((8, 8, 4), np.uint8)
+  labels[2:5, 2:5, 1:3] = 1
+  assert float(losses.soft_dice_loss(_logits(labels == 1), labels[None])) == \
+      pytest.approx(0.0, abs=1e-6)
+
+
+def test_half_overlap_known_value():
+  labels = np.zeros((10, 1, 1), np.uint8)
+  labels[:4] = 1                       # |G| = 4
+  pred = np.zeros((10, 1, 1), bool)
+  pred[2:6] = True                     # |P| = 4, |P.G| = 2
+  # 1 - (2*2 + 1) / (4 + 4 + 1)
+  assert float(losses.soft_dice_loss(_logits(pred), labels[None], smooth=1.0)) == \
+      pytest.approx(1 - 5 / 9, abs=1e-6)
+  assert metrics.dice(pred, labels) == pytest.approx(0.5)
+
+
+def test_label_two_is_ignored_not_lesion():
+  labels = np.zeros((10, 1, 1), np.uint8)
+  labels[:4] = 1
+  labels[4:8] = 2
+  pred_with_other = np.zeros((10, 1, 1), bool)
+  pred_with_other[:8] = True           # lesion + other pathology predicted
+  # Predicting the label-2 voxels costs nothing: loss as if only lesion predicted.
+  loss = float(losses.soft_dice_loss(_logits(pred_with_other), labels[None], 0.0))
+  assert loss == pytest.approx(0.0, abs=1e-6)
+  assert metrics.dice(pred_with_other, labels) == pytest.approx(1.0)
+  # And missing them costs nothing either (the seed counted them as lesion).
+  pred_lesion_only = np.zeros((10, 1, 1), bool)
+  pred_lesion_only[:4] = True
+  assert float(losses.soft_dice_loss(_logits(pred_lesion_only), labels[None], 0.0)) \
+      == pytest.approx(0.0, abs=1e-6)
+
+
+def test_empty_mask():
+  labels = np.zeros((6, 6, 2), np.uint8)
+  empty = np.zeros((6, 6, 2), bool)
+  assert float(losses.soft_dice_loss(_logits(empty), labels[None], 1.0)) == \
+      pytest.approx(0.0, abs=1e-6)
+  full = np.ones((6, 6, 2), bool)      # 72 false positives on an empty mask
+  assert float(losses.soft_dice_loss(_logits(full), labels[None], 1.0)) == \
+      pytest.approx(1 - 1 / 73, abs=1e-6)
+  assert metrics.dice(empty, labels) == 1.0
+  assert metrics.dice(full, labels) == 0.0
+
+
+def test_batch_mean_and_dice_bce():
+  labels = np.zeros((2, 4, 1, 1), np.uint8)
+  labels[0, :2] = 1
+  logits = jnp.stack([_logits(labels[0] == 1)[0], _logits(np.ones((4, 1, 1)))[0]])
+  per = [0.0, 1 - 1 / 5]               # second sample: 4 false positives, |G| = 0
+  assert float(losses.soft_dice_loss(logits, labels, 1.0)) == pytest.approx(
+      np.mean(per), abs=1e-6)
+  cfg = ml_collections.ConfigDict({'name': 'dice_bce', 'smooth': 1.0,
+                                   'bce_weight': 1.0})
+  combined = float(losses.segmentation_loss(logits, labels, cfg))
+  # BCE: 4 of 8 voxels are confidently wrong (loss BIG each), 4 right (~0).
+  assert combined == pytest.approx(np.mean(per) + BIG * 4 / 8, rel=1e-4)
+  with pytest.raises(ValueError):
+    losses.segmentation_loss(logits, labels, ml_collections.ConfigDict(
+        {'name': 'focal', 'smooth': 1.0, 'bce_weight': 1.0}))
+
+
+def test_mismatched_shapes_are_refused():
+  logits = jnp.zeros((1, 4, 4, 2, 1))
+  assert float(losses.soft_dice_loss(logits, np.zeros((1, 4, 4, 2), np.uint8))) >= 0
+  with pytest.raises(ValueError, match='do not match'):
+    losses.soft_dice_loss(logits, np.zeros((1, 4, 2, 4), np.uint8))

@@ -1,0 +1,80 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from wmh_jax import models
+
+# Parameters of the seed network as configured in configs/default.py.
+SEED_NETWORK_PARAMS = 9_286_017
+
+
+def _count(params):
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_default_network_shape_and_parameter_count():
+  model = models.create_model(default.get_config().model)
+  x = jnp.zeros((1, 128, 128, 16, 1))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+  assert _count(variables['params']) == SEED_NETWORK_PARAMS
+  out = jax.eval_shape(lambda v: model.apply(v, x), variables)
+  assert out.shape == (1, 128, 128, 16, 1)
+  # The seed's kernels: (3,3,1) in the first two levels, (3,3,3) below.
+  p = variables['params']
+  assert p['ConvBlock_0']['Conv3D_0']['kernel'].shape == (3, 3, 1, 1, 32)
+  assert p['ConvBlock_2']['Conv3D_1']['kernel'].shape == (3, 3, 3, 128, 256)
+  assert p['ConvBlock_3']['Conv3D_1']['kernel'].shape == (3, 3, 3, 256, 512)
+
+
+def _small(impl, norm='none'):
+  return models.UNet3D(encoder_filters=((4, 6), (6, 8)),
+                       kernel_sizes=((3, 3, 1), (3, 3, 3)),
+                       pool_sizes=((2, 2, 1), (2, 2, 2)),
+                       bottleneck_filters=(8, 12), bottleneck_kernel=(3, 3, 3),
+                       decoder_filters=(4, 6), conv_impl=impl, norm=norm)
+
+
+@pytest.mark.parametrize('norm', ['none', 'group'])
+def test_fold2d_matches_native_forward_and_gradients(norm):
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 4, 1))
+  native, fold = _small('native', norm), _small('fold2d', norm)
+  params = native.init(jax.random.PRNGKey(0), x)['params']
+  assert jax.tree.structure(params) == jax.tree.structure(
+      fold.init(jax.random.PRNGKey(0), x)['params'])
+  loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply({'params': p}, x)))
+  ya, yb = native.apply({'params': params}, x), fold.apply({'params': params}, x)
+  np.testing.assert_allclose(ya, yb, atol=1e-5, rtol=1e-5)
+  ga, gb = jax.grad(loss(native))(params), jax.grad(loss(fold))(params)
+  # Group norm divides by small per-group deviations, which magnifies float32
+  # summation-order differences between the two implementations.
+  tol = 1e-5 if norm == 'none' else 1e-3
+  for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize('kernel', [(3, 3, 1), (3, 3, 3), (2, 2, 2), (2, 2, 1),
+                                    (1, 1, 1)])
+def test_conv3d_implementations_agree(kernel):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 10, 8, 3))  # (B, Z, X, Y, C)
+  w = jax.random.normal(jax.random.PRNGKey(1), (*kernel, 3, 5))
+  np.testing.assert_allclose(models.conv3d(x, w, 'native'),
+                             models.conv3d(x, w, 'fold2d'), atol=1e-4, rtol=1e-5)
+
+
+def test_auto_picks_fold2d_on_cpu_and_native_on_gpu():
+  assert models.resolve_conv_impl('auto', 'cpu') == 'fold2d'
+  assert models.resolve_conv_impl('auto', 'gpu') == 'native'
+  with pytest.raises(ValueError):
+    models.resolve_conv_impl('winograd')
+
+
+def test_pool_and_upsample_geometry():
+  x = jnp.arange(2 * 4 * 6 * 8 * 1, dtype=jnp.float32).reshape(2, 4, 6, 8, 1)
+  y = models.max_pool(x, (2, 2, 2))   # pool is (px, py, pz) on (B, Z, X, Y, C)
+  assert y.shape == (2, 2, 3, 4, 1)
+  assert float(y[0, 0, 0, 0, 0]) == float(x[0, :2, :2, :2, 0].max())
+  up = models.upsample(y, (2, 2, 2), 'nearest')
+  assert up.shape == x.shape
+  np.testing.assert_array_equal(up[0, 1, 1, 1], y[0, 0, 0, 0])

@@ -1,0 +1,68 @@
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from wmh_jax import nifti_io
+
+
+def _lps_oblique_affine():
+  c, s = np.cos(0.2), np.sin(0.2)
+  rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+  a = np.eye(4)
+  a[:3, :3] = rot @ np.diag([-0.47, -0.47, 8.0])
+  a[:3, 3] = [60, 70, -40]
+  return a
+
+
+def test_canonical_load_and_save_like_round_trip(tmp_path):
+  data = np.random.default_rng(0).integers(0, 3, (20, 16, 5)).astype(np.uint8)
+  ref = nifti_io.save(tmp_path / 'in.nii.gz', data.astype(np.int16),
+                      _lps_oblique_affine(), dtype=np.int16)
+  canon = nifti_io.load(ref)
+  assert nib.aff2axcodes(canon.affine) == ('R', 'A', 'S')
+  out = nifti_io.save_like(tmp_path / 'out.nii.gz', np.asarray(canon.dataobj),
+                           ref)
+  back = nib.load(str(out))
+  assert back.shape == data.shape
+  np.testing.assert_allclose(back.affine, _lps_oblique_affine(), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(back.dataobj), data)
+  assert back.get_data_dtype() == np.uint8
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+  with pytest.raises(nifti_io.NiftiError, match='no such file'):
+    nifti_io.load(tmp_path / 'missing.nii.gz')
+  (tmp_path / 'text.nii.gz').write_bytes(gzip.compress(b'not an image'))
+  with pytest.raises(nifti_io.NiftiError, match='text.nii.gz'):
+    nifti_io.load(tmp_path / 'text.nii.gz')
+  nifti_io.save(tmp_path / 'flat.nii.gz', np.zeros((4, 4), np.float32), np.eye(4))
+  with pytest.raises(nifti_io.NiftiError, match='3-D'):
+    nifti_io.load(tmp_path / 'flat.nii.gz')
+  nan = np.ones((4, 4, 4), np.float32)
+  nan[1, 1, 1] = np.nan
+  nifti_io.save(tmp_path / 'nan.nii.gz', nan, np.eye(4))
+  with pytest.raises(nifti_io.NiftiError, match='NaN'):
+    nifti_io.load_image(tmp_path / 'nan.nii.gz')
+  nifti_io.save(tmp_path / 'lab.nii.gz', np.full((4, 4, 4), 3, np.uint8), np.eye(4))
+  with pytest.raises(nifti_io.NiftiError, match='labels'):
+    nifti_io.load_labels(tmp_path / 'lab.nii.gz')
+  with pytest.raises(nifti_io.NiftiError, match='shape'):
+    nifti_io.load_labels(tmp_path / 'lab.nii.gz', like_shape=(4, 4, 5))
+
+
+def test_four_d_single_volume_accepted(tmp_path):
+  nifti_io.save(tmp_path / 'v.nii.gz', np.ones((4, 5, 6, 1), np.float32), np.eye(4))
+  assert nifti_io.load(tmp_path / 'v.nii.gz').shape == (4, 5, 6)
+  nifti_io.save(tmp_path / 'w.nii.gz', np.ones((4, 5, 6, 2), np.float32), np.eye(4))
+  with pytest.raises(nifti_io.NiftiError, match='3-D'):
+    nifti_io.load(tmp_path / 'w.nii.gz')
+
+
+def test_save_refuses_existing_without_overwrite(tmp_path):
+  p = nifti_io.save(tmp_path / 'a.nii.gz', np.ones((3, 3, 3), np.float32), np.eye(4))
+  with pytest.raises(FileExistsError):
+    nifti_io.save(p, np.zeros((3, 3, 3), np.float32), np.eye(4), overwrite=False)
+  assert np.asarray(nib.load(str(p)).dataobj).sum() == 27
+  assert [f.name for f in tmp_path.iterdir()] == ['a.nii.gz']  # no temp left

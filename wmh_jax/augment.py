@@ -1,0 +1,118 @@
+"""Small pure TensorFlow augmentation ops for tf.data, each seeded statelessly.
+
+Volumes are ``(X, Y, Z)``; every random op takes a ``seed`` of shape [2] (int) and
+gives the same output for the same seed, eagerly or inside ``tf.data``.
+"""
+
+import math
+
+import tensorflow as tf
+
+
+def _uniform(seed, shape, lo, hi):
+  return tf.random.stateless_uniform(shape, seed=seed, minval=lo, maxval=hi)
+
+
+def _rotation(angles):
+  """Rotation matrix from angles (radians) about X, Y and Z: Rz @ Ry @ Rx."""
+  ax, ay, az = angles[0], angles[1], angles[2]
+  one, zero = tf.ones([]), tf.zeros([])
+  c, s = tf.cos, tf.sin
+  rx = tf.stack([[one, zero, zero], [zero, c(ax), -s(ax)], [zero, s(ax), c(ax)]])
+  ry = tf.stack([[c(ay), zero, s(ay)], [zero, one, zero], [-s(ay), zero, c(ay)]])
+  rz = tf.stack([[c(az), -s(az), zero], [s(az), c(az), zero], [zero, zero, one]])
+  return rz @ ry @ rx
+
+
+def random_affine(seed, shape, spacing, rotate_deg=(5., 5., 15.), scale=0.1,
+                  shear=0.05, translate_vox=(8., 8., 1.), flip_lr=True):
+  """A random output-index -> input-index affine ``(matrix 3x3, offset 3)``.
+
+  Rotation, scale and shear act in physical space (``spacing`` in mm per voxel,
+  so an in-plane rotation of an anisotropic grid stays a rotation), about the
+  volume centre; the left-right flip mirrors the X axis.
+  """
+  seeds = tf.random.experimental.stateless_split(seed, 5)
+  rot = tf.constant(rotate_deg, tf.float32) * (math.pi / 180)
+  angles = _uniform(seeds[0], [3], -1.0, 1.0) * rot
+  s = 1.0 + _uniform(seeds[1], [], -scale, scale)
+  sh = _uniform(seeds[2], [3], -shear, shear)
+  shear_m = tf.stack([[1.0, sh[0], sh[1]], [0.0, 1.0, sh[2]], [0.0, 0.0, 1.0]])
+  lin = _rotation(angles) @ shear_m * s
+  if flip_lr:
+    sign = tf.where(_uniform(seeds[3], [], 0.0, 1.0) < 0.5, -1.0, 1.0)
+    lin = lin @ tf.linalg.diag(tf.stack([sign, 1.0, 1.0]))
+  spacing = tf.cast(spacing, tf.float32)
+  matrix = (lin / spacing[:, None]) * spacing[None, :]  # diag(1/vs) L diag(vs)
+  centre = (tf.cast(shape, tf.float32) - 1.0) / 2.0
+  shift = _uniform(seeds[4], [3], -1.0, 1.0) * tf.constant(translate_vox)
+  offset = centre - tf.linalg.matvec(matrix, centre) + shift
+  return matrix, offset
+
+
+def sample_linear(volume, matrix, offset, out_shape=None):
+  """Trilinear ``volume[matrix @ i + offset]`` over output indices ``i``.
+
+  Out-of-range positions take the nearest edge value.
+  """
+  shape = tf.shape(volume)
+  out_shape = shape if out_shape is None else out_shape
+  grid = tf.meshgrid(*[tf.range(out_shape[a], dtype=tf.float32) for a in range(3)],
+                     indexing='ij')
+  idx = tf.reshape(tf.stack(grid, 0), [3, -1])
+  src = matrix @ idx + offset[:, None]
+  hi = tf.cast(shape, tf.float32)[:, None] - 1.0
+  src = tf.clip_by_value(src, 0.0, hi)
+  lo = tf.minimum(tf.floor(src), tf.maximum(hi - 1.0, 0.0))
+  frac = src - lo
+  lo = tf.cast(lo, tf.int32)
+  flat = tf.reshape(volume, [-1])
+  strides = tf.stack([shape[1] * shape[2], shape[2], 1])[:, None]
+  out = 0.0
+  for corner in range(8):
+    bits = tf.constant([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])[:, None]
+    pos = tf.minimum(lo + bits, tf.cast(hi, tf.int32))
+    w = tf.reduce_prod(tf.where(bits == 1, frac, 1.0 - frac), axis=0)
+    out += w * tf.gather(flat, tf.reduce_sum(pos * strides, axis=0))
+  return tf.reshape(out, out_shape)
+
+
+def affine_pair(image, labels, matrix, offset):
+  """Applies one affine to an image (linear) and its {0,1,2} labels.
+
+  Labels are resampled through their lesion and other-pathology indicators
+  (threshold 0.5; lesion wins), so a lesion never becomes label 2.
+  """
+  image = sample_linear(image, matrix, offset)
+  lesion = sample_linear(tf.cast(labels == 1, tf.float32), matrix, offset) >= 0.5
+  other = sample_linear(tf.cast(labels == 2, tf.float32), matrix, offset) >= 0.5
+  labels = tf.where(lesion, 1, tf.where(other, 2, 0))
+  return image, tf.cast(labels, tf.uint8)
+
+
+def random_intensity(image, seed, amount=0.1):
+  """``image * U(1-a, 1+a) + U(-a, a)`` (image is z-scored)."""
+  seeds = tf.random.experimental.stateless_split(seed, 2)
+  gain = _uniform(seeds[0], [], 1.0 - amount, 1.0 + amount)
+  bias = _uniform(seeds[1], [], -amount, amount)
+  return image * gain + bias
+
+
+def random_crop(image, labels, size, seed, lesion_fraction=0.5):
+  """A ``size`` crop; with probability ``lesion_fraction`` centred on a lesion voxel."""
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  shape = tf.shape(image)
+  size = tf.constant(size, tf.int32)
+  room = shape - size
+  uniform_start = tf.cast(
+      tf.floor(_uniform(seeds[0], [3], 0.0, 1.0) * tf.cast(room + 1, tf.float32)),
+      tf.int32)
+  lesions = tf.cast(tf.where(labels == 1), tf.int32)
+  n = tf.shape(lesions)[0]
+  pick = tf.random.stateless_uniform([], seeds[1], 0, tf.maximum(n, 1), tf.int32)
+  # A dummy row keeps the gather valid when there is no lesion (then unused).
+  centre = tf.gather(tf.concat([lesions, tf.zeros([1, 3], tf.int32)], 0), pick)
+  lesion_start = tf.clip_by_value(centre - size // 2, 0, room)
+  use_lesion = (n > 0) & (_uniform(seeds[2], [], 0.0, 1.0) < lesion_fraction)
+  start = tf.where(use_lesion, lesion_start, uniform_start)
+  return (tf.slice(image, start, size), tf.slice(labels, start, size))

@@ -1,0 +1,58 @@
+"""tf.data input pipeline over prepared (decoded, z-scored, resized) subjects.
+
+shuffle(seed) -> repeat -> enumerate -> skip(resume) -> map(augment, seeded by the
+element's position) -> batch(drop_remainder) -> prefetch. The same seed gives the
+same batches, and a resumed run continues with the batches it would have seen.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from wmh_jax import augment
+
+
+def stack_prepared(prepared: list[dict], grid) -> dict[str, np.ndarray]:
+  from wmh_jax import subjects  # local: keeps scipy out of this module's imports
+  return {
+      'image': np.stack([p['image'] for p in prepared]).astype(np.float32),
+      'labels': np.stack([p['labels'] for p in prepared]).astype(np.uint8),
+      'spacing': np.stack([subjects.grid_spacing(p, grid) for p in prepared]
+                          ).astype(np.float32),
+  }
+
+
+def augment_example(example, seed, aug_config, patch_size=None,
+                    lesion_patch_fraction=0.5):
+  """Augments one ``{'image', 'labels', 'spacing'}`` example; adds a channel axis."""
+  image, labels = example['image'], example['labels']
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  if aug_config.enabled:
+    matrix, offset = augment.random_affine(
+        seeds[0], tf.shape(image), example['spacing'],
+        rotate_deg=tuple(aug_config.rotate_deg), scale=aug_config.scale,
+        shear=aug_config.shear, translate_vox=tuple(aug_config.translate_vox),
+        flip_lr=aug_config.flip_lr)
+    image, labels = augment.affine_pair(image, labels, matrix, offset)
+    image = augment.random_intensity(image, seeds[1], aug_config.intensity)
+  if patch_size is not None:
+    image, labels = augment.random_crop(image, labels, tuple(patch_size),
+                                        seeds[2], lesion_patch_fraction)
+  return {'image': image[..., None], 'labels': labels}
+
+
+def train_dataset(arrays: dict[str, np.ndarray], config, start_step: int = 0):
+  """Infinite, augmented, batched training batches as a ``tf.data.Dataset``."""
+  n = arrays['image'].shape[0]
+  seed = config.seed
+  ds = tf.data.Dataset.from_tensor_slices(arrays)
+  ds = ds.shuffle(max(n, min(config.data.shuffle_buffer, n)), seed=seed,
+                  reshuffle_each_iteration=True).repeat()
+  ds = ds.enumerate().skip(start_step * config.train.batch_size)
+  patch = config.train.patch_size
+  fn = lambda i, ex: augment_example(
+      ex, tf.stack([tf.constant(seed, tf.int64), i]), config.augment,
+      None if patch is None else tuple(patch),
+      config.train.lesion_patch_fraction)
+  ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(config.train.batch_size, drop_remainder=True)
+  return ds.prefetch(2)

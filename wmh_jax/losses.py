@@ -1,0 +1,60 @@
+"""Segmentation losses as pure jnp functions with an ignore mask.
+
+Labels are {0 background, 1 WMH, 2 other pathology}; voxels labelled 2 are left
+out of the loss (the seed wrongly counted them as lesion).
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def _match(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Labels with the logits' shape; a channel axis of 1 may be missing on either."""
+  if labels.shape == logits.shape:
+    return labels
+  if labels.shape == logits.shape[:-1] and logits.shape[-1] == 1:
+    return labels[..., None]
+  raise ValueError(f'labels of shape {labels.shape} do not match logits of '
+                   f'shape {logits.shape}')
+
+
+def targets_and_mask(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(lesion indicator, valid mask)`` as float32, from {0, 1, 2} labels."""
+  return ((labels == 1).astype(jnp.float32), (labels != 2).astype(jnp.float32))
+
+
+def soft_dice_loss(logits: jax.Array, labels: jax.Array, smooth: float = 1.0
+                   ) -> jax.Array:
+  """Mean over the batch of ``1 - (2|P.G| + s) / (|P| + |G| + s)``.
+
+  Args:
+    logits: ``(B, ...)`` pre-sigmoid scores.
+    labels: integer labels of the logits' shape, or of that shape without the
+      logits' trailing channel axis of 1.
+    smooth: added to numerator and denominator; an empty mask predicted empty
+      gives loss 0.
+  """
+  target, mask = targets_and_mask(_match(logits, labels))
+  prob = jax.nn.sigmoid(logits) * mask
+  axes = tuple(range(1, logits.ndim))
+  inter = jnp.sum(prob * target, axes)
+  denom = jnp.sum(prob, axes) + jnp.sum(target, axes)
+  return jnp.mean(1.0 - (2.0 * inter + smooth) / (denom + smooth))
+
+
+def bce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Binary cross-entropy averaged over the non-ignored voxels."""
+  target, mask = targets_and_mask(_match(logits, labels))
+  per_voxel = jnp.maximum(logits, 0) - logits * target + jnp.log1p(
+      jnp.exp(-jnp.abs(logits)))
+  return jnp.sum(per_voxel * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def segmentation_loss(logits, labels, loss_config) -> jax.Array:
+  """The configured loss: 'dice' or 'dice_bce'."""
+  dice = soft_dice_loss(logits, labels, loss_config.smooth)
+  if loss_config.name == 'dice':
+    return dice
+  if loss_config.name == 'dice_bce':
+    return dice + loss_config.bce_weight * bce_loss(logits, labels)
+  raise ValueError(f'loss.name must be dice or dice_bce, got {loss_config.name!r}')

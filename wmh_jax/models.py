@@ -1,0 +1,247 @@
+"""The 3-D U-Net of the seed study, in Flax linen.
+
+After Çiçek et al., "3D U-Net: Learning Dense Volumetric Segmentation from Sparse
+Annotation", MICCAI 2016, as adapted by the 2017 WMH study: anisotropic (3, 3, 1)
+kernels in the upper levels, no normalisation, a 1x1x1 convolution to one logit.
+
+Volumes enter as ``(batch, X, Y, Z, channels)`` (Z = slices) and logits leave with
+the same spatial shape and one channel. Internally the network works in the layout
+``(batch, Z, X, Y, channels)`` so that a ``(kx, ky, 1)`` convolution is a 2-D
+convolution over ``batch * Z`` images (see :class:`Conv3D`).
+"""
+
+from collections.abc import Sequence
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# He initialisation: the network is all ReLU.
+_KERNEL_INIT = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
+CONV_IMPLS = ('native', 'fold2d', 'auto')
+
+
+def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
+  """Maps 'auto' to the fastest implementation on ``backend``.
+
+  XLA:CPU runs 2-D convolutions far faster than 3-D ones (see bench/); cuDNN and
+  the TPU compiler do 3-D convolutions well, so 'auto' keeps them native there.
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl!r}')
+  if impl != 'auto':
+    return impl
+  backend = backend or jax.default_backend()
+  return 'fold2d' if backend == 'cpu' else 'native'
+
+
+def _conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _patches2d(x: jax.Array, kx: int, ky: int) -> jax.Array:
+  """im2col for a 'SAME' (kx, ky) convolution: ``(N*H*W, kx*ky*C)``."""
+  n, h, w, c = x.shape
+  lx, ly = (kx - 1) // 2, (ky - 1) // 2
+  xp = jnp.pad(x, ((0, 0), (lx, kx - 1 - lx), (ly, ky - 1 - ly), (0, 0)))
+  cols = [xp[:, i:i + h, j:j + w] for i in range(kx) for j in range(ky)]
+  return jnp.concatenate(cols, axis=-1).reshape(n * h * w, kx * ky * c)
+
+
+@jax.custom_vjp
+def conv2d_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """'SAME' 2-D convolution (NHWC, HWIO) with a faster kernel gradient on CPU.
+
+  XLA:CPU computes the kernel gradient of a 2-D convolution 3-6x slower than the
+  forward pass (measured in bench/conv_layers.py); as one im2col matmul it is 2-3x
+  faster than that. The input gradient stays XLA's own (as fast as the forward).
+  """
+  return _conv2d(x, kernel)
+
+
+def _conv2d_fwd(x, kernel):
+  return _conv2d(x, kernel), (x, kernel)
+
+
+def _conv2d_bwd(res, dy):
+  x, kernel = res
+  kx, ky, cin, cout = kernel.shape
+  dx = jax.vjp(lambda x_: _conv2d(x_, kernel), x)[1](dy)[0]
+  dk = _patches2d(x, kx, ky).T @ dy.reshape(-1, cout)
+  return dx, dk.reshape(kx, ky, cin, cout).astype(kernel.dtype)
+
+
+conv2d_same.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def conv3d(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
+  """'SAME' 3-D cross-correlation, stride 1.
+
+  Args:
+    x: ``(B, Z, X, Y, Cin)``.
+    kernel: ``(kx, ky, kz, Cin, Cout)``.
+    impl: 'native' (one 3-D convolution) or 'fold2d' (slices folded into the batch;
+      a kernel with kz > 1 becomes one 2-D convolution over the kz depth-shifted
+      copies of the input stacked along channels). Both give the same result.
+
+  Returns:
+    ``(B, Z, X, Y, Cout)``.
+  """
+  kx, ky, kz, cin, cout = kernel.shape
+  if impl == 'native':
+    return lax.conv_general_dilated(
+        x, jnp.transpose(kernel, (2, 0, 1, 3, 4)), (1, 1, 1), 'SAME',
+        dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+  if impl != 'fold2d':
+    raise ValueError(f'unknown conv impl {impl!r}')
+  b, z, h, w, _ = x.shape
+  if kz > 1:
+    lo = (kz - 1) // 2  # the padding lax uses for 'SAME'
+    xp = jnp.pad(x, ((0, 0), (lo, kz - 1 - lo), (0, 0), (0, 0), (0, 0)))
+    x = jnp.concatenate([xp[:, d:d + z] for d in range(kz)], axis=-1)
+  if kx == ky == 1:
+    y = x.reshape(-1, kz * cin) @ kernel.reshape(kz * cin, cout)
+  else:
+    y = conv2d_same(x.reshape(b * z, h, w, kz * cin),
+                    kernel.reshape(kx, ky, kz * cin, cout))
+  return y.reshape(b, z, h, w, cout)
+
+
+class Conv3D(nn.Module):
+  """3-D convolution whose parameters do not depend on the implementation."""
+  features: int
+  kernel_size: Sequence[int]  # (kx, ky, kz)
+  impl: str = 'fold2d'
+  dtype: Any = jnp.float32
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', _KERNEL_INIT,
+                        (*self.kernel_size, x.shape[-1], self.features))
+    bias = self.param('bias', self.bias_init, (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return conv3d(x, kernel, self.impl) + bias
+
+
+def max_pool(x: jax.Array, pool: Sequence[int]) -> jax.Array:
+  """Non-overlapping max pooling of ``(B, Z, X, Y, C)`` by ``pool = (px, py, pz)``."""
+  px, py, pz = pool
+  b, z, h, w, c = x.shape
+  return x.reshape(b, z // pz, pz, h // px, px, w // py, py, c).max(axis=(2, 4, 6))
+
+
+def upsample(x: jax.Array, pool: Sequence[int], mode: str) -> jax.Array:
+  """Inverse of :func:`max_pool`'s geometry: nearest or (tri)linear."""
+  px, py, pz = pool
+  b, z, h, w, c = x.shape
+  if mode == 'nearest':
+    x = jnp.broadcast_to(x[:, :, None, :, None, :, None, :],
+                         (b, z, pz, h, px, w, py, c))
+    return x.reshape(b, z * pz, h * px, w * py, c)
+  if mode == 'linear':
+    return jax.image.resize(x, (b, z * pz, h * px, w * py, c), 'linear')
+  raise ValueError(f'upsampling must be nearest or linear, got {mode!r}')
+
+
+def _norm(kind: str, features: int, dtype) -> nn.Module | None:
+  if kind == 'none':
+    return None
+  if kind == 'group':  # 8 groups (fewer when the channels do not divide by 8)
+    return nn.GroupNorm(num_groups=math.gcd(8, features), dtype=dtype)
+  if kind == 'instance':
+    return nn.GroupNorm(num_groups=None, group_size=1, dtype=dtype)
+  if kind == 'batch':
+    return nn.BatchNorm(momentum=0.9, dtype=dtype)
+  raise ValueError(f'norm must be none, batch, group or instance, got {kind!r}')
+
+
+class ConvBlock(nn.Module):
+  """Convolutions, each followed by the optional norm and a ReLU."""
+  features: Sequence[int]
+  kernel_size: Sequence[int]
+  norm: str = 'none'
+  impl: str = 'fold2d'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for f in self.features:
+      x = Conv3D(f, self.kernel_size, self.impl, self.dtype)(x)
+      norm = _norm(self.norm, f, self.dtype)
+      if norm is not None:
+        x = norm(x, use_running_average=not train) if self.norm == 'batch' else norm(x)
+      x = nn.relu(x)
+    return x
+
+
+class UNet3D(nn.Module):
+  """3-D U-Net with per-level filters, kernels and pooling.
+
+  Level ``i`` of the encoder applies ``len(encoder_filters[i])`` convolutions with
+  ``kernel_sizes[i]``, keeps the result as a skip connection, and max-pools by
+  ``pool_sizes[i]``. The bottleneck applies ``bottleneck_filters`` with
+  ``bottleneck_kernel``. Decoder level ``i`` (deepest first) upsamples by
+  ``pool_sizes[i]``, applies one convolution of ``decoder_filters[i]`` with a
+  ``pool_sizes[i]`` kernel (the "up-convolution"), concatenates the skip, and applies
+  two more convolutions with ``kernel_sizes[i]``. A 1x1x1 convolution gives one
+  logit per voxel (apply a sigmoid for the lesion probability).
+
+  Input: ``(B, X, Y, Z, C)`` with X, Y, Z divisible by the product of the pool
+  sizes. Output: ``(B, X, Y, Z, 1)`` logits, float32.
+  """
+  encoder_filters: Sequence[Sequence[int]] = ((32, 64), (64, 128), (128, 256))
+  kernel_sizes: Sequence[Sequence[int]] = ((3, 3, 1), (3, 3, 1), (3, 3, 3))
+  pool_sizes: Sequence[Sequence[int]] = ((2, 2, 1), (2, 2, 1), (2, 2, 2))
+  bottleneck_filters: Sequence[int] = (256, 512)
+  bottleneck_kernel: Sequence[int] = (3, 3, 3)
+  decoder_filters: Sequence[int] = (32, 64, 128)
+  norm: str = 'none'
+  upsampling: str = 'nearest'
+  conv_impl: str = 'auto'
+  output_bias: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    impl = resolve_conv_impl(self.conv_impl)
+    block = dict(norm=self.norm, impl=impl, dtype=self.dtype)
+    x = jnp.transpose(x, (0, 3, 1, 2, 4))  # (B, X, Y, Z, C) -> (B, Z, X, Y, C)
+    skips = []
+    for filters, kernel, pool in zip(self.encoder_filters, self.kernel_sizes,
+                                     self.pool_sizes):
+      x = ConvBlock(filters, kernel, **block)(x, train)
+      skips.append(x)
+      x = max_pool(x, pool)
+    x = ConvBlock(self.bottleneck_filters, self.bottleneck_kernel, **block)(x, train)
+    for level in reversed(range(len(skips))):
+      pool, f = self.pool_sizes[level], self.decoder_filters[level]
+      x = upsample(x, pool, self.upsampling)
+      x = ConvBlock((f,), pool, **block)(x, train)
+      x = jnp.concatenate([x, skips[level].astype(x.dtype)], axis=-1)
+      x = ConvBlock((f, f), self.kernel_sizes[level], **block)(x, train)
+    x = Conv3D(1, (1, 1, 1), impl, self.dtype,
+               nn.initializers.constant(self.output_bias))(x)
+    return jnp.transpose(x, (0, 2, 3, 1, 4)).astype(jnp.float32)  # -> (B,X,Y,Z,1)
+
+
+def create_model(model_config) -> UNet3D:
+  """Builds the U-Net from a ``config.model`` ConfigDict."""
+  to_tuple = lambda seq: tuple(tuple(s) for s in seq)
+  return UNet3D(
+      encoder_filters=to_tuple(model_config.encoder_filters),
+      kernel_sizes=to_tuple(model_config.kernel_sizes),
+      pool_sizes=to_tuple(model_config.pool_sizes),
+      bottleneck_filters=tuple(model_config.bottleneck_filters),
+      bottleneck_kernel=tuple(model_config.bottleneck_kernel),
+      decoder_filters=tuple(model_config.decoder_filters),
+      norm=model_config.norm,
+      upsampling=model_config.upsampling,
+      conv_impl=model_config.conv_impl,
+      output_bias=model_config.output_bias,
+      dtype=jnp.dtype(model_config.dtype),
+  )

@@ -1,0 +1,122 @@
+"""NIfTI in and out: the only module that imports nibabel.
+
+Every loader returns arrays in the closest canonical (RAS+) orientation, so that
+axis 0 runs left->right, axis 1 posterior->anterior and axis 2 inferior->superior
+(the slice axis of an axial acquisition) whatever the file's own orientation.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+class NiftiError(ValueError):
+  """A file that cannot be used, with the path and the reason in the message."""
+
+
+def load(path: str | os.PathLike, canonical: bool = True) -> nib.Nifti1Image:
+  """Reads a 3-D NIfTI (a 4-D file with one volume is accepted).
+
+  Raises:
+    NiftiError: naming the file when it is missing, unreadable, or not 3-D.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise NiftiError(f'{path}: no such file')
+  try:
+    img = nib.load(str(path))
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+      raise NiftiError(f'{path}: not a NIfTI image')
+    data = np.asanyarray(img.dataobj)  # decode now, so corrupt files fail here
+  except NiftiError:
+    raise
+  except Exception as e:  # nibabel and gzip raise many types for broken files.
+    raise NiftiError(f'{path}: cannot read NIfTI ({type(e).__name__}: {e})') from e
+  if data.ndim == 4 and data.shape[3] == 1:
+    data = data[..., 0]
+  if data.ndim != 3:
+    raise NiftiError(f'{path}: expected a 3-D image, got shape {data.shape}')
+  img = nib.Nifti1Image(data, img.affine, img.header if isinstance(
+      img, nib.Nifti1Image) else None)
+  return nib.as_closest_canonical(img) if canonical else img
+
+
+def load_image(path, canonical: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """Returns ``(float32 array, 4x4 affine)``; refuses non-finite voxels."""
+  img = load(path, canonical)
+  data = np.asarray(img.get_fdata(dtype=np.float32))
+  if not np.all(np.isfinite(data)):
+    raise NiftiError(f'{path}: image has NaN or infinite voxels')
+  return data, img.affine
+
+
+def load_labels(path, like_affine: np.ndarray | None = None,
+                like_shape: tuple[int, ...] | None = None,
+                canonical: bool = True) -> np.ndarray:
+  """Returns a uint8 label array in {0, 1, 2}, checked against the image grid."""
+  img = load(path, canonical)
+  data = np.asarray(img.dataobj)
+  if like_shape is not None and tuple(data.shape) != tuple(like_shape):
+    raise NiftiError(f'{path}: mask shape {data.shape} differs from the image '
+                     f'shape {tuple(like_shape)}')
+  if like_affine is not None and not np.allclose(img.affine, like_affine,
+                                                 atol=1e-3):
+    raise NiftiError(f'{path}: mask affine differs from the image affine')
+  if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
+    raise NiftiError(f'{path}: labels must be integers in {{0, 1, 2}}')
+  values = np.unique(data)
+  if values.size and (values.min() < 0 or values.max() > 2):
+    raise NiftiError(f'{path}: labels must be in {{0, 1, 2}}, found '
+                     f'{values[(values < 0) | (values > 2)][:5].tolist()}')
+  return data.astype(np.uint8)
+
+
+def save(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
+         header=None, dtype=None, overwrite: bool = True) -> Path:
+  """Writes a NIfTI atomically: to a temporary name, then renamed into place."""
+  path = Path(path)
+  if path.exists() and not overwrite:
+    raise FileExistsError(f'{path}: already exists (pass --overwrite to replace)')
+  path.parent.mkdir(parents=True, exist_ok=True)
+  img = nib.Nifti1Image(data, affine, header)
+  if dtype is not None:
+    img.set_data_dtype(dtype)
+  img.set_qform(affine, code=1)
+  img.set_sform(affine, code=1)
+  fd, tmp = tempfile.mkstemp(prefix='.' + path.name.split('.')[0],
+                             suffix='.nii.gz', dir=path.parent)
+  os.close(fd)
+  try:
+    nib.save(img, tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def save_like(path, canonical_data: np.ndarray, reference, dtype=np.uint8,
+              overwrite: bool = True) -> Path:
+  """Writes ``canonical_data`` (RAS, as from :func:`load`) on ``reference``'s grid.
+
+  The array is reoriented back to the reference file's own axis order, and the
+  reference affine and header are kept, so the output overlays the input voxel
+  for voxel in any viewer.
+  """
+  ref = nib.load(str(reference))
+  shape = ref.shape[:3]
+  back = nib.orientations.ornt_transform(
+      nib.orientations.axcodes2ornt('RAS'), nib.io_orientation(ref.affine))
+  data = nib.orientations.apply_orientation(canonical_data, back)
+  if tuple(data.shape) != tuple(shape):
+    raise ValueError(f'{reference}: output shape {data.shape} does not match '
+                     f'the reference shape {shape}')
+  header = ref.header.copy()
+  header.set_data_shape(shape)
+  header.set_data_dtype(dtype)
+  header.set_slope_inter(1.0, 0.0)
+  return save(path, np.asarray(data).astype(dtype), ref.affine, header,
+              dtype=dtype, overwrite=overwrite)

@@ -1,0 +1,161 @@
+"""Finding subjects in the challenge layout, splitting them, and preparing arrays.
+
+Layout (the MICCAI 2017 WMH challenge): ``ROOT/SITE[/SCANNER]/ID/pre/FLAIR.nii.gz``
+and ``ROOT/SITE[/SCANNER]/ID/wmh.nii.gz`` with labels 0 background, 1 WMH, 2 other
+pathology. Preparation decodes each NIfTI once, reorients it to RAS, z-scores it
+inside a brain (head) mask and resizes it to the config grid with anti-aliasing;
+the training hot path then only sees small fixed-size arrays.
+"""
+
+import dataclasses
+from pathlib import Path
+
+from absl import logging
+import numpy as np
+from scipy import ndimage
+
+from wmh_jax import nifti_io
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectFiles:
+  site: str
+  id: str
+  flair: Path
+  wmh: Path | None
+
+  @property
+  def key(self) -> str:
+    return f'{self.site}/{self.id}'
+
+
+def find_subjects(root, missing_mask: str = 'skip') -> list[SubjectFiles]:
+  """All subjects under ``root``, sorted by site then id.
+
+  Args:
+    root: the dataset folder.
+    missing_mask: 'skip' (warn, listing them) or 'error' for subjects without
+      ``wmh.nii.gz``; 'keep' returns them with ``wmh=None`` (for prediction).
+
+  Raises:
+    FileNotFoundError: when ``root`` is missing or holds no subject.
+  """
+  root = Path(root)
+  if not root.is_dir():
+    raise FileNotFoundError(f'{root}: dataset folder does not exist')
+  found, missing = [], []
+  for flair in sorted(root.glob('**/pre/FLAIR.nii.gz')):
+    folder = flair.parent.parent
+    rel = folder.relative_to(root).parts
+    site = '/'.join(rel[:-1]) or '.'
+    wmh = folder / 'wmh.nii.gz'
+    s = SubjectFiles(site, rel[-1], flair, wmh if wmh.exists() else None)
+    if s.wmh is None and missing_mask != 'keep':
+      missing.append(s.key)
+      continue
+    found.append(s)
+  if missing:
+    if missing_mask == 'error':
+      raise FileNotFoundError(f'{root}: subjects without wmh.nii.gz: '
+                              f'{", ".join(missing)}')
+    logging.warning('%s: skipping %d subjects without wmh.nii.gz: %s', root,
+                    len(missing), ', '.join(missing))
+  if not found:
+    raise FileNotFoundError(
+        f'{root}: no subjects found (expected SITE/ID/pre/FLAIR.nii.gz with '
+        'SITE/ID/wmh.nii.gz)')
+  return found
+
+
+def split_subjects(subjects, val_fraction: float, seed: int):
+  """Splits by subject, per site: no subject is on both sides.
+
+  Within each site the subjects are shuffled by ``seed`` and the first
+  ``round(val_fraction * n)`` (at least one when the site has two or more) go to
+  validation. Returns ``(train, val)`` lists, each sorted by key.
+  """
+  by_site = {}
+  for s in subjects:
+    by_site.setdefault(s.site, []).append(s)
+  train, val = [], []
+  for site in sorted(by_site):
+    group = sorted(by_site[site], key=lambda s: s.key)
+    order = np.random.default_rng([seed, len(group)]).permutation(len(group))
+    n_val = int(round(val_fraction * len(group)))
+    if val_fraction > 0 and len(group) >= 2:
+      n_val = max(n_val, 1)
+    n_val = min(n_val, len(group) - 1)
+    val += [group[i] for i in order[:n_val]]
+    train += [group[i] for i in order[n_val:]]
+  return sorted(train, key=lambda s: s.key), sorted(val, key=lambda s: s.key)
+
+
+def head_mask(image: np.ndarray) -> np.ndarray:
+  """Foreground (head or brain) mask: above 10% of the robust maximum, filled."""
+  hi = np.percentile(image, 99.5)
+  mask = image > 0.1 * hi
+  mask = ndimage.binary_opening(mask, iterations=1)
+  return ndimage.binary_fill_holes(mask) if mask.any() else image > image.min()
+
+
+def zscore(image: np.ndarray, path='image') -> np.ndarray:
+  """Z-scores ``image`` with the mean and std of its foreground mask."""
+  mask = head_mask(image)
+  vals = image[mask]
+  std = float(vals.std()) if vals.size else 0.0
+  if std <= 1e-6 * max(1.0, abs(float(image.max()))):
+    raise nifti_io.NiftiError(f'{path}: image is constant (nothing to segment)')
+  return ((image - vals.mean()) / std).astype(np.float32)
+
+
+def resize(volume: np.ndarray, grid, order: int = 1) -> np.ndarray:
+  """Resizes to ``grid``, voxel centres aligned, Gaussian anti-aliasing first."""
+  factors = np.array(volume.shape) / np.array(grid)
+  if order > 0:
+    sigma = np.maximum((factors - 1) / 2, 0)
+    if np.any(sigma > 0):
+      volume = ndimage.gaussian_filter(volume, sigma, mode='nearest')
+  # Output voxel i samples input position (i + 0.5) * factor - 0.5.
+  coords = [(np.arange(g) + 0.5) * f - 0.5 for g, f in zip(grid, factors)]
+  mesh = np.meshgrid(*coords, indexing='ij')
+  return ndimage.map_coordinates(volume, mesh, order=order, mode='nearest')
+
+
+def resize_back(volume: np.ndarray, shape) -> np.ndarray:
+  """Inverse geometry of :func:`resize`: grid -> native ``shape``, linear."""
+  factors = np.array(shape) / np.array(volume.shape)
+  coords = [(np.arange(n) + 0.5) / f - 0.5 for n, f in zip(shape, factors)]
+  mesh = np.meshgrid(*coords, indexing='ij')
+  return ndimage.map_coordinates(volume, mesh, order=1, mode='nearest')
+
+
+def labels_to_grid(labels: np.ndarray, grid) -> np.ndarray:
+  """Resizes labels by their smoothed indicators: lesion wins over other."""
+  lesion = resize((labels == 1).astype(np.float32), grid) >= 0.5
+  other = resize((labels == 2).astype(np.float32), grid) >= 0.5
+  return np.where(lesion, 1, np.where(other, 2, 0)).astype(np.uint8)
+
+
+def prepare_subject(s: SubjectFiles, grid) -> dict:
+  """Decodes one subject and returns its grid arrays and native geometry."""
+  image, affine = nifti_io.load_image(s.flair)
+  if min(image.shape) < 2:
+    raise nifti_io.NiftiError(f'{s.flair}: image of shape {image.shape} is too '
+                              'small to resample')
+  out = {
+      'key': s.key,
+      'image': resize(zscore(image, s.flair), grid).astype(np.float32),
+      'native_shape': np.array(image.shape),
+      'affine': affine,
+      'spacing': np.sqrt((affine[:3, :3] ** 2).sum(0)),
+  }
+  if s.wmh is not None:
+    labels = nifti_io.load_labels(s.wmh, affine, image.shape)
+    out['labels'] = labels_to_grid(labels, grid)
+    out['native_labels'] = labels
+  return out
+
+
+def grid_spacing(prepared: dict, grid) -> np.ndarray:
+  """Physical size (mm) of one grid voxel of a prepared subject."""
+  return prepared['spacing'] * prepared['native_shape'] / np.array(grid)

@@ -1,0 +1,302 @@
+"""Offline synthetic FLAIR + WMH subjects on real brain anatomy.
+
+Anatomy comes from the MNI152 ICBM 2009a templates that ship inside nilearn's
+wheel (read by path; nothing is downloaded). Each subject is the template under a
+random pose, size, elastic warp and ventricle enlargement, with white matter
+hyperintensities (periventricular caps and rims growing with load, plus punctate
+deep lesions), sometimes lacunes (label 2), tissue contrasts of FLAIR, texture,
+bias field and Rician noise, acquired on a randomised grid (spacing, slice
+thickness with through-plane blur, matrix, orientation, skull, dtype).
+
+``generate_subject(seed, index)`` is a pure function of its arguments.
+"""
+
+import dataclasses
+import functools
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from wmh_jax import nifti_io
+
+SITES = ('Synth2D', 'Synth3mm', 'Synth3D')  # acquisition families, one a site
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  gm: np.ndarray          # tissue probabilities on the 1 mm template grid
+  wm: np.ndarray
+  csf: np.ndarray
+  brain: np.ndarray       # bool
+  affine: np.ndarray      # template voxel -> MNI world (mm)
+  dist_vent: np.ndarray   # mm from the lateral ventricles
+  dist_out: np.ndarray    # mm outside the brain (0 inside)
+  vent_y_range: tuple[float, float]  # anterior-posterior extent of the ventricles
+
+
+def _template_dir() -> Path:
+  spec = importlib.util.find_spec('nilearn')
+  if spec is None or not spec.submodule_search_locations:
+    raise RuntimeError('nilearn is not installed: it ships the MNI152 templates')
+  return Path(list(spec.submodule_search_locations)[0]) / 'datasets' / 'data'
+
+
+@functools.lru_cache(maxsize=1)
+def load_template() -> Template:
+  """Reads the templates and derives CSF, ventricles and distance maps (cached)."""
+  folder = _template_dir()
+  read = lambda n: nifti_io.load(
+      folder / f'mni_icbm152_{n}_tal_nlin_sym_09a_converted.nii.gz',
+      canonical=False)
+  t1 = read('t1')
+  brain = ndimage.binary_fill_holes(np.asarray(t1.dataobj) > 0)
+  # Crop to the brain plus room for a skull (13 mm): less work per subject.
+  lo = np.maximum(np.argwhere(brain).min(0) - 13, 0)
+  hi = np.argwhere(brain).max(0) + 14
+  box = tuple(slice(a, b) for a, b in zip(lo, hi))
+  affine = t1.affine.copy()
+  affine[:3, 3] += affine[:3, :3] @ lo
+  brain = brain[box]
+  gm = np.asarray(read('gm').dataobj, np.float32)[box] / 255.0
+  wm = np.asarray(read('wm').dataobj, np.float32)[box] / 255.0
+  csf = np.clip(brain - gm - wm, 0.0, 1.0).astype(np.float32)
+  depth = ndimage.distance_transform_edt(brain)
+  # Lateral ventricles: the large CSF components deep in the brain, off the midline.
+  cand = (csf > 0.6) & (depth > 12)
+  midline = int(round(np.linalg.inv(affine)[0] @ np.array([0, 0, 0, 1])))
+  cand[midline - 1:midline + 2] = False
+  lab, n = ndimage.label(cand)
+  sizes = ndimage.sum(cand, lab, range(1, n + 1))
+  keep = 1 + np.argsort(sizes)[::-1][:2]
+  vent = np.isin(lab, keep)
+  ys = np.nonzero(vent.any(axis=(0, 2)))[0]
+  return Template(
+      gm=gm, wm=wm, csf=csf, brain=brain, affine=affine,
+      dist_vent=ndimage.distance_transform_edt(~vent).astype(np.float32),
+      dist_out=ndimage.distance_transform_edt(~brain).astype(np.float32),
+      vent_y_range=(float(ys.min()), float(ys.max())))
+
+
+def _smooth_noise(rng, shape, sigma_vox, coarse=4):
+  """Zero-mean, unit-std smooth noise, drawn on a coarse grid for speed."""
+  small = tuple(max(2, s // coarse) for s in shape)
+  n = ndimage.gaussian_filter(rng.standard_normal(small).astype(np.float32),
+                              sigma_vox / coarse)
+  n = ndimage.zoom(n, [s / t for s, t in zip(shape, small)], order=1)
+  n = n[:shape[0], :shape[1], :shape[2]]
+  n = np.pad(n, [(0, s - m) for s, m in zip(shape, n.shape)], mode='edge')
+  return (n - n.mean()) / (n.std() + 1e-6)
+
+
+def lesion_map(rng, tpl: Template, load_ml: float, vent_grow: float,
+               wm: np.ndarray, rough: np.ndarray) -> np.ndarray:
+  """Lesion mask on the template grid with ``load_ml`` mL (1 mm voxels).
+
+  Periventricular: a field falling off with distance from the (enlarged)
+  ventricles, stronger at the frontal and occipital horns and longer-ranged with
+  load (caps -> rim -> confluent), roughened by smooth noise, in white matter only.
+  Deep: a few irregular punctate blobs away from the ventricles. No lesion within
+  3 mm of the midline.
+  """
+  shape = wm.shape
+  dist = np.maximum(tpl.dist_vent - vent_grow, 0.0)
+  reach = 2.0 + 3.0 * np.log1p(load_ml)                  # mm, grows with load
+  y = np.arange(shape[1], dtype=np.float32)[None, :, None]
+  y0, y1 = tpl.vent_y_range
+  horn = np.clip(np.maximum(y0 + 15 - y, y - (y1 - 15)) / 15.0, 0, 1.5)
+  field = np.exp(-dist / reach) * (0.6 + 0.6 * horn)
+  field = field * (1 + 0.35 * _smooth_noise(rng, shape, 3.0))
+  eligible = (wm > 0.5) & (dist > 0.5)
+  mid = int(round(np.linalg.inv(tpl.affine)[0] @ np.array([0, 0, 0, 1])))
+  eligible[mid - 3:mid + 4] = False
+  deep_fraction = rng.uniform(0.05, 0.3)
+  n_peri = int(round(load_ml * 1000 * (1 - deep_fraction)))
+  values = field[eligible]
+  les = np.zeros(shape, bool)
+  if n_peri > 0:
+    thr = np.partition(values, values.size - n_peri)[values.size - n_peri]
+    les = eligible & (field >= thr)
+  # Punctate deep lesions: noisy balls of 1.5-4 mm radius.
+  deep_target = load_ml * 1000 - les.sum()
+  cand = np.argwhere(eligible & (dist > 8))
+  for _ in range(200):
+    if deep_target <= 0 or cand.size == 0:
+      break
+    c = cand[rng.integers(len(cand))]
+    r = rng.uniform(1.5, 4.0)
+    lo = np.maximum(c - 6, 0)
+    hi = np.minimum(c + 7, shape)
+    zz = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    d2 = sum((g - ci) ** 2 for g, ci in zip(zz, c))
+    ball = (np.sqrt(d2) + 0.8 * rough[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+            < r) & eligible[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    sub = les[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    deep_target -= (ball & ~sub).sum()
+    sub |= ball
+  return les
+
+
+def _rotation(rx, ry, rz):
+  cx, sx, cy, sy, cz, sz = (np.cos(rx), np.sin(rx), np.cos(ry), np.sin(ry),
+                            np.cos(rz), np.sin(rz))
+  rot_x = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+  rot_y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+  rot_z = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+  return rot_z @ rot_y @ rot_x
+
+
+def sample_geometry(rng, site: str):
+  """Voxel spacing, matrix and a voxel->world affine for one acquisition."""
+  if site == 'Synth2D':       # 2-D FLAIR: fine in-plane, thick slices
+    inplane, thick, fov_z = rng.uniform(0.4, 0.6), rng.uniform(5.0, 8.0), 130
+  elif site == 'Synth3mm':    # the challenge's ~1x1x3 mm scans
+    inplane, thick, fov_z = rng.uniform(0.85, 1.2), rng.uniform(2.5, 4.0), 145
+  elif site == 'Synth3D':     # 3-D FLAIR, near isotropic
+    inplane, thick, fov_z = rng.uniform(0.9, 1.2), rng.uniform(1.0, 1.5), 160
+  else:
+    raise ValueError(f'unknown synthetic site {site!r}')
+  fov = rng.uniform(200, 250)
+  shape = (int(round(fov / inplane)), int(round(fov * rng.uniform(0.9, 1.1)
+                                                  / inplane)),
+           int(round(fov_z * rng.uniform(0.9, 1.1) / thick)))
+  spacing = np.array([inplane, inplane, thick])
+  # Orientation: RAS, LPS, LAS, plus an oblique tilt of up to 12 degrees.
+  flips = [np.diag([1, 1, 1]), np.diag([-1, -1, 1]), np.diag([-1, 1, 1])][
+      rng.integers(3)]
+  tilt = _rotation(*np.deg2rad(rng.uniform(-12, 12, 3) * [1, 0.5, 0.5]))
+  lin = tilt @ flips @ np.diag(spacing)
+  center = np.array([0.0, -18.0, 10.0]) + rng.uniform(-8, 8, 3)
+  affine = np.eye(4)
+  affine[:3, :3] = lin
+  affine[:3, 3] = center - lin @ ((np.array(shape) - 1) / 2)
+  return shape, spacing, affine
+
+
+@dataclasses.dataclass
+class Subject:
+  flair: np.ndarray
+  labels: np.ndarray      # uint8 {0, 1, 2}
+  affine: np.ndarray
+  dtype: np.dtype
+  lesion_ml: float        # requested lesion load
+
+
+def generate_subject(seed: int, index: int, site: str | None = None,
+                     load_ml: float | None = None, geometry=None) -> Subject:
+  """One synthetic subject, a pure function of ``(seed, index)``.
+
+  Args:
+    seed: dataset seed.
+    index: subject index; subjects of different (seed, index) are independent.
+    site: acquisition family (one of SITES); by default ``SITES[index % 3]``.
+    load_ml: lesion load; by default log-normal, median 8 mL, in [0.5, 80].
+    geometry: optional ``(shape, spacing, affine)`` to override the random grid.
+  """
+  tpl = load_template()
+  rng = np.random.default_rng([seed, index])
+  site = site or SITES[index % len(SITES)]
+  if load_ml is None:
+    load_ml = float(np.clip(np.exp(rng.normal(np.log(8.0), 1.2)), 0.5, 80.0))
+  shape, spacing, affine = geometry or sample_geometry(rng, site)
+
+  # Anatomy on the template grid: ventricle enlargement (the template is a young
+  # adult; WMH patients are old) turns periventricular tissue into CSF.
+  grow = rng.uniform(0.0, 4.0)
+  vent = tpl.dist_vent < grow
+  wm = np.where(vent, 0.0, tpl.wm)
+  gm = np.where(vent, 0.0, tpl.gm)
+  csf = np.where(vent, 1.0, tpl.csf)
+  fine_noise = _smooth_noise(rng, wm.shape, 1.5, coarse=2)
+  les = lesion_map(rng, tpl, load_ml, grow, wm, fine_noise)
+  other = np.zeros_like(les)
+  if rng.uniform() < 0.35:   # lacunes: cavities in deep grey/white matter
+    cand = np.argwhere((tpl.dist_vent > 4) & (tpl.dist_vent < 14) &
+                       ((gm + wm) > 0.8) & ~les)
+    for _ in range(rng.integers(1, 4)):
+      c = cand[rng.integers(len(cand))]
+      r = rng.uniform(1.5, 3.0)
+      zz = np.ogrid[tuple(slice(max(ci - 4, 0), ci + 5) for ci in c)]
+      ball = sum((g - ci) ** 2 for g, ci in zip(zz, c)) <= r * r
+      other[tuple(slice(max(ci - 4, 0), ci + 5) for ci in c)] |= ball
+
+  # FLAIR contrast relative to white matter.
+  c_gm, c_csf = rng.uniform(1.1, 1.35), rng.uniform(0.05, 0.2)
+  c_wmh = rng.uniform(max(1.45, c_gm + 0.1), 1.9)
+  img = wm * 1.0 + gm * c_gm + csf * c_csf
+  img *= 1 + 0.04 * fine_noise
+  les_f = ndimage.gaussian_filter(les.astype(np.float32), 0.7)
+  img = img * (1 - les_f) + les_f * c_wmh * (1 + 0.05 * rng.standard_normal())
+  rim = ndimage.binary_dilation(other, iterations=1) & ~other
+  img = np.where(other, c_csf * 1.5, np.where(rim, np.maximum(img, c_gm * 1.1), img))
+  skull = rng.uniform() < 0.5
+  if skull:   # CSF, skull (dark), scalp fat (bright) outside the brain
+    d = tpl.dist_out
+    img = img + np.where((d > 0) & (d <= 2), c_csf, 0) + np.where(
+        (d > 6) & (d <= 11), rng.uniform(0.6, 1.3), 0)
+  # Through-plane blur of thick slices (slice profile ~ Gaussian, FWHM = thickness).
+  fwhm = spacing[2]
+  if fwhm > 1.2:
+    sig = fwhm / 2.355
+    img = ndimage.gaussian_filter1d(img, sig, axis=2)
+    les_f = ndimage.gaussian_filter1d(les.astype(np.float32), sig, axis=2)
+  else:
+    les_f = les.astype(np.float32)
+
+  # Subject pose, size and a smooth elastic warp, world(subject) -> template voxel.
+  rot = _rotation(*np.deg2rad(rng.uniform(-8, 8, 3)))
+  scale = rng.uniform(0.92, 1.08) * (1 + rng.uniform(-0.04, 0.04, 3))
+  pose = np.eye(4)
+  pose[:3, :3] = rot @ np.diag(1 / scale)
+  to_tpl = np.linalg.inv(tpl.affine) @ pose @ affine
+  grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape],
+                              indexing='ij'), 0)
+  coords = np.einsum('ij,j...->i...', to_tpl[:3, :3].astype(np.float32), grid)
+  coords += to_tpl[:3, 3, None, None, None].astype(np.float32)
+  coarse = tuple(max(2, s // 16) for s in shape)
+  for a in range(3):
+    warp = ndimage.zoom(rng.standard_normal(coarse).astype(np.float32) * 1.5,
+                        [s / c for s, c in zip(shape, coarse)], order=1)
+    coords[a] += warp[:shape[0], :shape[1], :shape[2]]
+  flair = ndimage.map_coordinates(img, coords, order=1, cval=0.0)
+  les_s = ndimage.map_coordinates(les_f, coords, order=1, cval=0.0) >= 0.5
+  oth_s = ndimage.map_coordinates(other.astype(np.float32), coords, order=1,
+                                  cval=0.0) >= 0.35
+  # As in the challenge: label 2 dilated 3x3x1 in-plane; label 1 wins overlaps.
+  oth_s = ndimage.binary_dilation(oth_s, structure=np.ones((3, 3, 1), bool))
+  labels = np.where(les_s, 1, np.where(oth_s, 2, 0)).astype(np.uint8)
+
+  # Bias field (smooth, multiplicative) and Rician noise.
+  u = [np.linspace(-1, 1, s, dtype=np.float32) for s in shape]
+  x, y, z = u[0][:, None, None], u[1][None, :, None], u[2][None, None, :]
+  k = rng.uniform(-0.15, 0.15, 6)
+  flair *= np.exp(k[0] * x + k[1] * y + k[2] * z + k[3] * x * x + k[4] * y * y +
+                  k[5] * x * y)
+  sigma = rng.uniform(0.01, 0.05)
+  flair = np.sqrt((flair + sigma * rng.standard_normal(shape, np.float32)) ** 2 +
+                  (sigma * rng.standard_normal(shape, np.float32)) ** 2)
+
+  dtype = np.dtype([np.uint8, np.int16, np.float32][rng.integers(3)])
+  top = {np.uint8: 250, np.int16: rng.uniform(500, 4000),
+         np.float32: rng.uniform(0.5, 3000)}[dtype.type]
+  flair = flair * (top / max(np.percentile(flair, 99.9), 1e-6))
+  if dtype != np.float32:
+    flair = np.clip(np.round(flair), 0, np.iinfo(dtype).max)
+  return Subject(flair.astype(dtype), labels, affine, dtype, load_ml)
+
+
+def subject_id(index: int) -> str:
+  return f'{index:03d}'
+
+
+def write_one(root: str, seed: int, index: int) -> Path:
+  """Generates and writes subject ``index`` (a process-pool work item)."""
+  root = Path(root)
+  site = SITES[index % len(SITES)]
+  folder = root / site / subject_id(index)
+  s = generate_subject(seed, index, site)
+  nifti_io.save(folder / 'pre' / 'FLAIR.nii.gz', s.flair, s.affine, dtype=s.dtype)
+  # The mask last: its presence marks a complete subject.
+  nifti_io.save(folder / 'wmh.nii.gz', s.labels, s.affine, dtype=np.uint8)
+  return folder
