@@ -57,7 +57,7 @@ class _QuietLibraries(logging.logging.Filter):
   """Drops the INFO chatter of orbax (a dozen lines per checkpoint)."""
 
   def filter(self, record):
-    return record.levelno > logging.INFO or '/orbax/' not in record.pathname
+    return record.levelno > logging.logging.INFO or '/orbax/' not in record.pathname
 
 
 def main(argv):

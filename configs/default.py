@@ -2,9 +2,13 @@ r"""The seed study's setup, with its two errors fixed.
 
 FLAIR only, every subject resized to 128x128x16, the seed's 3-D U-Net (32->64 and
 64->128 with (3,3,1) kernels, 128->256 and the 256->512 bottleneck with (3,3,3)),
-no normalisation, soft Dice loss, affine augmentation. Fixed: the split is by
-subject (no augmented copy of a validation subject is trained on) and label 2
-("other pathology") is ignored by loss and metrics instead of counted as lesion.
+no normalisation, affine augmentation. Fixed: the split is by subject (no
+augmented copy of a validation subject is trained on) and label 2 ("other
+pathology") is ignored by loss and metrics instead of counted as lesion. Changed,
+with the measurements in the comments below: soft Dice + BCE instead of soft Dice
+alone, and 64x64x16 training crops of the 128x128x16 grid instead of whole volumes.
+The seed's exact loss is ``--config.loss.name=dice``; whole volumes are
+``--config.train.patch_size=None``.
 
 Main job (generates the synthetic data when missing, trains, evaluates):
 
@@ -59,28 +63,32 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'             # compute dtype; params stay float32
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.name = 'dice'                  # dice | dice_bce
+  # The seed's loss is soft Dice ('dice'). Measured here with the seed's
+  # unnormalised network: Dice alone collapses to an empty prediction within ~50
+  # steps at every learning rate tried (1e-4..1e-3, with or without group norm):
+  # an empty patch asks for mean p < 1e-5, which drives all logits to sigmoid
+  # saturation where no gradient is left. Dice + BCE keeps a gradient on missed
+  # lesion voxels and trains (validation Dice 0.30 after 100 steps vs 0.0).
+  c.loss.name = 'dice_bce'              # dice | dice_bce
   c.loss.smooth = 1.0
   c.loss.bce_weight = 1.0
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 1
   # The seed trained whole 128x128x16 volumes. On a 2-core CPU one such step of the
-  # seed network takes ~11 s, so the default trains on 64x64x16 crops of the same
+  # seed network takes ~11 s (fold2d), so the default trains on 64x64x16 crops of the same
   # grid (4x cheaper, half of them centred on lesion) and predicts whole volumes.
   # Set to None to train on whole volumes.
   c.train.patch_size = (64, 64, 16)
   c.train.lesion_patch_fraction = 0.8
-  c.train.num_steps = 300
-  # Adam at 3e-4 or more blows this unnormalised network up within ~40 steps
-  # (logits reach -1e5 and every gradient vanishes); 1e-4 trains.
-  c.train.learning_rate = 1e-4
-  c.train.warmup_steps = 20
+  c.train.num_steps = 280
+  c.train.learning_rate = 3e-4
+  c.train.warmup_steps = 10
   c.train.end_learning_rate_fraction = 0.05  # cosine decays to lr * this
   c.train.weight_decay = 0.0
   c.train.grad_clip_norm = 1.0
   c.train.log_every_steps = 10
-  c.train.eval_every_steps = 100
+  c.train.eval_every_steps = 140
   c.train.checkpoint_every_steps = 50
   c.train.max_checkpoints = 2
 

@@ -5,6 +5,7 @@ import shutil
 
 import jax
 import numpy as np
+import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import test as test_config
@@ -22,15 +23,11 @@ def _config(root, **train_overrides):
 
 
 def _scalars(workdir, tag):
-  acc = event_accumulator.EventAccumulator(str(workdir))
+  """``{step: value}`` of one scalar tag, read back from the event files."""
+  acc = event_accumulator.EventAccumulator(str(workdir),
+                                           size_guidance={'tensors': 0})
   acc.Reload()
-  return {e.step: e.value for e in acc.Tensors(tag)} if tag in acc.Tags()[
-      'tensors'] else {e.step: e.value for e in acc.Scalars(tag)}
-
-
-def _tensor_value(v):
-  from tensorflow import make_ndarray  # pylint: disable=import-outside-toplevel
-  return float(make_ndarray(v)) if not isinstance(v, float) else v
+  return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
 
 
 def test_train_loss_goes_down_writes_checkpoints_events_and_evaluates(
@@ -38,7 +35,7 @@ def test_train_loss_goes_down_writes_checkpoints_events_and_evaluates(
   cfg = _config(tiny_dataset, num_steps=24, log_every_steps=4)
   state = train.train_and_evaluate(cfg, tmp_path)
   assert int(state.step) == 24
-  loss = {k: _tensor_value(v) for k, v in _scalars(tmp_path, 'train/loss').items()}
+  loss = _scalars(tmp_path, 'train/loss')
   assert sorted(loss) == [4, 8, 12, 16, 20, 24]
   assert loss[24] < loss[4]
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()

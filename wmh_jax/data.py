@@ -31,19 +31,32 @@ def ensure_synthetic(config) -> Path:
     return root
   logging.info('Generating %d synthetic subjects (seed %d) in %s ...', len(todo),
                config.data.synthetic_seed, root)
-  workers = max(1, min(os.cpu_count() or 1, len(todo)))
   args = [(str(root), config.data.synthetic_seed, i) for i in todo]
+  _parallel_map(synthetic.write_one, args, 'synthetic subject')
+  return root
+
+
+def _parallel_map(fn, args: list[tuple], what: str) -> list:
+  """``[fn(*a) for a in args]`` over one process a core, logging progress."""
+  workers = max(1, min(os.cpu_count() or 1, len(args)))
+  step = max(1, len(args) // 6)
+  out = []
   if workers == 1:
-    for k, a in enumerate(args):
-      synthetic.write_one(*a)
-      logging.info('synthetic subject %d/%d', k + 1, len(todo))
+    results = (fn(*a) for a in args)
+    pool = None
   else:
     ctx = multiprocessing.get_context('spawn')  # no fork after TF/JAX start
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-      for k, _ in enumerate(pool.map(synthetic.write_one, *zip(*args))):
-        if (k + 1) % 10 == 0 or k + 1 == len(todo):
-          logging.info('synthetic subject %d/%d', k + 1, len(todo))
-  return root
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+    results = pool.map(fn, *zip(*args))
+  try:
+    for k, r in enumerate(results):
+      out.append(r)
+      if (k + 1) % step == 0 or k + 1 == len(args):
+        logging.info('%s %d/%d', what, k + 1, len(args))
+  finally:
+    if pool is not None:
+      pool.shutdown(cancel_futures=True)
+  return out
 
 
 def _cache_path(workdir: Path, s: subjects_lib.SubjectFiles, grid) -> Path:
@@ -71,6 +84,10 @@ def prepare_cached(s: subjects_lib.SubjectFiles, grid, workdir) -> dict:
   return out
 
 
+def _prepare_to_cache(s, grid, workdir) -> None:
+  prepare_cached(s, grid, workdir)  # a worker: the arrays stay on disk
+
+
 def load_splits(config, workdir) -> tuple[list[dict], list[dict]]:
   """Prepared ``(train, val)`` subjects, split by subject within each site."""
   root = ensure_synthetic(config)
@@ -79,5 +96,9 @@ def load_splits(config, workdir) -> tuple[list[dict], list[dict]]:
                                            config.seed)
   grid = tuple(config.data.grid)
   logging.info('Preparing %d subjects on the %s grid ...', len(found), grid)
+  todo = [(s, grid, Path(workdir)) for s in train + val
+          if not _cache_path(Path(workdir), s, grid).exists()]
+  if len(todo) > 1:  # decode the new ones in parallel; all are read back below
+    _parallel_map(_prepare_to_cache, todo, 'prepared subject')
   prepared = [prepare_cached(s, grid, workdir) for s in train + val]
   return prepared[:len(train)], prepared[len(train):]
