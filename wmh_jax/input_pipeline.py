@@ -9,10 +9,10 @@ import numpy as np
 import tensorflow as tf
 
 from wmh_jax import augment
+from wmh_jax import subjects
 
 
 def stack_prepared(prepared: list[dict], grid) -> dict[str, np.ndarray]:
-  from wmh_jax import subjects  # local: keeps scipy out of this module's imports
   return {
       'image': np.stack([p['image'] for p in prepared]).astype(np.float32),
       'labels': np.stack([p['labels'] for p in prepared]).astype(np.uint8),

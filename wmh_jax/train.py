@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from wmh_jax import data
 from wmh_jax import input_pipeline
 from wmh_jax import losses
+from wmh_jax import metrics
 from wmh_jax import models
 
 
@@ -143,7 +144,6 @@ def flat_hparams(config: ml_collections.ConfigDict) -> dict:
 
 def validation_dice(predict_fn, state, val_arrays, threshold) -> float:
   """Mean per-subject Dice on the config grid (label 2 ignored)."""
-  from wmh_jax import metrics  # numpy only
   scores = []
   for image, labels in zip(val_arrays['image'], val_arrays['labels']):
     logits = predict_fn(state.params, state.batch_stats, image[None, ..., None])
