@@ -76,8 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 1
   # The seed trained whole 128x128x16 volumes. On a 2-core CPU one such step of the
-  # seed network takes ~11 s (fold2d), so the default trains on 64x64x16 crops of the same
-  # grid (4x cheaper, half of them centred on lesion) and predicts whole volumes.
+  # seed network takes ~11 s (fold2d), so the default trains on 64x64x16 crops of
+  # the same grid (4x cheaper, most centred on a lesion) and predicts whole volumes.
   # Set to None to train on whole volumes.
   c.train.patch_size = (64, 64, 16)
   c.train.lesion_patch_fraction = 0.8

@@ -36,11 +36,13 @@ def ensure_synthetic(config) -> Path:
   return root
 
 
-def _parallel_map(fn, args: list[tuple], what: str) -> list:
-  """``[fn(*a) for a in args]`` over one process a core, logging progress."""
+def _parallel_map(fn, args: list[tuple], what: str) -> None:
+  """Runs ``fn(*a)`` for every ``a`` in ``args``, one process a core, logging progress.
+
+  The results are discarded: the workers' output is the files they write.
+  """
   workers = max(1, min(os.cpu_count() or 1, len(args)))
   step = max(1, len(args) // 6)
-  out = []
   if workers == 1:
     results = (fn(*a) for a in args)
     pool = None
@@ -49,14 +51,12 @@ def _parallel_map(fn, args: list[tuple], what: str) -> list:
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
     results = pool.map(fn, *zip(*args))
   try:
-    for k, r in enumerate(results):
-      out.append(r)
+    for k, _ in enumerate(results):
       if (k + 1) % step == 0 or k + 1 == len(args):
         logging.info('%s %d/%d', what, k + 1, len(args))
   finally:
     if pool is not None:
       pool.shutdown(cancel_futures=True)
-  return out
 
 
 def _cache_path(workdir: Path, s: subjects_lib.SubjectFiles, grid) -> Path:
