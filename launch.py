@@ -8,9 +8,13 @@ Other modes:
 
   python launch.py --config=configs/default.py --workdir=runs/default --mode=evaluate
   python launch.py --config=configs/default.py --mode=synthesize --output=data/synth
+  python launch.py --mode=predict --workdir=runs/default --input=scan.nii.gz --output=out
+  python launch.py --mode=score --gt=data/synthetic --pred=runs/default/eval/pred
   python launch.py --config=configs/default.py --workdir=runs/x --config.train.num_steps=20
 """
 
+import difflib
+import importlib.util
 import os
 import sys
 
@@ -27,16 +31,28 @@ config_flags.DEFINE_config_file('config', 'configs/default.py',
 flags.DEFINE_string('workdir', 'runs/default', 'Checkpoints, logs and results.')
 flags.DEFINE_enum('mode', 'train_and_evaluate', MODES,
                   'What to do; the default trains, then evaluates.')
-flags.DEFINE_string('output', None, 'Output folder (synthesize, predict).')
+flags.DEFINE_string('output', None, 'Output folder (synthesize, predict, score).')
 flags.DEFINE_multi_string('input', [], 'Input NIfTI files or folders (predict).')
+flags.DEFINE_string('gt', None, 'Ground truth in the challenge layout (score).')
+flags.DEFINE_string('pred', None, 'Predictions: ID/result.nii.gz or ID_wmh.nii.gz (score).')
 flags.DEFINE_bool('overwrite', False, 'Replace existing output files.')
 
 
 def _run(config):
   # Imported here so that --help and flag errors are instant.
+  if FLAGS.mode == 'score':  # numpy and scipy only: no JAX or TensorFlow start-up
+    from wmh_jax import score  # pylint: disable=g-import-not-at-top
+    if not FLAGS.gt or not FLAGS.pred:
+      raise FileNotFoundError('--mode=score needs --gt=DIR and --pred=DIR')
+    score.score(FLAGS.gt, FLAGS.pred, FLAGS.output, overwrite=FLAGS.overwrite)
+    return
   import jax  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')  # TF must not take GPU memory.
+  if FLAGS.mode in ('train', 'train_and_evaluate', 'synthesize', 'benchmark'):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    try:
+      tf.config.set_visible_devices([], 'GPU')  # tf.data must not take GPU memory.
+    except RuntimeError:  # TF already started in this process (tests): keep it
+      pass
   logging.info('JAX devices: %s', jax.devices())
   if FLAGS.mode == 'synthesize':
     from wmh_jax import synthesize  # pylint: disable=g-import-not-at-top
@@ -45,12 +61,25 @@ def _run(config):
     return
   if FLAGS.mode in ('train', 'train_and_evaluate'):
     from wmh_jax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, FLAGS.workdir)
-  if FLAGS.mode in ('evaluate', 'train_and_evaluate'):
+    state = train.train_and_evaluate(config, FLAGS.workdir)
+  if FLAGS.mode == 'evaluate':
     from wmh_jax import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.evaluate(config, FLAGS.workdir)
-  if FLAGS.mode in ('predict', 'score', 'benchmark'):
-    raise NotImplementedError(f'--mode={FLAGS.mode} is not implemented yet')
+    evaluate.evaluate(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+  if FLAGS.mode == 'train_and_evaluate':
+    from wmh_jax import evaluate  # pylint: disable=g-import-not-at-top
+    done = evaluate.evaluated_step(FLAGS.workdir)
+    if done == int(state.step) and not FLAGS.overwrite:
+      print(f'evaluate: {FLAGS.workdir}/eval already holds the results of step '
+            f'{done} (pass --overwrite to evaluate again)', flush=True)
+    else:  # the model is new since the last evaluation: replace it
+      evaluate.evaluate(config, FLAGS.workdir, overwrite=True)
+  if FLAGS.mode == 'predict':
+    from wmh_jax import predict  # pylint: disable=g-import-not-at-top
+    predict.predict(config, FLAGS.workdir, FLAGS.input, FLAGS.output,
+                    overwrite=FLAGS.overwrite)
+  if FLAGS.mode == 'benchmark':
+    from wmh_jax import benchmark  # pylint: disable=g-import-not-at-top
+    benchmark.benchmark(config)
 
 
 class _QuietLibraries(logging.logging.Filter):
@@ -60,16 +89,52 @@ class _QuietLibraries(logging.logging.Filter):
     return record.levelno > logging.logging.INFO or '/orbax/' not in record.pathname
 
 
+def _config_keys(config, prefix='') -> list[str]:
+  keys = []
+  for k, v in config.items():
+    keys.append(prefix + k)
+    if hasattr(v, 'items'):
+      keys += _config_keys(v, f'{prefix}{k}.')
+  return keys
+
+
+def check_config_overrides(argv) -> None:
+  """Exits with one line naming the nearest valid keys for an unknown --config.KEY.
+
+  (ml_collections refuses such keys too, but with a traceback.)
+  """
+  path = 'configs/default.py'
+  for a in argv[1:]:
+    if a.startswith('--config='):
+      path = a.split('=', 1)[1]
+  spec = importlib.util.spec_from_file_location('_config_file', path.split(':')[0])
+  if spec is None or not os.path.isfile(path.split(':')[0]):
+    print(f'error: --config={path}: no such config file', file=sys.stderr)
+    sys.exit(2)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  keys = _config_keys(module.get_config())
+  for a in argv[1:]:
+    if a.startswith('--config.'):
+      key = a[len('--config.'):].split('=', 1)[0]
+      if key not in keys:
+        near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6) or [
+            k for k in keys if k.startswith(key.rsplit('.', 1)[0] + '.')][:6]
+        print(f'error: --config.{key}: no such config key in {path}; nearest '
+              f'valid keys: {", ".join(near) or "(none)"}', file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.get_absl_logger().addFilter(_QuietLibraries())
-  from wmh_jax import nifti_io  # pylint: disable=g-import-not-at-top
   try:
     _run(FLAGS.config)
-  except (nifti_io.NiftiError, FileNotFoundError, FileExistsError,
-          PermissionError, FloatingPointError, NotImplementedError) as e:
-    logging.error('%s', e)
+  except (OSError, ValueError, FloatingPointError) as e:
+    # Bad input (NiftiError is a ValueError), missing or unwritable paths, a
+    # non-finite loss: one line for the user, the traceback in the log.
+    logging.debug('traceback', exc_info=True)
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
 
@@ -77,4 +142,5 @@ def main(argv):
 if __name__ == '__main__':
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  check_config_overrides(sys.argv)
   app.run(main)

@@ -95,4 +95,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.threshold = 0.5
   c.evaluate.num_images = 4             # overlay PNGs written by evaluate
+
+  c.predict = ml_collections.ConfigDict()
+  c.predict.threshold = 0.5
+  c.predict.tta = False                 # average over flips along tta_axes
+  c.predict.tta_axes = (0,)             # grid axes: 0 is left-right
+  c.predict.ensemble = ()               # more workdirs (same model config) to average
+  c.predict.save_probabilities = False  # also write NAME_prob.nii.gz (float32)
+  c.predict.overlays = True             # NAME_overlay.png: axial slices, mask outlined
+  c.predict.activations = False         # NAME_activations.png: every conv layer's maps
+
+  # --mode=benchmark: whole data.grid volumes, random inputs.
+  c.benchmark = ml_collections.ConfigDict()
+  c.benchmark.conv_impls = ('auto',)    # any of native, fold2d, auto
+  c.benchmark.batch_sizes = (1,)
+  c.benchmark.dtype = 'float32'         # compute dtype: float32 | bfloat16
+  c.benchmark.warmup = 2
+  c.benchmark.steps = 10                # timed train steps a setting
+  c.benchmark.pipeline = True           # also time tf.data alone
   return c

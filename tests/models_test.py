@@ -78,3 +78,26 @@ def test_pool_and_upsample_geometry():
   up = models.upsample(y, (2, 2, 2), 'nearest')
   assert up.shape == x.shape
   np.testing.assert_array_equal(up[0, 1, 1, 1], y[0, 0, 0, 0])
+
+
+def test_bfloat16_compute_keeps_float32_params_and_optimizer_state():
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from wmh_jax import steps  # pylint: disable=g-import-not-at-top
+  cfg = test_config.get_config()
+  outputs = {}
+  for dtype in ('float32', 'bfloat16'):
+    cfg.model.dtype = dtype
+    model = models.create_model(cfg.model)
+    tx = steps.create_optimizer(cfg.train)
+    state = steps.create_train_state(cfg, jax.random.PRNGKey(0), model, tx)
+    x = jax.random.normal(jax.random.PRNGKey(1), steps.input_shape(cfg))
+    batch = {'image': x, 'labels': (x[..., 0] > 1.5).astype(jnp.uint8)}
+    new, m = jax.jit(lambda s, b, m=model, t=tx: steps.train_step(
+        s, b, jax.random.PRNGKey(2), model=m, tx=t, loss_config=cfg.loss))(state, batch)
+    assert {l.dtype for l in jax.tree.leaves(new.params)} == {jnp.dtype('float32')}
+    assert {l.dtype for l in jax.tree.leaves(new.opt_state)
+            if hasattr(l, 'dtype') and l.ndim} == {jnp.dtype('float32')}
+    assert np.isfinite(float(m['loss']))
+    outputs[dtype] = model.apply({'params': state.params}, x)
+  assert outputs['bfloat16'].dtype == jnp.float32  # logits come back in float32
+  np.testing.assert_allclose(outputs['bfloat16'], outputs['float32'], atol=0.1)

@@ -2,9 +2,15 @@
 
 import csv
 import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
 
 import jax
 import numpy as np
+import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -30,10 +36,16 @@ def _scalars(workdir, tag):
   return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
 
 
-def test_train_loss_goes_down_writes_checkpoints_events_and_evaluates(
-    tiny_dataset, tmp_path):
+@pytest.fixture(scope='module')
+def trained(tiny_dataset, tmp_path_factory):
+  """``(config, workdir, final state)`` of one 24-step run on the tiny dataset."""
+  workdir = tmp_path_factory.mktemp('trained')
   cfg = _config(tiny_dataset, num_steps=24, log_every_steps=4)
-  state = train.train_and_evaluate(cfg, tmp_path)
+  return cfg, workdir, train.train_and_evaluate(cfg, workdir)
+
+
+def test_train_loss_goes_down_writes_checkpoints_events_and_evaluates(trained):
+  cfg, tmp_path, state = trained
   assert int(state.step) == 24
   loss = _scalars(tmp_path, 'train/loss')
   assert sorted(loss) == [4, 8, 12, 16, 20, 24]
@@ -61,3 +73,26 @@ def test_resume_continues_where_the_stopped_run_left(tiny_dataset, tmp_path):
   assert int(resumed.step) == 12
   for x, y in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_command_line_with_tta_ensemble_and_activations(trained, tiny_dataset,
+                                                                tmp_path):
+  cfg, workdir, _ = trained
+  root = Path(__file__).resolve().parents[1]
+  single = tiny_dataset / 'Singapore' / '1' / 'pre' / 'FLAIR.nii.gz'
+  r = subprocess.run(
+      [sys.executable, str(root / 'launch.py'), '--config=' + str(root / 'configs' / 'test.py'),
+       '--mode=predict', f'--workdir={workdir}', f'--input={tiny_dataset / "Utrecht"}',
+       f'--input={single}', f'--output={tmp_path / "out"}', '--config.predict.tta=True',
+       f'--config.predict.ensemble=("{workdir}",)', '--config.predict.activations=True'],
+      capture_output=True, text=True, cwd=root, timeout=300, check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = [l for l in r.stdout.splitlines() if l.startswith('predict ')]
+  assert len(lines) == 4 and 'lesion volume' in lines[0] and 'Dice' in lines[0]
+  for name in ('0', '1', '2', 'FLAIR'):
+    out = nib.load(str(tmp_path / 'out' / f'{name}_wmh.nii.gz'))
+    ref = nib.load(str(single))
+    assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)
+    assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+    assert (tmp_path / 'out' / f'{name}_overlay.png').exists()
+    assert (tmp_path / 'out' / f'{name}_activations.png').stat().st_size > 5000

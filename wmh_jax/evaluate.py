@@ -1,67 +1,65 @@
 """Evaluate mode: segment every validation subject at native resolution and score."""
 
-import csv
-import functools
-import io
+import json
 import os
 from pathlib import Path
 
 from absl import logging
-import jax
 import numpy as np
 
+from wmh_jax import challenge_metrics
 from wmh_jax import data
 from wmh_jax import figures
 from wmh_jax import metrics
-from wmh_jax import models
 from wmh_jax import nifti_io
+from wmh_jax import predict
+from wmh_jax import score
 from wmh_jax import subjects
-from wmh_jax import train
+from wmh_jax import tables
 
-FIELDS = ('subject', 'dice', 'dice_grid', 'true_volume_ml', 'pred_volume_ml')
-
-
-def segment_prepared(predict_fn, state, prepared: dict, threshold: float):
-  """``(grid probability, native canonical mask)`` for one prepared subject."""
-  logits = predict_fn(state.params, state.batch_stats,
-                      prepared['image'][None, ..., None])
-  prob = np.asarray(jax.nn.sigmoid(logits))[0, ..., 0]
-  native = subjects.resize_back(prob, tuple(prepared['native_shape']))
-  return prob, native >= threshold
+FIELDS = ('subject', *challenge_metrics.METRICS, 'dice_grid', 'true_volume_ml',
+          'pred_volume_ml')
 
 
-def evaluate(config, workdir) -> dict:
+def evaluated_step(workdir) -> int | None:
+  """The checkpoint step that ``WORKDIR/eval`` holds the results of, if any."""
+  path = Path(workdir) / 'eval' / 'summary.json'
+  if not path.exists() or not (path.parent / 'metrics.csv').exists():
+    return None
+  return json.loads(path.read_text()).get('step')
+
+
+def evaluate(config, workdir, overwrite: bool = False) -> dict:
   """Restores the latest checkpoint and scores the validation subjects.
 
-  Writes ``WORKDIR/eval/metrics.csv`` (one row a subject), native-resolution
-  masks ``WORKDIR/eval/pred/SITE_ID_wmh.nii.gz`` on each input's own grid, and
-  overlay PNGs for the first ``config.evaluate.num_images`` subjects. Returns the
-  summary (mean Dice at native resolution and on the grid, pooled Dice).
+  Writes ``WORKDIR/eval/metrics.csv`` (one row a subject: the challenge's five
+  metrics at native resolution, Dice on the grid, volumes), ``summary.json``,
+  native-resolution masks ``WORKDIR/eval/pred/SITE_ID_wmh.nii.gz`` on each
+  input's own grid, and overlay PNGs for the first ``config.evaluate.num_images``
+  subjects. Refuses to replace an earlier evaluation unless ``overwrite``.
+  Returns the summary.
   """
   workdir = Path(workdir)
-  manager = train.checkpoint_manager(workdir, config, read_only=True)
-  if manager.latest_step() is None:
-    raise FileNotFoundError(f'{workdir / "checkpoints"}: no checkpoint to '
-                            'evaluate (train first)')
-  model = models.create_model(config.model)
-  tx = train.create_optimizer(config.train)
-  state = train.create_train_state(config, jax.random.PRNGKey(0), model, tx)
-  state = train.restore_or_init(manager, state)
-  manager.close()
-  predict_fn = jax.jit(functools.partial(train.predict_logits, model=model))
-
-  _, val = data.load_splits(config, workdir)
+  out_dir = workdir / 'eval'
+  if (out_dir / 'metrics.csv').exists() and not overwrite:
+    raise FileExistsError(f'{out_dir / "metrics.csv"}: already exists (pass '
+                          '--overwrite to evaluate again)')
+  _, val = data.load_splits(config, workdir)  # bad data fails first
+  members = predict.load_members(config, workdir)
+  pc = config.predict
+  prob_fn = predict.make_probability_fn(members, pc.tta_axes if pc.tta else ())
+  threshold = config.evaluate.threshold
   found = {s.key: s for s in subjects.find_subjects(config.data.root,
                                                     config.data.missing_mask)}
-  out_dir = workdir / 'eval'
   rows, preds, truths = [], [], []
   for k, p in enumerate(val):
-    prob, mask = segment_prepared(predict_fn, state, p, config.evaluate.threshold)
+    grid_prob = prob_fn(p['image'])
+    _, mask = predict.to_native(grid_prob, p['native_shape'], threshold)
     labels = p['native_labels']
     rows.append({
         'subject': p['key'],
-        'dice': metrics.dice(mask, labels),
-        'dice_grid': metrics.dice(prob >= config.evaluate.threshold, p['labels']),
+        **challenge_metrics.challenge_metrics(labels, mask, p['affine']),
+        'dice_grid': metrics.dice(grid_prob >= threshold, p['labels']),
         'true_volume_ml': metrics.volume_ml(labels == 1, p['affine']),
         'pred_volume_ml': metrics.volume_ml(mask & (labels != 2), p['affine']),
     })
@@ -76,30 +74,23 @@ def evaluate(config, workdir) -> dict:
     truths.append(labels)
     logging.info('evaluate %d/%d %s Dice %.3f', k + 1, len(val), p['key'],
                  rows[-1]['dice'])
-  _write_csv(out_dir / 'metrics.csv', rows)
+  tables.write_csv(out_dir / 'metrics.csv', rows, FIELDS)
+  means = challenge_metrics.summarize(rows)
   summary = {
+      'step': int(members[0][1].step),
       'subjects': len(rows),
-      'dice_mean': float(np.mean([r['dice'] for r in rows])),
-      'dice_std': float(np.std([r['dice'] for r in rows])),
+      **means,
+      'dice_mean': means['dice'],
+      'dice_std': float(np.nanstd([r['dice'] for r in rows])),
       'dice_pooled': metrics.pooled_dice(preds, truths),
       'dice_grid_mean': float(np.mean([r['dice_grid'] for r in rows])),
   }
-  line = (f'evaluate: {summary["subjects"]} validation subjects  Dice (native) '
-          f'{summary["dice_mean"]:.3f} ± {summary["dice_std"]:.3f}  pooled '
-          f'{summary["dice_pooled"]:.3f}  Dice (grid) {summary["dice_grid_mean"]:.3f}'
-          f'  -> {out_dir / "metrics.csv"}')
+  line = (f'evaluate (native resolution): {score.summary_line(means, len(rows))}'
+          f'  (Dice sd {summary["dice_std"]:.3f}, pooled {summary["dice_pooled"]:.3f},'
+          f' on the grid {summary["dice_grid_mean"]:.3f})  -> {out_dir / "metrics.csv"}')
+  tmp = out_dir / '.summary.json.tmp'
+  tmp.write_text(json.dumps(summary, indent=1) + '\n')
+  os.replace(tmp, out_dir / 'summary.json')
   logging.info(line)
   print(line, flush=True)
   return summary
-
-
-def _write_csv(path: Path, rows):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  buf = io.StringIO()
-  w = csv.DictWriter(buf, FIELDS)
-  w.writeheader()
-  for r in rows:
-    w.writerow({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in r.items()})
-  tmp = path.with_name('.' + path.name)
-  tmp.write_text(buf.getvalue())
-  os.replace(tmp, path)

@@ -64,3 +64,29 @@ def contact_sheet(path, cases, n_slices=4):
   fig.suptitle('synthetic FLAIR (red: WMH, cyan: other pathology)', fontsize=9)
   fig.tight_layout()
   _save(fig, path)
+
+
+def activation_collage(path, rows, title='', slice_fraction=0.5):
+  """Feature maps of a network, one figure row per ``(name, [(title, maps)])``.
+
+  ``maps`` is ``(Z, X, Y, C)``; each tile shows, at the slice ``slice_fraction``
+  of the way up, the channel whose activation varies most there.
+  """
+  n_cols = max(len(r[1]) for r in rows)
+  fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.9 * n_cols, 2.1 * len(rows)),
+                           squeeze=False)
+  for ax_row, (part, tiles) in zip(axes, rows):
+    for k, ax in enumerate(ax_row):
+      ax.axis('off')
+      if k >= len(tiles):
+        continue
+      name, maps = tiles[k]
+      z = min(int(slice_fraction * maps.shape[0]), maps.shape[0] - 1)
+      plane = maps[z]
+      c = int(np.argmax(plane.reshape(-1, plane.shape[-1]).var(0)))
+      ax.imshow(plane[..., c].T, cmap='magma', origin='lower')
+      ax.set_title(f'{part}: {name}\nchannel {c}', fontsize=6)
+  fig.suptitle(f'{title}  post-ReLU feature maps (encoder row, decoder row)',
+               fontsize=9)
+  fig.tight_layout()
+  _save(fig, path)

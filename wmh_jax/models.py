@@ -19,6 +19,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# The classic (non-partitionable) threefry: XLA:CPU compiles the partitionable
+# form of the initialisers' random draws ~10x slower (measured here: 46 s vs
+# 4.9 s for 20 normal draws; 45 s vs 8 s for the test network's first init).
+# Parameters are replicated, never sharded, so nothing is lost. It fixes which
+# random numbers a seed gives, the same on every run.
+jax.config.update('jax_threefry_partitionable', False)
+
 # He initialisation: the network is all ReLU.
 _KERNEL_INIT = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
 CONV_IMPLS = ('native', 'fold2d', 'auto')
@@ -161,7 +168,12 @@ def _norm(kind: str, features: int, dtype) -> nn.Module | None:
 
 
 class ConvBlock(nn.Module):
-  """Convolutions, each followed by the optional norm and a ReLU."""
+  """Convolutions, each followed by the optional norm and a ReLU.
+
+  Each post-activation map is sown into the ``intermediates`` collection as
+  ``relu{i}`` (a no-op unless ``apply`` is called with it mutable): the
+  activation collage of predict reads them.
+  """
   features: Sequence[int]
   kernel_size: Sequence[int]
   norm: str = 'none'
@@ -170,12 +182,13 @@ class ConvBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    for f in self.features:
+    for i, f in enumerate(self.features):
       x = Conv3D(f, self.kernel_size, self.impl, self.dtype)(x)
       norm = _norm(self.norm, f, self.dtype)
       if norm is not None:
         x = norm(x, use_running_average=not train) if self.norm == 'batch' else norm(x)
       x = nn.relu(x)
+      self.sow('intermediates', f'relu{i}', x)
     return x
 
 

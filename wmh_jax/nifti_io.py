@@ -84,8 +84,11 @@ def save(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
   img = nib.Nifti1Image(data, affine, header)
   if dtype is not None:
     img.set_data_dtype(dtype)
-  img.set_qform(affine, code=1)
-  img.set_sform(affine, code=1)
+  # Keep the header's own transform codes (scanner, aligned, MNI...) when set.
+  codes = [int(header[k]) if header is not None and int(header[k]) > 0 else 1
+           for k in ('qform_code', 'sform_code')]
+  img.set_qform(affine, code=codes[0])
+  img.set_sform(affine, code=codes[1])
   fd, tmp = tempfile.mkstemp(prefix='.' + path.name.split('.')[0],
                              suffix='.nii.gz', dir=path.parent)
   os.close(fd)
@@ -114,8 +117,10 @@ def save_like(path, canonical_data: np.ndarray, reference, dtype=np.uint8,
   if tuple(data.shape) != tuple(shape):
     raise ValueError(f'{reference}: output shape {data.shape} does not match '
                      f'the reference shape {shape}')
+  if len(ref.shape) == 4:  # a one-volume 4-D input gets a one-volume 4-D output
+    data = data[..., None]
   header = ref.header.copy()
-  header.set_data_shape(shape)
+  header.set_data_shape(data.shape)
   header.set_data_dtype(dtype)
   header.set_slope_inter(1.0, 0.0)
   return save(path, np.asarray(data).astype(dtype), ref.affine, header,

@@ -136,15 +136,20 @@ def labels_to_grid(labels: np.ndarray, grid) -> np.ndarray:
   return np.where(lesion, 1, np.where(other, 2, 0)).astype(np.uint8)
 
 
+def preprocess(image: np.ndarray, grid, path='image') -> np.ndarray:
+  """What every model input goes through: z-score in the head mask, resize to grid."""
+  if image.ndim != 3 or min(image.shape) < 2:
+    raise nifti_io.NiftiError(f'{path}: image of shape {image.shape} is too '
+                              'small to resample')
+  return resize(zscore(image, path), grid).astype(np.float32)
+
+
 def prepare_subject(s: SubjectFiles, grid) -> dict:
   """Decodes one subject and returns its grid arrays and native geometry."""
   image, affine = nifti_io.load_image(s.flair)
-  if min(image.shape) < 2:
-    raise nifti_io.NiftiError(f'{s.flair}: image of shape {image.shape} is too '
-                              'small to resample')
   out = {
       'key': s.key,
-      'image': resize(zscore(image, s.flair), grid).astype(np.float32),
+      'image': preprocess(image, grid, s.flair),
       'native_shape': np.array(image.shape),
       'affine': affine,
       'spacing': np.sqrt((affine[:3, :3] ** 2).sum(0)),

@@ -1,0 +1,283 @@
+"""Every bad input gets one ``error:`` line naming the file, exit 1, and no output.
+
+The command line runs in-process (``launch.main`` with parsed flags) so that the
+many cases stay fast; ``launch_test.py`` covers real subprocesses.
+"""
+
+import gzip
+import logging
+import sys
+from pathlib import Path
+
+from absl import flags
+import nibabel as nib
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import launch  # pylint: disable=wrong-import-position
+from wmh_jax import nifti_io  # pylint: disable=wrong-import-position
+from wmh_jax import subjects  # pylint: disable=wrong-import-position
+
+SHAPE = (40, 36, 12)
+AFFINE = np.diag([1.2, 1.2, 3.0, 1.0])
+
+
+def _image():
+  g = np.meshgrid(*[np.linspace(-1, 1, s) for s in SHAPE], indexing='ij')
+  noise = np.random.default_rng(0).normal(0, 3, SHAPE)
+  return (np.where(sum(x ** 2 for x in g) < 0.8, 100.0, 5.0) + noise).astype(np.float32)
+
+
+def _labels():
+  labels = np.zeros(SHAPE, np.uint8)
+  labels[18:22, 16:20, 5:7] = 1
+  return labels
+
+
+def _write_gz_bytes(path, data: bytes):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(data)
+
+
+# Broken FLAIR images: (writer, expected message).
+def _not_nifti(p):
+  _write_gz_bytes(p, b'this is not an image\n')
+
+
+def _not_nifti_gz(p):
+  _write_gz_bytes(p, gzip.compress(b'\0' * 400))
+
+
+def _truncated(p):
+  nifti_io.save(p, _image(), AFFINE)
+  data = p.read_bytes()
+  p.write_bytes(data[:len(data) // 2])
+
+
+def _array(arr):
+  return lambda p: nifti_io.save(p, arr, AFFINE)
+
+
+def _with(value):
+  img = _image()
+  img[20, 18, 6] = value
+  return img
+
+
+IMAGE_CASES = {
+    'not_nifti': (_not_nifti, 'cannot read NIfTI'),
+    'gzip_of_garbage': (_not_nifti_gz, 'cannot read NIfTI'),
+    'truncated': (_truncated, 'cannot read NIfTI'),
+    '2d': (_array(np.ones((40, 36), np.float32)), 'expected a 3-D image'),
+    '4d_two_volumes': (_array(np.ones((*SHAPE, 2), np.float32)), 'expected a 3-D image'),
+    'nan': (_array(_with(np.nan)), 'NaN or infinite'),
+    'inf': (_array(_with(np.inf)), 'NaN or infinite'),
+    'constant': (_array(np.full(SHAPE, 7.0, np.float32)), 'constant'),
+    'too_small': (_array(np.ones((40, 36, 1), np.float32)), 'too small to resample'),
+}
+
+
+def _bad_mask_shape(p):
+  nifti_io.save(p, np.zeros((40, 36, 11), np.uint8), AFFINE, dtype=np.uint8)
+
+
+def _bad_mask_affine(p):
+  nifti_io.save(p, _labels(), np.diag([1.0, 1.0, 3.0, 1.0]), dtype=np.uint8)
+
+
+def _bad_mask_values(p):
+  labels = _labels()
+  labels[0, 0, 0] = 3
+  nifti_io.save(p, labels, AFFINE, dtype=np.uint8)
+
+
+def _bad_mask_fraction(p):
+  nifti_io.save(p, _labels() * 0.5, AFFINE, dtype=np.float32)
+
+
+MASK_CASES = {
+    'mask_shape': (_bad_mask_shape, 'differs from the image shape'),
+    'mask_affine': (_bad_mask_affine, 'mask affine differs from the image affine'),
+    'labels_outside': (_bad_mask_values, 'labels must be in {0, 1, 2}, found [3]'),
+    'labels_not_integer': (_bad_mask_fraction, 'labels must be integers'),
+}
+
+
+def _dataset(root: Path, flair_writer=None, mask_writer=None) -> Path:
+  """One subject in the challenge layout, with the FLAIR or mask broken."""
+  folder = root / 'Utrecht' / '0'
+  flair, wmh = folder / 'pre' / 'FLAIR.nii.gz', folder / 'wmh.nii.gz'
+  flair.parent.mkdir(parents=True)
+  (flair_writer or _array(_image()))(flair)
+  (mask_writer or (lambda p: nifti_io.save(p, _labels(), AFFINE, dtype=np.uint8)))(wmh)
+  return root
+
+
+def run_launch(capsys, *args, **overrides) -> tuple[int, list[str]]:
+  """``(exit status, error lines)`` of ``launch.py ARGS`` with configs/test.py.
+
+  ``overrides`` (``data__root=...``) stand for ``--config.data.root=...``:
+  ml_collections registers override flags from ``sys.argv`` at import time, so
+  in-process runs set them on the parsed config instead.
+  """
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(['launch.py', f'--config={ROOT / "configs" / "test.py"}', *args])
+  for key, value in overrides.items():
+    *parents, leaf = key.split('__')
+    node = flags.FLAGS.config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  try:
+    launch.main(['launch.py'])
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  err = capsys.readouterr().err
+  return code, [l for l in err.splitlines() if l.startswith('error:')]
+
+
+def _files(folder: Path) -> list[Path]:
+  return [p for p in folder.rglob('*') if p.is_file()] if folder.exists() else []
+
+
+def _assert_refused(code, errors, path, message):
+  assert code == 1
+  assert len(errors) == 1, errors
+  assert errors[0].startswith(f'error: {path}: '), errors[0]
+  assert message in errors[0], errors[0]
+
+
+@pytest.mark.parametrize('case', sorted(IMAGE_CASES) + sorted(MASK_CASES))
+def test_train_refuses_bad_data(case, tmp_path, capsys):
+  writer, message = {**IMAGE_CASES, **MASK_CASES}[case]
+  kw = {'flair_writer': writer} if case in IMAGE_CASES else {'mask_writer': writer}
+  root = _dataset(tmp_path / 'data', **kw)
+  bad = root / 'Utrecht' / '0' / ('pre/FLAIR.nii.gz' if case in IMAGE_CASES else 'wmh.nii.gz')
+  code, errors = run_launch(capsys, '--mode=train', f'--workdir={tmp_path / "w"}',
+                            data__root=str(root), data__synthetic=False)
+  _assert_refused(code, errors, bad, message)
+  assert not _files(tmp_path / 'w')
+
+
+@pytest.mark.parametrize('case', sorted(IMAGE_CASES))
+def test_predict_refuses_bad_images(case, tmp_path, capsys):
+  writer, message = IMAGE_CASES[case]
+  good = tmp_path / 'in' / 'good.nii.gz'
+  _array(_image())(good)
+  bad = tmp_path / 'in' / 'bad.nii.gz'
+  writer(bad)
+  code, errors = run_launch(capsys, '--mode=predict', f'--workdir={tmp_path / "w"}',
+                            f'--input={good}', f'--input={bad}',
+                            f'--output={tmp_path / "out"}')
+  _assert_refused(code, errors, bad, message)
+  assert not (tmp_path / 'out').exists()  # not even the good scan's mask
+
+
+@pytest.mark.parametrize('case', sorted(MASK_CASES))
+def test_predict_on_a_challenge_folder_refuses_bad_masks(case, tmp_path, capsys):
+  writer, message = MASK_CASES[case]
+  root = _dataset(tmp_path / 'data', mask_writer=writer)
+  code, errors = run_launch(capsys, '--mode=predict', f'--input={root}',
+                            f'--output={tmp_path / "out"}')
+  _assert_refused(code, errors, root / 'Utrecht' / '0' / 'wmh.nii.gz', message)
+  assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('case', ['not_nifti', 'truncated', '2d', 'nan'])
+def test_score_refuses_bad_predictions(case, tmp_path, capsys):
+  writer, message = IMAGE_CASES[case]
+  nifti_io.save(tmp_path / 'gt' / 'Utrecht' / '0' / 'wmh.nii.gz', _labels(), AFFINE,
+                dtype=np.uint8)
+  bad = tmp_path / 'pred' / '0_wmh.nii.gz'
+  writer(bad)
+  code, errors = run_launch(capsys, '--mode=score', f'--gt={tmp_path / "gt"}',
+                            f'--pred={tmp_path / "pred"}')
+  _assert_refused(code, errors, bad, message)
+  assert not (tmp_path / 'pred' / 'scores.csv').exists()
+
+
+def test_score_refuses_bad_ground_truth_labels(tmp_path, capsys):
+  gt = tmp_path / 'gt' / 'Utrecht' / '0' / 'wmh.nii.gz'
+  _bad_mask_values(gt)
+  nifti_io.save(tmp_path / 'pred' / '0_wmh.nii.gz', _labels(), AFFINE, dtype=np.uint8)
+  code, errors = run_launch(capsys, '--mode=score', f'--gt={tmp_path / "gt"}',
+                            f'--pred={tmp_path / "pred"}')
+  _assert_refused(code, errors, gt, 'labels must be in {0, 1, 2}')
+
+
+def test_missing_paths_and_empty_folders(tmp_path, capsys):
+  nothing = tmp_path / 'nothing'
+  code, errors = run_launch(capsys, '--mode=predict', f'--input={nothing}',
+                            f'--output={tmp_path / "out"}')
+  _assert_refused(code, errors, nothing, 'no such file or folder')
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  code, errors = run_launch(capsys, '--mode=train', f'--workdir={tmp_path / "w"}',
+                            data__root=str(empty), data__synthetic=False)
+  _assert_refused(code, errors, empty, 'no subjects found')
+  code, errors = run_launch(capsys, '--mode=predict', f'--input={empty}',
+                            f'--output={tmp_path / "out"}')
+  _assert_refused(code, errors, empty, 'no NIfTI files')
+  code, errors = run_launch(capsys, '--mode=score', f'--gt={empty}', f'--pred={empty}')
+  _assert_refused(code, errors, empty, 'no ground truth found')
+  code, errors = run_launch(capsys, '--mode=evaluate', f'--workdir={tmp_path / "w"}',
+                            data__root=str(empty), data__synthetic=False)
+  _assert_refused(code, errors, empty, 'no subjects found')
+  assert not _files(tmp_path / 'w') and not (tmp_path / 'out').exists()
+
+
+def test_subjects_without_masks_are_skipped_with_a_warning_listing_them(tmp_path,
+                                                                        caplog):
+  root = _dataset(tmp_path / 'data')
+  (root / 'Utrecht' / '7' / 'pre').mkdir(parents=True)
+  _array(_image())(root / 'Utrecht' / '7' / 'pre' / 'FLAIR.nii.gz')
+  with caplog.at_level(logging.WARNING):
+    found = subjects.find_subjects(root)
+  assert 'skipping 1 subjects without wmh.nii.gz: Utrecht/7' in caplog.text
+  assert [s.key for s in found] == ['Utrecht/0']
+  assert [s.key for s in subjects.find_subjects(root, 'keep')] == ['Utrecht/0', 'Utrecht/7']
+  with pytest.raises(FileNotFoundError, match='Utrecht/7'):
+    subjects.find_subjects(root, 'error')
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+  image = tmp_path / 'scan.nii.gz'
+  _array(_image())(image)
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a folder')
+  code, errors = run_launch(capsys, '--mode=predict', f'--input={image}',
+                            f'--output={blocker / "out"}')
+  _assert_refused(code, errors, blocker / 'out', 'not writable')
+
+
+def test_existing_outputs_are_kept_unless_overwrite(tmp_path, capsys):
+  image = tmp_path / 'scan.nii.gz'
+  _array(_image())(image)
+  out = tmp_path / 'out' / 'scan_wmh.nii.gz'
+  out.parent.mkdir()
+  out.write_bytes(b'precious')
+  code, errors = run_launch(capsys, '--mode=predict', f'--input={image}',
+                            f'--output={tmp_path / "out"}')
+  _assert_refused(code, errors, out, 'already exists (pass --overwrite')
+  assert out.read_bytes() == b'precious'
+  # evaluate refuses to replace an earlier evaluation in the same way.
+  metrics = tmp_path / 'w' / 'eval' / 'metrics.csv'
+  metrics.parent.mkdir(parents=True)
+  metrics.write_text('subject,dice\n')
+  code, errors = run_launch(capsys, '--mode=evaluate', f'--workdir={tmp_path / "w"}')
+  _assert_refused(code, errors, metrics, 'already exists (pass --overwrite')
+  assert metrics.read_text() == 'subject,dice\n'
+
+
+def test_unknown_config_key_lists_the_nearest_keys(capsys):
+  with pytest.raises(SystemExit) as e:
+    launch.check_config_overrides(['launch.py', f'--config={ROOT / "configs" / "test.py"}',
+                                   '--config.train.lerning_rate=1e-3'])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1
+  assert err[0].startswith('error: --config.train.lerning_rate: no such config key')
+  assert 'train.learning_rate' in err[0]

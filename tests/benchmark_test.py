@@ -1,0 +1,33 @@
+"""Benchmark mode: one honest JSON record per setting, on a tiny grid."""
+
+import json
+
+import pytest
+
+from configs import test as test_config
+from wmh_jax import benchmark
+
+
+def test_benchmark_records_every_setting_and_the_pipeline(capsys):
+  cfg = test_config.get_config()
+  cfg.benchmark.conv_impls = ('native', 'fold2d')
+  cfg.benchmark.steps = 3
+  cfg.benchmark.warmup = 1
+  records = benchmark.benchmark(cfg)
+  printed = [json.loads(l) for l in capsys.readouterr().out.splitlines()
+             if l.startswith('{')]
+  assert printed == records
+  steps_, pipe = records[:2], records[2]
+  assert [r['conv_impl'] for r in steps_] == ['native', 'fold2d']
+  for r in steps_:
+    assert r['steps_timed'] == 3 and r['grid'] == [32, 32, 8] and r['batch'] == 1
+    assert 0 < r['step_min_s'] <= r['step_median_s'] <= r['step_max_s']
+    assert r['flops_per_step'] > 0 and r['peak_matmul_flops_per_s'] > 0
+    achieved = r['flops_per_step'] / r['step_median_s']
+    assert r['achieved_flops_per_s'] == pytest.approx(achieved, rel=1e-3)
+    assert r['fraction_of_peak'] == pytest.approx(
+        achieved / r['peak_matmul_flops_per_s'], rel=1e-2)
+    assert r['voxels_per_s'] == pytest.approx(32 * 32 * 8 / r['step_median_s'], rel=1e-3)
+    assert r['peak_host_rss_mib'] > 0 and r['inference_s_per_volume'] > 0
+  assert pipe['bench'] == 'input_pipeline' and pipe['batches_per_s'] > 0
+  assert pipe['pipeline_over_step'] > 0

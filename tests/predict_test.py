@@ -1,0 +1,101 @@
+"""Predict: masks land where the lesion is, on the input's own grid and header."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from wmh_jax import predict
+
+
+def _bright():
+  """A stand-in for the network: the lesion fraction of each grid voxel.
+
+  Brain is 400 and lesion 1000 in the scans below; after z-scoring and
+  resampling, a voxel's intensity between the brain's median and the maximum is
+  its lesion fraction, so thresholding it at 0.5 puts the border half way.
+  """
+  def probability(grid_image):
+    brain = np.median(grid_image[grid_image > grid_image.mean()])
+    return np.clip((grid_image - brain) / (grid_image.max() - brain), 0, 1)
+  return probability
+
+
+def _scan(shape, affine, lesion_vox, radius_vox):
+  g = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing='ij')
+  c = [(n - 1) / 2 for n in shape]
+  brain = sum(((gi - ci) / (0.42 * n)) ** 2 for gi, ci, n in zip(g, c, shape)) < 1
+  lesion = sum(((gi - li) / r) ** 2 for gi, li, r in zip(g, lesion_vox, radius_vox)) <= 1
+  rng = np.random.default_rng(0)
+  img = np.where(brain, 400.0, 20.0) + rng.normal(0, 8, shape)
+  img[lesion & brain] = 1000.0
+  return img, lesion & brain
+
+
+def _world(affine, idx):
+  return affine[:3, :3] @ np.asarray(idx, float) + affine[:3, 3]
+
+
+def test_lesion_comes_back_at_its_world_position_lps_oblique_anisotropic(tmp_path):
+  shape, spacing = (256, 240, 14), (0.47, 0.47, 8.0)
+  c, s = np.cos(np.radians(12)), np.sin(np.radians(12))
+  tilt = np.array([[1, 0, 0], [0, np.cos(0.1), -np.sin(0.1)], [0, np.sin(0.1), np.cos(0.1)]])
+  lps = np.diag([-1.0, -1.0, 1.0])
+  affine = np.eye(4)
+  affine[:3, :3] = tilt @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ lps @ np.diag(spacing)
+  affine[:3, 3] = (55.0, 70.0, -40.0)
+  lesion_vox = (160.0, 90.0, 7.0)
+  img, truth = _scan(shape, affine, lesion_vox, (14, 14, 1.5))
+  # int16 on disk with a scale factor, as scanners write it.
+  nii = nib.Nifti1Image(np.round(img / 0.5).astype(np.int16), affine)
+  nii.header.set_slope_inter(0.5, 0.0)
+  path = tmp_path / 'in' / 'lps_oblique.nii.gz'
+  path.parent.mkdir()
+  nib.save(nii, str(path))
+
+  cfg = test_config.get_config()
+  cfg.data.grid = (128, 128, 16)
+  cfg.predict.overlays = True
+  results = predict.predict(cfg, None, [str(path)], tmp_path / 'out',
+                            probability_fn=_bright())
+  out = nib.load(str(tmp_path / 'out' / 'lps_oblique_wmh.nii.gz'))
+  assert out.shape == shape
+  np.testing.assert_allclose(out.affine, nii.affine, atol=1e-4)
+  assert out.get_data_dtype() == np.uint8
+  mask = np.asarray(out.dataobj)
+  assert set(np.unique(mask)) == {0, 1}
+  centroid = _world(out.affine, np.argwhere(mask).mean(0))
+  assert np.linalg.norm(centroid - _world(affine, lesion_vox)) < 1.0  # mm
+  dice = 2 * (mask.astype(bool) & truth).sum() / (mask.sum() + truth.sum())
+  assert dice > 0.8
+  assert results[0]['lesions'] == 1
+  voxel_ml = np.prod(spacing) / 1000
+  assert results[0]['volume_ml'] == pytest.approx(mask.sum() * voxel_ml)
+  assert (tmp_path / 'out' / 'lps_oblique_overlay.png').stat().st_size > 1000
+
+
+def test_one_volume_4d_float_input_and_refusals(tmp_path):
+  shape = (64, 64, 10)
+  affine = np.diag([0.9, 0.9, 3.0, 1.0])
+  img, _ = _scan(shape, affine, (40, 30, 5), (5, 5, 1.5))
+  path = tmp_path / 'four_d.nii'
+  nib.save(nib.Nifti1Image(img[..., None].astype(np.float32), affine), str(path))
+  cfg = test_config.get_config()
+  cfg.predict.overlays = False
+  cfg.predict.save_probabilities = True
+  predict.predict(cfg, None, [str(path)], tmp_path / 'out', probability_fn=_bright())
+  out = nib.load(str(tmp_path / 'out' / 'four_d_wmh.nii.gz'))
+  assert out.shape == shape + (1,)
+  prob = nib.load(str(tmp_path / 'out' / 'four_d_prob.nii.gz'))
+  assert prob.get_data_dtype() == np.float32 and prob.shape == shape + (1,)
+  assert 0.0 <= prob.get_fdata().min() and prob.get_fdata().max() <= 1.0
+  # The same again: refused without --overwrite, accepted with it.
+  with pytest.raises(FileExistsError, match='four_d_wmh.nii.gz: already exists'):
+    predict.predict(cfg, None, [str(path)], tmp_path / 'out', probability_fn=_bright())
+  predict.predict(cfg, None, [str(path)], tmp_path / 'out', overwrite=True,
+                  probability_fn=_bright())
+
+
+def test_flip_tta_averages_flipped_predictions_back():
+  assert predict.flip_sets((0,)) == [(), (0,)]
+  assert predict.flip_sets((0, 1)) == [(), (0,), (1,), (0, 1)]

@@ -1,0 +1,112 @@
+"""The five metrics of the WMH Segmentation Challenge, as its ``evaluation.py`` does.
+
+Reference: Kuijf et al., IEEE TMI 2019, and the organisers' script
+(github.com/hjkuijf/wmhchallenge, ``evaluation.py``), re-implemented here with
+numpy/scipy instead of SimpleITK:
+
+* ground truth = label 1; voxels labelled 2 are masked out of the prediction;
+  the prediction is positive where >= 1 (integer arrays) or >= 0.5 (float);
+* Dice of the two binary volumes (NaN when both are empty: the organisers'
+  ``scipy.spatial.distance.dice`` gives 0/0 there);
+* HD95 (mm): boundary = mask minus its in-plane 3x3x1 erosion (voxels on the
+  image border are not eroded by the outside, as SimpleITK's default), voxel
+  centres taken to world coordinates with the image affine, nearest-neighbour
+  distances both ways, the larger of the two 95th percentiles; NaN when the
+  prediction (or the ground truth) is empty;
+* AVD (%) = |V_gt - V_pred| / V_gt * 100 (NaN when the ground truth is empty);
+* lesion recall and F1 over 26-connected components: recall = ground-truth
+  lesions touched by the prediction / all of them (1 when there are none);
+  precision = predicted lesions touching the ground truth / all of them (1 when
+  there are none); F1 their harmonic mean (0 when both are 0).
+"""
+
+import numpy as np
+from scipy import ndimage
+from scipy import spatial
+
+METRICS = ('dice', 'hd95_mm', 'avd_percent', 'lesion_recall', 'lesion_f1')
+_ERODE_2D = np.ones((3, 3, 1), bool)
+_CONNECT_26 = np.ones((3, 3, 3), bool)
+
+
+def binarize(pred: np.ndarray) -> np.ndarray:
+  """The challenge's rule: >= 1 for integer and bool arrays, >= 0.5 for floats."""
+  pred = np.asarray(pred)
+  if pred.dtype == bool:
+    return pred
+  if np.issubdtype(pred.dtype, np.integer):
+    return pred >= 1
+  return pred >= 0.5
+
+
+def masked_pair(labels: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """``(truth, prediction)`` booleans: truth = label 1, label-2 voxels removed."""
+  labels = np.asarray(labels)
+  if labels.shape != np.shape(pred):
+    raise ValueError(f'prediction shape {np.shape(pred)} differs from the '
+                     f'ground-truth shape {labels.shape}')
+  return labels == 1, binarize(pred) & (labels != 2)
+
+
+def dice(truth: np.ndarray, pred: np.ndarray) -> float:
+  denom = int(truth.sum()) + int(pred.sum())
+  return float('nan') if denom == 0 else 2.0 * int((truth & pred).sum()) / denom
+
+
+def _boundary_mm(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+  eroded = ndimage.binary_erosion(mask, _ERODE_2D, border_value=1)
+  idx = np.argwhere(mask & ~eroded).astype(np.float64)
+  return idx @ affine[:3, :3].T + affine[:3, 3]
+
+
+def hd95(truth: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> float:
+  """95th-percentile Hausdorff distance in mm (world coordinates from ``affine``)."""
+  if not pred.any() or not truth.any():
+    return float('nan')
+  a, b = _boundary_mm(truth, affine), _boundary_mm(pred, affine)
+  d_ab = spatial.cKDTree(b, leafsize=100).query(a, k=1)[0]
+  d_ba = spatial.cKDTree(a, leafsize=100).query(b, k=1)[0]
+  return float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
+
+
+def avd(truth: np.ndarray, pred: np.ndarray) -> float:
+  """Absolute volume difference in percent of the true volume."""
+  v_gt = int(truth.sum())
+  if v_gt == 0:
+    return float('nan')
+  return abs(v_gt - int(pred.sum())) / v_gt * 100.0
+
+
+def lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
+  """26-connected components: ``(label array, count)``."""
+  return ndimage.label(mask, structure=_CONNECT_26)
+
+
+def lesion_detection(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+  """``(recall, F1)`` of individual lesions (26-connected components)."""
+  cc_truth, n_truth = lesions(truth)
+  cc_pred, n_pred = lesions(pred)
+  detected = np.unique(cc_truth[pred & (cc_truth > 0)]).size
+  recall = 1.0 if n_truth == 0 else detected / n_truth
+  hits = np.unique(cc_pred[truth & (cc_pred > 0)]).size
+  precision = 1.0 if n_pred == 0 else hits / n_pred
+  f1 = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+  return float(recall), float(f1)
+
+
+def challenge_metrics(labels: np.ndarray, pred: np.ndarray,
+                      affine: np.ndarray) -> dict[str, float]:
+  """All five metrics for one case. ``labels`` in {0,1,2}; ``pred`` any dtype."""
+  truth, p = masked_pair(labels, pred)
+  recall, f1 = lesion_detection(truth, p)
+  return {'dice': dice(truth, p), 'hd95_mm': hd95(truth, p, affine),
+          'avd_percent': avd(truth, p), 'lesion_recall': recall, 'lesion_f1': f1}
+
+
+def summarize(rows: list[dict]) -> dict[str, float]:
+  """Mean of each metric over cases, NaNs (undefined cases) left out."""
+  out = {}
+  for m in METRICS:
+    vals = np.array([r[m] for r in rows], np.float64)
+    out[m] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float('nan')
+  return out

@@ -1,0 +1,237 @@
+"""Predict mode: segment any FLAIR and write the mask on the input's own grid.
+
+  python launch.py --mode=predict --workdir=runs/default --input=scan.nii.gz \
+      --output=out/ [--config.predict.tta=True] [--config.predict.overlays=True]
+
+Each input goes through the training preprocessing (canonical RAS orientation,
+then ``subjects.preprocess``: z-score inside the head mask, resize to
+``config.data.grid``); the lesion
+probability (the mean over the ensemble members and flip TTA) is resized back to
+the native grid and thresholded. ``OUT/<name>_wmh.nii.gz`` (uint8 0/1) keeps the
+input's shape, axis order, affine and header; ``<name>_prob.nii.gz``,
+``<name>_overlay.png`` and ``<name>_activations.png`` are optional.
+"""
+
+import dataclasses
+import functools
+import itertools
+import os
+from pathlib import Path
+import tempfile
+
+from absl import logging
+import jax
+import numpy as np
+
+from wmh_jax import challenge_metrics
+from wmh_jax import checkpoints
+from wmh_jax import figures
+from wmh_jax import metrics
+from wmh_jax import nifti_io
+from wmh_jax import steps
+from wmh_jax import subjects
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan:
+  name: str
+  flair: Path
+  wmh: Path | None = None
+
+
+def _stem(path: Path) -> str:
+  name = path.name
+  for ext in ('.nii.gz', '.nii'):
+    if name.endswith(ext):
+      return name[:-len(ext)]
+  return path.stem
+
+
+def collect_inputs(paths) -> list[Scan]:
+  """Scans named by ``paths``: NIfTI files, folders of them, or challenge layouts.
+
+  A folder holding ``**/pre/FLAIR.nii.gz`` is read as the challenge layout (its
+  ``wmh.nii.gz``, when present, is drawn on the overlays); scans are then named
+  by subject id (``SITE_ID`` when ids repeat across sites).
+  """
+  scans = []
+  for p in map(Path, paths):
+    if p.is_file():
+      scans.append(Scan(_stem(p), p))
+    elif p.is_dir() and any(p.glob('**/pre/FLAIR.nii.gz')):
+      found = subjects.find_subjects(p, missing_mask='keep')
+      ids = [s.id for s in found]
+      for s in found:
+        name = s.id if ids.count(s.id) == 1 else f'{s.site.replace("/", "_")}_{s.id}'
+        scans.append(Scan(name, s.flair, s.wmh))
+    elif p.is_dir():
+      files = sorted(f for f in p.iterdir() if f.name.endswith(('.nii', '.nii.gz')))
+      if not files:
+        raise FileNotFoundError(f'{p}: no NIfTI files in this folder')
+      scans += [Scan(_stem(f), f) for f in files]
+    else:
+      raise FileNotFoundError(f'{p}: no such file or folder')
+  if not scans:
+    raise FileNotFoundError('predict: no input (pass --input=PATH)')
+  names = [s.name for s in scans]
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise FileExistsError(f'two inputs would write the same output: {dup[0]}_wmh.nii.gz')
+  return scans
+
+
+def output_paths(out_dir: Path, name: str, pconfig) -> dict[str, Path]:
+  paths = {'mask': out_dir / f'{name}_wmh.nii.gz'}
+  if pconfig.save_probabilities:
+    paths['prob'] = out_dir / f'{name}_prob.nii.gz'
+  if pconfig.overlays:
+    paths['overlay'] = out_dir / f'{name}_overlay.png'
+  if pconfig.activations:
+    paths['activations'] = out_dir / f'{name}_activations.png'
+  return paths
+
+
+def check_outputs_free(targets: list[Path], overwrite: bool) -> None:
+  existing = [t for t in targets if t.exists()]
+  if existing and not overwrite:
+    more = f'; {len(existing)} outputs exist' if len(existing) > 1 else ''
+    raise FileExistsError(f'{existing[0]}: already exists (pass --overwrite to '
+                          f'replace{more})')
+
+
+def check_writable(out_dir: Path) -> None:
+  """Creates ``out_dir`` and proves a file can be written there."""
+  try:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix='.write_test', dir=out_dir)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f'{out_dir}: output folder is not writable '
+                          f'({e.strerror or e})') from e
+
+
+def flip_sets(axes) -> list[tuple[int, ...]]:
+  """Every subset of ``axes`` (grid axes 0..2), the identity first."""
+  return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def make_probability_fn(members, tta_axes=()):
+  """``grid image (X,Y,Z) -> mean lesion probability (X,Y,Z)``.
+
+  ``members`` are ``(model, state)`` pairs (an ensemble); with ``tta_axes`` each
+  member also sees the image flipped along every subset of those axes, and the
+  probabilities are flipped back before averaging.
+  """
+  fns = [(jax.jit(functools.partial(steps.predict_logits, model=m)), s)
+         for m, s in members]
+  flips = flip_sets(tuple(tta_axes))
+
+  def probability(grid_image: np.ndarray) -> np.ndarray:
+    total = np.zeros(grid_image.shape, np.float64)
+    for fn, state in fns:
+      for axes in flips:
+        x = np.flip(grid_image, axes) if axes else grid_image
+        logits = fn(state.params, state.batch_stats,
+                    np.ascontiguousarray(x)[None, ..., None])
+        p = np.asarray(jax.nn.sigmoid(logits))[0, ..., 0]
+        total += np.flip(p, axes) if axes else p
+    return (total / (len(fns) * len(flips))).astype(np.float32)
+
+  return probability
+
+
+def to_native(grid_prob: np.ndarray, native_shape,
+              threshold: float) -> tuple[np.ndarray, np.ndarray]:
+  """``(native probability, native mask)``: the grid probability resized back."""
+  native = np.clip(subjects.resize_back(grid_prob, tuple(native_shape)), 0.0, 1.0)
+  return native.astype(np.float32), native >= threshold
+
+
+def load_members(config, workdir) -> list:
+  """The ensemble: ``workdir`` plus ``config.predict.ensemble`` (latest checkpoints)."""
+  dirs = [workdir, *config.predict.ensemble]
+  return [checkpoints.restore_latest(config, d) for d in dirs]
+
+
+def activation_collage(path, members, grid_image, title):
+  """The post-ReLU feature maps of every conv layer of the first member."""
+  model, state = members[0]
+  variables = {'params': state.params}
+  if state.batch_stats:
+    variables['batch_stats'] = state.batch_stats
+  _, inter = jax.jit(lambda v, x: model.apply(v, x, train=False,
+                                              mutable=['intermediates']))(
+                                                  variables, grid_image[None, ..., None])
+  blocks = inter['intermediates']
+  names = sorted(blocks, key=lambda n: int(n.rsplit('_', 1)[1]))
+  n_enc = len(model.encoder_filters) + 1  # encoder levels and the bottleneck
+  rows = []
+  for part, block_names in (('encoder', names[:n_enc]), ('decoder', names[n_enc:])):
+    row = []
+    for b in block_names:
+      for relu in sorted(blocks[b]):
+        a = np.asarray(blocks[b][relu][0])[0]  # (Z, X, Y, C)
+        row.append((f'{b}/{relu} ({a.shape[-1]} ch)', a))
+    rows.append((part, row))
+  figures.activation_collage(path, rows, title)
+
+
+def predict(config, workdir, inputs, output, overwrite: bool = False,
+            probability_fn=None) -> list[dict]:
+  """Segments every input; returns one ``{name, mask, volume_ml, lesions}`` a scan.
+
+  ``probability_fn`` (grid image -> grid probability) replaces the checkpoints of
+  ``workdir`` and ``config.predict.ensemble`` when given.
+  """
+  if not output:
+    raise FileNotFoundError('predict: pass --output=DIR for the masks')
+  pc = config.predict
+  scans = collect_inputs(inputs)
+  out_dir = Path(output)
+  targets = {s.name: output_paths(out_dir, s.name, pc) for s in scans}
+  check_outputs_free([p for t in targets.values() for p in t.values()], overwrite)
+  # Read and check every input before the first file is written; keep only the
+  # small grid images (a folder of scans need not fit in memory).
+  grid = tuple(config.data.grid)
+  prepared = {}
+  for s in scans:
+    image, affine = nifti_io.load_image(s.flair)
+    prepared[s.name] = (subjects.preprocess(image, grid, s.flair), image.shape, affine)
+    if s.wmh is not None:
+      nifti_io.load_labels(s.wmh, affine, image.shape)
+  check_writable(out_dir)
+  if probability_fn is None:
+    members = load_members(config, workdir)
+    probability_fn = make_probability_fn(members, pc.tta_axes if pc.tta else ())
+  elif pc.activations:
+    raise ValueError('predict.activations needs a trained model (workdir)')
+  results = []
+  for k, s in enumerate(scans):
+    grid_image, shape, affine = prepared.pop(s.name)
+    prob, mask = to_native(probability_fn(grid_image), shape, pc.threshold)
+    paths = targets[s.name]
+    nifti_io.save_like(paths['mask'], mask.astype(np.uint8), s.flair)
+    if 'prob' in paths:
+      nifti_io.save_like(paths['prob'], prob, s.flair, dtype=np.float32)
+    truth = None
+    if s.wmh is not None:
+      truth = nifti_io.load_labels(s.wmh, affine, shape)
+    if 'overlay' in paths:
+      figures.overlay(paths['overlay'], nifti_io.load_image(s.flair)[0], mask,
+                      truth, title=s.name)
+    if 'activations' in paths:
+      activation_collage(paths['activations'], members, grid_image, s.name)
+    r = {'name': s.name, 'mask': str(paths['mask']),
+         'volume_ml': metrics.volume_ml(mask, affine),
+         'lesions': challenge_metrics.lesions(mask)[1]}
+    if truth is not None:
+      r.update(challenge_metrics.challenge_metrics(truth, mask, affine))
+    results.append(r)
+    line = (f'predict {k + 1}/{len(scans)} {s.name}: lesion volume '
+            f'{r["volume_ml"]:.2f} mL, {r["lesions"]} lesions'
+            + (f', Dice {r["dice"]:.3f}' if truth is not None else '')
+            + f' -> {paths["mask"]}')
+    logging.info(line)
+    print(line, flush=True)
+  return results

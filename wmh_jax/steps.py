@@ -1,0 +1,105 @@
+"""The train state, the optimiser and the pure train and predict steps.
+
+Kept apart from the training loop (``train.py``) so that predict and benchmark
+load without TensorFlow.
+"""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from wmh_jax import losses
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes: a plain pytree (no methods, no closures)."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def learning_rate_schedule(train_config) -> optax.Schedule:
+  """Linear warm-up to ``learning_rate``, then cosine decay to a fraction of it."""
+  lr = train_config.learning_rate
+  warmup = max(1, min(train_config.warmup_steps, train_config.num_steps - 1))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=lr / warmup, peak_value=lr, warmup_steps=warmup,
+      decay_steps=max(train_config.num_steps, warmup + 1),
+      end_value=lr * train_config.end_learning_rate_fraction)
+
+
+def create_optimizer(train_config) -> optax.GradientTransformation:
+  schedule = learning_rate_schedule(train_config)
+  parts = []
+  if train_config.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(train_config.grad_clip_norm))
+  parts.append(optax.adamw(schedule, weight_decay=train_config.weight_decay)
+               if train_config.weight_decay else optax.adam(schedule))
+  return optax.chain(*parts)
+
+
+def input_shape(config) -> tuple[int, ...]:
+  grid = tuple(config.train.patch_size or config.data.grid)
+  return (config.train.batch_size, *grid, 1)
+
+
+def create_train_state(config, rng: jax.Array, model, tx) -> TrainState:
+  variables = model.init(rng, jnp.zeros(input_shape(config), jnp.float32),
+                         train=False)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}),
+                    opt_state=tx.init(params))
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model, tx,
+               loss_config) -> tuple[TrainState, dict]:
+  """One optimiser step on ``batch = {'image': (B,X,Y,Z,1), 'labels': (B,X,Y,Z)}``.
+
+  Pure: the same (state, batch, rng) gives the same result. ``rng`` is folded
+  with the step, so a model with stochastic layers sees fresh noise each step.
+  """
+  step_rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params):
+    variables = {'params': params}
+    if state.batch_stats:
+      variables['batch_stats'] = state.batch_stats
+      logits, updates = model.apply(variables, batch['image'], train=True,
+                                    mutable=['batch_stats'],
+                                    rngs={'dropout': step_rng})
+    else:
+      logits = model.apply(variables, batch['image'], train=True,
+                           rngs={'dropout': step_rng})
+      updates = {'batch_stats': state.batch_stats}
+    loss = losses.segmentation_loss(logits, batch['labels'], loss_config)
+    return loss, updates['batch_stats']
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = TrainState(step=state.step + 1, params=params,
+                         batch_stats=batch_stats, opt_state=opt_state)
+  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+             'params_finite': jnp.all(jnp.array([jnp.all(jnp.isfinite(p))
+                                                 for p in jax.tree.leaves(params)]))}
+  return new_state, metrics
+
+
+def predict_logits(params, batch_stats, images, *, model) -> jax.Array:
+  variables = {'params': params}
+  if batch_stats:
+    variables['batch_stats'] = batch_stats
+  return model.apply(variables, images, train=False)
+
+
+def make_mesh() -> jax.sharding.Mesh:
+  """A 1-D ``('data',)`` mesh over all devices (one device is a mesh of one)."""
+  return jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
