@@ -47,6 +47,8 @@ def _run(config):
     score.score(FLAGS.gt, FLAGS.pred, FLAGS.output, overwrite=FLAGS.overwrite)
     return
   import jax  # pylint: disable=g-import-not-at-top
+  if config.distributed:  # coordinator, process count and id from the environment
+    jax.distributed.initialize()
   if FLAGS.mode in ('train', 'train_and_evaluate', 'synthesize', 'benchmark'):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     try:

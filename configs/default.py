@@ -26,6 +26,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Multi-host data parallelism: call jax.distributed.initialize() first (see the
+  # README); the batch is then sharded over every host's devices.
+  c.distributed = False
 
   c.data = ml_collections.ConfigDict()
   c.data.root = 'data/synthetic'        # challenge layout: SITE/ID/pre/FLAIR.nii.gz
@@ -98,6 +101,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.predict = ml_collections.ConfigDict()
   c.predict.threshold = 0.5
+  # resize: the whole scan on data.grid (the seed's way; what training sees).
+  # sliding_window: the scan at `spacing` mm, windows of `window` voxels (None:
+  # the training patch), Gaussian-weighted; for models trained at that spacing.
+  c.predict.method = 'resize'
+  c.predict.spacing = (1.0, 1.0, 3.0)
+  c.predict.window = None
+  c.predict.overlap = 0.5
   c.predict.tta = False                 # average over flips along tta_axes
   c.predict.tta_axes = (0,)             # grid axes: 0 is left-right
   c.predict.ensemble = ()               # more workdirs (same model config) to average

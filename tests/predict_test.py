@@ -5,19 +5,27 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
+from wmh_jax import nifti_io
 from wmh_jax import predict
 
 
-def _bright():
-  """A stand-in for the network: the lesion fraction of each grid voxel.
+def _bright(reference=None):
+  """A stand-in for the network: the lesion fraction of each voxel.
 
   Brain is 400 and lesion 1000 in the scans below; after z-scoring and
   resampling, a voxel's intensity between the brain's median and the maximum is
-  its lesion fraction, so thresholding it at 0.5 puts the border half way.
+  its lesion fraction, so thresholding it at 0.5 puts the border half way. The
+  two levels come from ``reference`` (the whole preprocessed volume) or else
+  from what the function is given.
   """
-  def probability(grid_image):
-    brain = np.median(grid_image[grid_image > grid_image.mean()])
-    return np.clip((grid_image - brain) / (grid_image.max() - brain), 0, 1)
+  def levels(v):
+    return np.median(v[v > v.mean()]), v.max()
+
+  fixed = None if reference is None else levels(reference)
+
+  def probability(volume):
+    brain, top = fixed or levels(volume)
+    return np.clip((volume - brain) / (top - brain), 0, 1)
   return probability
 
 
@@ -36,7 +44,9 @@ def _world(affine, idx):
   return affine[:3, :3] @ np.asarray(idx, float) + affine[:3, 3]
 
 
-def test_lesion_comes_back_at_its_world_position_lps_oblique_anisotropic(tmp_path):
+@pytest.mark.parametrize('method', ['resize', 'sliding_window'])
+def test_lesion_comes_back_at_its_world_position_lps_oblique_anisotropic(method,
+                                                                         tmp_path):
   shape, spacing = (256, 240, 14), (0.47, 0.47, 8.0)
   c, s = np.cos(np.radians(12)), np.sin(np.radians(12))
   tilt = np.array([[1, 0, 0], [0, np.cos(0.1), -np.sin(0.1)], [0, np.sin(0.1), np.cos(0.1)]])
@@ -56,8 +66,12 @@ def test_lesion_comes_back_at_its_world_position_lps_oblique_anisotropic(tmp_pat
   cfg = test_config.get_config()
   cfg.data.grid = (128, 128, 16)
   cfg.predict.overlays = True
+  cfg.predict.method = method
+  cfg.predict.spacing = (0.8, 0.8, 4.0)
+  cfg.predict.window = (64, 64, 16)
+  reference = predict.model_input(*nifti_io.load_image(path), cfg)
   results = predict.predict(cfg, None, [str(path)], tmp_path / 'out',
-                            probability_fn=_bright())
+                            probability_fn=_bright(reference))
   out = nib.load(str(tmp_path / 'out' / 'lps_oblique_wmh.nii.gz'))
   assert out.shape == shape
   np.testing.assert_allclose(out.affine, nii.affine, atol=1e-4)
@@ -99,3 +113,23 @@ def test_one_volume_4d_float_input_and_refusals(tmp_path):
 def test_flip_tta_averages_flipped_predictions_back():
   assert predict.flip_sets((0,)) == [(), (0,)]
   assert predict.flip_sets((0, 1)) == [(), (0,), (1,), (0, 1)]
+
+
+def test_sliding_window_covers_every_voxel_and_blends_to_the_mean():
+  assert predict.window_starts(10, 4, 0.5) == [0, 2, 4, 6]
+  assert predict.window_starts(11, 4, 0.5) == [0, 2, 4, 6, 7]
+  assert predict.window_starts(3, 4, 0.5) == [0]
+  w = predict.gaussian_weights((8, 8, 4))
+  assert w.shape == (8, 8, 4) and w.max() == 1.0 and w.min() > 0
+  volume = np.random.default_rng(0).normal(size=(21, 19, 5)).astype(np.float32)
+
+  def constant(window):
+    assert window.shape == (8, 8, 4)
+    return np.full(window.shape, 0.25, np.float32)
+
+  out = predict.sliding_window(volume, constant, (8, 8, 4), overlap=0.5)
+  assert out.shape == volume.shape
+  np.testing.assert_allclose(out, 0.25, rtol=1e-6)
+  # An identity "network" returns the input: weights are normalised everywhere.
+  np.testing.assert_allclose(predict.sliding_window(volume, lambda x: x, (8, 8, 4)),
+                             volume, rtol=1e-5, atol=1e-6)

@@ -4,12 +4,16 @@
       --output=out/ [--config.predict.tta=True] [--config.predict.overlays=True]
 
 Each input goes through the training preprocessing (canonical RAS orientation,
-then ``subjects.preprocess``: z-score inside the head mask, resize to
-``config.data.grid``); the lesion
-probability (the mean over the ensemble members and flip TTA) is resized back to
-the native grid and thresholded. ``OUT/<name>_wmh.nii.gz`` (uint8 0/1) keeps the
-input's shape, axis order, affine and header; ``<name>_prob.nii.gz``,
-``<name>_overlay.png`` and ``<name>_activations.png`` are optional.
+then ``subjects.preprocess``: z-score inside the head mask, resize). With
+``predict.method='resize'`` (the seed's way, the default) the network sees the
+whole scan resized to ``config.data.grid``; with ``'sliding_window'`` the scan is
+resampled to ``predict.spacing`` and the network slides over it in windows of
+``predict.window`` (default: the training patch), the overlapping outputs blended
+with Gaussian weights. The lesion probability (the mean over the ensemble members
+and flip TTA) is resized back to the native grid and thresholded.
+``OUT/<name>_wmh.nii.gz`` (uint8 0/1) keeps the input's shape, axis order, affine
+and header; ``<name>_prob.nii.gz``, ``<name>_overlay.png`` and
+``<name>_activations.png`` are optional.
 """
 
 import dataclasses
@@ -148,6 +152,70 @@ def to_native(grid_prob: np.ndarray, native_shape,
   return native.astype(np.float32), native >= threshold
 
 
+def window_starts(n: int, window: int, overlap: float) -> list[int]:
+  """Window origins along one axis: steps of ``window * (1 - overlap)``, ends flush."""
+  if n <= window:
+    return [0]
+  step = max(1, int(window * (1.0 - overlap)))
+  starts = list(range(0, n - window + 1, step))
+  return starts if starts[-1] == n - window else starts + [n - window]
+
+
+def gaussian_weights(window, sigma_fraction: float = 0.125) -> np.ndarray:
+  """A separable Gaussian (sigma = window / 8) peaking at the window centre."""
+  axes = []
+  for w in window:
+    x = np.arange(w) - (w - 1) / 2
+    axes.append(np.exp(-0.5 * (x / max(sigma_fraction * w, 1e-3)) ** 2))
+  weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+  return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
+
+
+def to_spacing(image: np.ndarray, affine: np.ndarray, spacing,
+               path='image') -> np.ndarray:
+  """The training preprocessing at a fixed voxel ``spacing`` (mm) instead of a grid."""
+  native = np.sqrt((affine[:3, :3] ** 2).sum(0))
+  shape = np.maximum(np.round(np.array(image.shape) * native / np.array(spacing)), 2)
+  return subjects.preprocess(image, tuple(int(n) for n in shape), path)
+
+
+def sliding_window(volume: np.ndarray, probability_fn, window,
+                   overlap: float = 0.5) -> np.ndarray:
+  """Gaussian-weighted mean of ``probability_fn`` over overlapping windows."""
+  window = tuple(int(w) for w in window)
+  full = tuple(max(n, w) for n, w in zip(volume.shape, window))
+  padded = np.pad(volume, [(0, f - n) for f, n in zip(full, volume.shape)],
+                  constant_values=float(volume.min()))
+  weights = gaussian_weights(window)
+  total = np.zeros(full, np.float64)
+  norm = np.zeros(full, np.float64)
+  for start in itertools.product(*[window_starts(f, w, overlap)
+                                    for f, w in zip(full, window)]):
+    region = tuple(slice(a, a + w) for a, w in zip(start, window))
+    total[region] += probability_fn(padded[region]) * weights
+    norm[region] += weights
+  prob = total / norm
+  return prob[tuple(slice(0, n) for n in volume.shape)].astype(np.float32)
+
+
+def model_input(image, affine, config, path='image') -> np.ndarray:
+  """What the network sees: the config grid, or the volume at predict.spacing."""
+  if config.predict.method == 'resize':
+    return subjects.preprocess(image, tuple(config.data.grid), path)
+  if config.predict.method == 'sliding_window':
+    return to_spacing(image, affine, config.predict.spacing, path)
+  raise ValueError(f'predict.method must be resize or sliding_window, got '
+                   f'{config.predict.method!r}')
+
+
+def probability_on_input(volume, probability_fn, config) -> np.ndarray:
+  """Lesion probability on the model-input volume (grid or fixed spacing)."""
+  if config.predict.method == 'resize':
+    return probability_fn(volume)
+  window = config.predict.window or config.train.patch_size or config.data.grid
+  return sliding_window(volume, probability_fn, window, config.predict.overlap)
+
+
 def load_members(config, workdir) -> list:
   """The ensemble: ``workdir`` plus ``config.predict.ensemble`` (latest checkpoints)."""
   dirs = [workdir, *config.predict.ensemble]
@@ -181,7 +249,7 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
             probability_fn=None) -> list[dict]:
   """Segments every input; returns one ``{name, mask, volume_ml, lesions}`` a scan.
 
-  ``probability_fn`` (grid image -> grid probability) replaces the checkpoints of
+  ``probability_fn`` (model input -> probability) replaces the checkpoints of
   ``workdir`` and ``config.predict.ensemble`` when given.
   """
   if not output:
@@ -192,12 +260,11 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
   targets = {s.name: output_paths(out_dir, s.name, pc) for s in scans}
   check_outputs_free([p for t in targets.values() for p in t.values()], overwrite)
   # Read and check every input before the first file is written; keep only the
-  # small grid images (a folder of scans need not fit in memory).
-  grid = tuple(config.data.grid)
+  # preprocessed volumes (the native images are read again when drawn).
   prepared = {}
   for s in scans:
     image, affine = nifti_io.load_image(s.flair)
-    prepared[s.name] = (subjects.preprocess(image, grid, s.flair), image.shape, affine)
+    prepared[s.name] = (model_input(image, affine, config, s.flair), image.shape, affine)
     if s.wmh is not None:
       nifti_io.load_labels(s.wmh, affine, image.shape)
   check_writable(out_dir)
@@ -208,8 +275,9 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
     raise ValueError('predict.activations needs a trained model (workdir)')
   results = []
   for k, s in enumerate(scans):
-    grid_image, shape, affine = prepared.pop(s.name)
-    prob, mask = to_native(probability_fn(grid_image), shape, pc.threshold)
+    volume, shape, affine = prepared.pop(s.name)
+    prob, mask = to_native(probability_on_input(volume, probability_fn, config),
+                           shape, pc.threshold)
     paths = targets[s.name]
     nifti_io.save_like(paths['mask'], mask.astype(np.uint8), s.flair)
     if 'prob' in paths:
@@ -221,7 +289,13 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
       figures.overlay(paths['overlay'], nifti_io.load_image(s.flair)[0], mask,
                       truth, title=s.name)
     if 'activations' in paths:
-      activation_collage(paths['activations'], members, grid_image, s.name)
+      window = tuple(config.data.grid) if pc.method == 'resize' else tuple(
+          pc.window or config.train.patch_size or config.data.grid)
+      crop = np.pad(volume, [(0, max(0, w - n)) for w, n in zip(window, volume.shape)],
+                    constant_values=float(volume.min()))
+      corner = [(n - w) // 2 for n, w in zip(crop.shape, window)]
+      crop = crop[tuple(slice(c, c + w) for c, w in zip(corner, window))]
+      activation_collage(paths['activations'], members, crop, s.name)
     r = {'name': s.name, 'mask': str(paths['mask']),
          'volume_ml': metrics.volume_ml(mask, affine),
          'lesions': challenge_metrics.lesions(mask)[1]}
