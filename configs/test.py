@@ -29,3 +29,13 @@ def get_config():
   c.train.checkpoint_every_steps = 6
   c.evaluate.num_images = 1
   return c
+
+
+def for_dataset(root, **train_overrides):
+  """The test config on the dataset at ``root`` (no synthesis), with train overrides."""
+  c = get_config()
+  c.data.root = str(root)
+  c.data.synthetic = False
+  for k, v in train_overrides.items():
+    c.train[k] = v
+  return c

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 import tensorflow as tf
@@ -18,15 +20,6 @@ from wmh_jax import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config(root, **train_overrides):
-  c = test_config.get_config()
-  c.data.root = str(root)
-  c.data.synthetic = False
-  for k, v in train_overrides.items():
-    c.train[k] = v
-  return c
-
-
 def _losses(workdir):
   acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={'tensors': 0})
   acc.Reload()
@@ -36,8 +29,8 @@ def _losses(workdir):
 
 def test_same_config_and_seed_give_the_same_loss_curve_bit_for_bit(tiny_dataset,
                                                                    tmp_path):
-  cfg = _config(tiny_dataset, num_steps=6, log_every_steps=1, eval_every_steps=100,
-                checkpoint_every_steps=100)
+  cfg = test_config.for_dataset(tiny_dataset, num_steps=6, log_every_steps=1,
+                                eval_every_steps=100, checkpoint_every_steps=100)
   train.train_and_evaluate(cfg, tmp_path / 'a')
   train.train_and_evaluate(cfg, tmp_path / 'b')
   a, b = _losses(tmp_path / 'a'), _losses(tmp_path / 'b')
@@ -50,14 +43,14 @@ def test_same_config_and_seed_give_the_same_loss_curve_bit_for_bit(tiny_dataset,
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     tiny_dataset, tmp_path):
-  cfg = _config(tiny_dataset, num_steps=4, checkpoint_every_steps=2,
-                eval_every_steps=100)
+  cfg = test_config.for_dataset(tiny_dataset, num_steps=4, checkpoint_every_steps=2,
+                                eval_every_steps=100)
   train.train_and_evaluate(cfg, tmp_path)
   # The same run continued at lr 1e30: Adam moves every weight by ~1e30 at
   # step 5, and the step-6 forward pass overflows.
-  cfg = _config(tiny_dataset, num_steps=12, learning_rate=1e30, warmup_steps=1,
-                log_every_steps=1, checkpoint_every_steps=1,
-                eval_every_steps=100)
+  cfg = test_config.for_dataset(tiny_dataset, num_steps=12, learning_rate=1e30,
+                                warmup_steps=1, log_every_steps=1,
+                                checkpoint_every_steps=1, eval_every_steps=100)
   with pytest.raises(FloatingPointError, match=r'non-finite \w+ at step (\d+)') as e:
     train.train_and_evaluate(cfg, tmp_path)
   bad = int(e.value.args[0].split('at step ')[1].split(';')[0])
@@ -68,7 +61,6 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
   assert f'checkpoint (step {kept})' in str(e.value)
   # The kept checkpoint is finite and resumable.
   _, state = checkpoints.restore_latest(cfg, tmp_path)
-  import jax, numpy as np  # pylint: disable=g-import-not-at-top,multiple-imports
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 

@@ -19,15 +19,6 @@ from wmh_jax import evaluate
 from wmh_jax import train
 
 
-def _config(root, **train_overrides):
-  c = test_config.get_config()
-  c.data.root = str(root)
-  c.data.synthetic = False
-  for k, v in train_overrides.items():
-    c.train[k] = v
-  return c
-
-
 def _scalars(workdir, tag):
   """``{step: value}`` of one scalar tag, read back from the event files."""
   acc = event_accumulator.EventAccumulator(str(workdir),
@@ -40,7 +31,7 @@ def _scalars(workdir, tag):
 def trained(tiny_dataset, tmp_path_factory):
   """``(config, workdir, final state)`` of one 24-step run on the tiny dataset."""
   workdir = tmp_path_factory.mktemp('trained')
-  cfg = _config(tiny_dataset, num_steps=24, log_every_steps=4)
+  cfg = test_config.for_dataset(tiny_dataset, num_steps=24, log_every_steps=4)
   return cfg, workdir, train.train_and_evaluate(cfg, workdir)
 
 
@@ -64,7 +55,7 @@ def test_train_loss_goes_down_writes_checkpoints_events_and_evaluates(trained):
 
 
 def test_resume_continues_where_the_stopped_run_left(tiny_dataset, tmp_path):
-  cfg = _config(tiny_dataset)
+  cfg = test_config.for_dataset(tiny_dataset)
   straight = train.train_and_evaluate(cfg, tmp_path / 'a')
   # A run that stopped after its step-6 checkpoint: remove what came later.
   train.train_and_evaluate(cfg, tmp_path / 'b')
