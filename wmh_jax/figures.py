@@ -41,7 +41,10 @@ def overlay(path, image, pred=None, truth=None, title='', n_slices=4):
       ax.contour(pred[:, :, z].T.astype(float), [0.5], colors='red', linewidths=0.8)
     ax.set_title(f'z={z}', fontsize=8)
     ax.axis('off')
-  fig.suptitle(title + '  (green: truth, red: prediction)', fontsize=9)
+  legend = ', '.join(name for name, shown in (('green: truth', truth is not None),
+                                               ('red: prediction', pred is not None))
+                     if shown)
+  fig.suptitle(f'{title}  ({legend})' if legend else title, fontsize=9)
   _save(fig, path)
 
 
