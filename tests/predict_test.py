@@ -1,12 +1,15 @@
 """Predict: masks land where the lesion is, on the input's own grid and header."""
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
 
 from configs import test as test_config
+from wmh_jax import models
 from wmh_jax import nifti_io
 from wmh_jax import predict
+from wmh_jax import steps
 
 
 def _bright(reference=None):
@@ -113,6 +116,19 @@ def test_one_volume_4d_float_input_and_refusals(tmp_path):
 def test_flip_tta_averages_flipped_predictions_back():
   assert predict.flip_sets((0,)) == [(), (0,)]
   assert predict.flip_sets((0, 1)) == [(), (0,), (1,), (0, 1)]
+  cfg = test_config.get_config()
+  model = models.create_model(cfg.model)
+  state = steps.create_train_state(cfg, jax.random.PRNGKey(0), model,
+                                   steps.create_optimizer(cfg.train))
+  x = np.random.default_rng(0).normal(size=cfg.data.grid).astype(np.float32)
+  plain = predict.make_probability_fn([(model, state)])
+  tta = predict.make_probability_fn([(model, state)], tta_axes=(0,))(x)
+  expected = (plain(x) + np.flip(plain(np.flip(x, 0).copy()), 0)) / 2
+  np.testing.assert_allclose(tta, expected, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(tta, plain(x), atol=1e-6)  # the flip did change something
+  # An ensemble of one member twice is that member.
+  twice = predict.make_probability_fn([(model, state)] * 2)(x)
+  np.testing.assert_allclose(twice, plain(x), rtol=1e-6)
 
 
 def test_sliding_window_covers_every_voxel_and_blends_to_the_mean():

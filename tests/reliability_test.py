@@ -102,3 +102,16 @@ def test_kill_9_then_the_same_command_resumes_from_a_complete_checkpoint(
   assert f'Resuming from checkpoint at step {max(complete)}.' in r.stderr
   steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
   assert steps[-1] == 16
+
+
+def test_finite_check_names_what_went_wrong_and_accepts_zeros(tmp_path):
+  manager = checkpoints.checkpoint_manager(tmp_path, test_config.get_config(),
+                                           read_only=True)
+  ok = {'loss': 0.0, 'grad_norm': 0.0, 'params_finite': True}
+  train._check_finite([ok, ok], 1, manager)  # pylint: disable=protected-access
+  for key, value, what in (('loss', float('nan'), 'loss'),
+                           ('grad_norm', float('inf'), 'gradient'),
+                           ('params_finite', False, 'weights')):
+    with pytest.raises(FloatingPointError, match=f'non-finite {what} at step 4;'):
+      train._check_finite([ok, {**ok, key: value}], 3, manager)  # pylint: disable=protected-access
+  manager.close()

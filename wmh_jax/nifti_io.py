@@ -57,7 +57,12 @@ def load_labels(path, like_affine: np.ndarray | None = None,
                 like_shape: tuple[int, ...] | None = None,
                 canonical: bool = True) -> np.ndarray:
   """Returns a uint8 label array in {0, 1, 2}, checked against the image grid."""
-  img = load(path, canonical)
+  return check_labels(load(path, canonical), path, like_affine, like_shape)
+
+
+def check_labels(img: nib.Nifti1Image, path, like_affine: np.ndarray | None = None,
+                 like_shape: tuple[int, ...] | None = None) -> np.ndarray:
+  """The labels of an image already :func:`load`-ed from ``path``, checked."""
   data = np.asarray(img.dataobj)
   if like_shape is not None and tuple(data.shape) != tuple(like_shape):
     raise NiftiError(f'{path}: mask shape {data.shape} differs from the image '

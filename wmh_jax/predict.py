@@ -174,7 +174,7 @@ def gaussian_weights(window, sigma_fraction: float = 0.125) -> np.ndarray:
 def to_spacing(image: np.ndarray, affine: np.ndarray, spacing,
                path='image') -> np.ndarray:
   """The training preprocessing at a fixed voxel ``spacing`` (mm) instead of a grid."""
-  native = np.sqrt((affine[:3, :3] ** 2).sum(0))
+  native = subjects.voxel_spacing(affine)
   shape = np.maximum(np.round(np.array(image.shape) * native / np.array(spacing)), 2)
   return subjects.preprocess(image, tuple(int(n) for n in shape), path)
 
@@ -208,12 +208,27 @@ def model_input(image, affine, config, path='image') -> np.ndarray:
                    f'{config.predict.method!r}')
 
 
+def network_window(config) -> tuple[int, ...]:
+  """The shape the network is applied to: the grid, or the sliding window."""
+  if config.predict.method == 'resize':
+    return tuple(config.data.grid)
+  return tuple(config.predict.window or config.train.patch_size or config.data.grid)
+
+
+def center_crop(volume: np.ndarray, window) -> np.ndarray:
+  """The ``window``-shaped middle of ``volume`` (padded with its minimum if smaller)."""
+  padded = np.pad(volume, [(0, max(0, w - n)) for w, n in zip(window, volume.shape)],
+                  constant_values=float(volume.min()))
+  corner = [(n - w) // 2 for n, w in zip(padded.shape, window)]
+  return padded[tuple(slice(c, c + w) for c, w in zip(corner, window))]
+
+
 def probability_on_input(volume, probability_fn, config) -> np.ndarray:
   """Lesion probability on the model-input volume (grid or fixed spacing)."""
   if config.predict.method == 'resize':
     return probability_fn(volume)
-  window = config.predict.window or config.train.patch_size or config.data.grid
-  return sliding_window(volume, probability_fn, window, config.predict.overlap)
+  return sliding_window(volume, probability_fn, network_window(config),
+                        config.predict.overlap)
 
 
 def load_members(config, workdir) -> list:
@@ -289,13 +304,8 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
       figures.overlay(paths['overlay'], nifti_io.load_image(s.flair)[0], mask,
                       truth, title=s.name)
     if 'activations' in paths:
-      window = tuple(config.data.grid) if pc.method == 'resize' else tuple(
-          pc.window or config.train.patch_size or config.data.grid)
-      crop = np.pad(volume, [(0, max(0, w - n)) for w, n in zip(window, volume.shape)],
-                    constant_values=float(volume.min()))
-      corner = [(n - w) // 2 for n, w in zip(crop.shape, window)]
-      crop = crop[tuple(slice(c, c + w) for c, w in zip(corner, window))]
-      activation_collage(paths['activations'], members, crop, s.name)
+      activation_collage(paths['activations'], members,
+                         center_crop(volume, network_window(config)), s.name)
     r = {'name': s.name, 'mask': str(paths['mask']),
          'volume_ml': metrics.volume_ml(mask, affine),
          'lesions': challenge_metrics.lesions(mask)[1]}

@@ -16,6 +16,7 @@ from absl import logging
 import numpy as np
 
 from wmh_jax import challenge_metrics
+from wmh_jax import metrics
 from wmh_jax import nifti_io
 from wmh_jax import tables
 
@@ -62,7 +63,7 @@ def find_pairs(gt_dir, pred_dir) -> list[tuple[str, Path, Path]]:
 def load_pair(gt_path, pred_path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """``(labels, prediction, affine)`` on the ground truth's own grid, checked."""
   gt = nifti_io.load(gt_path, canonical=False)
-  labels = nifti_io.load_labels(gt_path, canonical=False)
+  labels = nifti_io.check_labels(gt, gt_path)
   pred = nifti_io.load(pred_path, canonical=False)
   data = np.asanyarray(pred.dataobj)
   if data.shape != labels.shape:
@@ -79,10 +80,9 @@ def load_pair(gt_path, pred_path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def score_case(key, gt_path, pred_path) -> dict:
   labels, pred, affine = load_pair(gt_path, pred_path)
   row = {'subject': key, **challenge_metrics.challenge_metrics(labels, pred, affine)}
-  voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
   truth, p = challenge_metrics.masked_pair(labels, pred)
-  row['true_volume_ml'] = float(truth.sum() * voxel_ml)
-  row['pred_volume_ml'] = float(p.sum() * voxel_ml)
+  row['true_volume_ml'] = metrics.volume_ml(truth, affine)
+  row['pred_volume_ml'] = metrics.volume_ml(p, affine)
   return row
 
 

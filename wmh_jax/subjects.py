@@ -152,13 +152,18 @@ def prepare_subject(s: SubjectFiles, grid) -> dict:
       'image': preprocess(image, grid, s.flair),
       'native_shape': np.array(image.shape),
       'affine': affine,
-      'spacing': np.sqrt((affine[:3, :3] ** 2).sum(0)),
+      'spacing': voxel_spacing(affine),
   }
   if s.wmh is not None:
     labels = nifti_io.load_labels(s.wmh, affine, image.shape)
     out['labels'] = labels_to_grid(labels, grid)
     out['native_labels'] = labels
   return out
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+  """Voxel size (mm) along each array axis: the column norms of the affine."""
+  return np.sqrt((affine[:3, :3] ** 2).sum(0))
 
 
 def grid_spacing(prepared: dict, grid) -> np.ndarray:

@@ -91,22 +91,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   batches = input_pipeline.train_dataset(train_arrays, config, start).as_numpy_iterator()
   logging.info('Training steps %d..%d on %d subjects (%d held out).', start + 1,
                num_steps, len(train_set), len(val_set))
-  t0, step_metrics, unchecked = time.time(), [], []
+  # Step metrics stay on the device until a log or checkpoint step needs them
+  # (no host sync every step); fetched ones wait in `host` for the next log.
+  t0, unchecked, host = time.time(), [], []
   try:
     for step in range(start + 1, num_steps + 1):
       batch = jax.device_put(next(batches), batch_sharding)
       state, m = step_fn(state, batch, step_rng)
-      step_metrics.append(m)
       unchecked.append(m)
       progress(step)
       is_last = step == num_steps
       is_log = step % config.train.log_every_steps == 0 or is_last
       is_checkpoint = step % config.train.checkpoint_every_steps == 0 or is_last
       if is_log or is_checkpoint:  # never log or save a non-finite state
-        _check_finite(jax.device_get(unchecked), step - len(unchecked) + 1, manager)
+        fetched = jax.device_get(unchecked)
+        _check_finite(fetched, step - len(fetched) + 1, manager)
+        host += fetched
         unchecked = []
       if is_log:
-        host = jax.device_get(step_metrics)
         rate = (step - start) / (time.time() - t0)
         scalars = {'train/loss': float(np.mean([h['loss'] for h in host])),
                    'train/grad_norm': float(np.mean([h['grad_norm'] for h in host])),
@@ -116,7 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
         logging.info('step %d/%d  loss %.4f  lr %.2e  %.2f s/step  ETA %s', step,
                      num_steps, scalars['train/loss'], scalars['train/learning_rate'],
                      1 / rate, _eta((num_steps - step) / rate))
-        step_metrics = []
+        host = []
       if step % config.train.eval_every_steps == 0 or is_last:
         vd = validation_dice(predict_fn, state, val_arrays, config.evaluate.threshold)
         writer.write_scalars(step, {'val/dice_grid': vd})
@@ -133,13 +135,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
 def _check_finite(host_metrics: list[dict], first_step: int, manager) -> None:
   """Raises, naming the step, at the first non-finite loss, gradient or weight."""
   for k, h in enumerate(host_metrics):
-    for name, what in (('loss', 'loss'), ('grad_norm', 'gradient'),
-                       ('params_finite', 'weights')):
-      if not np.isfinite(h[name]) or not h[name]:
-        raise FloatingPointError(
-            f'non-finite {what} at step {first_step + k}; stopped. The last good '
-            f'checkpoint (step {manager.latest_step()}) is kept in '
-            f'{manager.directory}')
+    bad = [what for what, ok in (('loss', np.isfinite(h['loss'])),
+                                 ('gradient', np.isfinite(h['grad_norm'])),
+                                 ('weights', bool(h['params_finite']))) if not ok]
+    if bad:
+      raise FloatingPointError(
+          f'non-finite {bad[0]} at step {first_step + k}; stopped. The last good '
+          f'checkpoint (step {manager.latest_step()}) is kept in '
+          f'{manager.directory}')
 
 
 def _eta(seconds: float) -> str:
