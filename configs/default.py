@@ -14,10 +14,7 @@ Main job (generates the synthetic data when missing, trains, evaluates):
 
   python launch.py --config=configs/default.py --workdir=runs/default
 
-On a real challenge download placed by hand:
-
-  python launch.py --config=configs/default.py --workdir=runs/challenge \
-      --config.data.root=/path/to/wmh_challenge --config.data.synthetic=False
+On a real challenge download placed by hand: configs/challenge.py.
 """
 
 import ml_collections
@@ -32,11 +29,21 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.root = 'data/synthetic'        # challenge layout: SITE/ID/pre/FLAIR.nii.gz
-  c.data.synthetic = True               # generate data.root when it is missing
-  c.data.num_subjects = 60              # synthetic subjects (20 a site, as the challenge)
+  c.data.synthetic = True               # generate data.root (and val_root) when missing
+  # 48 training + 12 validation subjects, 60 in all as in the challenge; the
+  # validation subjects come from a seed training never sees.
+  c.data.num_subjects = 48
   c.data.synthetic_seed = 2017
+  c.data.val_root = 'data/synthetic_val'  # '' : split data.root by subject instead
+  c.data.num_val_subjects = 12
+  c.data.val_synthetic_seed = 2018
   c.data.grid = (128, 128, 16)          # (X, Y, Z) after canonical (RAS) reorientation
-  c.data.val_fraction = 0.2             # of subjects, per site, held out for validation
+  c.data.val_fraction = 0.2             # without val_root: share of each site held out
+  c.data.val_sites = ()                 # without val_root: leave these sites out instead
+  # A TFDS dataset instead of data.root's files: 'wmh_synthetic', 'wmh_challenge'
+  # or 'wmh_challenge/flair_t1' (manual_dir = data.root); prepared in tfds_dir.
+  c.data.tfds = ''
+  c.data.tfds_dir = 'data/tfds'
   c.data.shuffle_buffer = 64
   c.data.missing_mask = 'skip'          # subjects without wmh.nii.gz: skip with a warning
 

@@ -53,3 +53,12 @@ def test_resize_back_inverts_geometry():
   back = subjects.resize_back(small, vol.shape) >= 0.5
   assert back.shape == vol.shape
   assert 2 * (back & (vol > 0)).sum() / (back.sum() + vol.sum()) > 0.9
+
+
+def test_leave_site_out_split(tiny_dataset):
+  found = subjects.find_subjects(tiny_dataset)
+  train, val = subjects.split_subjects(found, 0.34, 0, val_sites=('Amsterdam/GE3T',))
+  assert {s.site for s in val} == {'Amsterdam/GE3T'} and len(val) == 3
+  assert {s.site for s in train} == {'Utrecht', 'Singapore'} and len(train) == 6
+  with pytest.raises(ValueError, match='Leiden'):
+    subjects.split_subjects(found, 0.34, 0, val_sites=('Leiden',))

@@ -1,6 +1,11 @@
+import gzip
+
+import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
+from wmh_jax import nifti_io
 from wmh_jax import synthetic
 
 
@@ -10,27 +15,90 @@ def _iso_geometry():
   return (160, 190, 150), np.ones(3), affine
 
 
-def test_same_seed_identical_subject():
-  a = synthetic.generate_subject(5, 1)
-  b = synthetic.generate_subject(5, 1)
-  np.testing.assert_array_equal(a.flair, b.flair)
-  np.testing.assert_array_equal(a.labels, b.labels)
-  np.testing.assert_array_equal(a.affine, b.affine)
+def test_same_seed_identical_files(tmp_path):
+  a = synthetic.write_one(str(tmp_path / 'a'), 5, 1)
+  b = synthetic.write_one(str(tmp_path / 'b'), 5, 1)
+  for name in ('pre/FLAIR.nii.gz', 'wmh.nii.gz'):
+    # The decompressed bytes: header and voxels, everything but gzip's timestamp.
+    assert gzip.decompress((a / name).read_bytes()) == gzip.decompress(
+        (b / name).read_bytes()), name
   c = synthetic.generate_subject(5, 2)
-  assert a.flair.shape != c.flair.shape or not np.array_equal(a.flair, c.flair)
+  s = synthetic.generate_subject(5, 1)
+  assert c.flair.shape != s.flair.shape or not np.array_equal(c.flair, s.flair)
 
 
-@pytest.mark.parametrize('load_ml', [2.0, 20.0])
-def test_lesion_volume_close_to_requested_at_1mm(load_ml):
-  s = synthetic.generate_subject(0, 3, load_ml=load_ml, geometry=_iso_geometry())
-  got = (s.labels == 1).sum() / 1000.0   # 1 mm^3 voxels
-  # The pose scales the head by up to ~12 %, so the load follows within that.
-  assert abs(got - load_ml) / load_ml < 0.2, got
-  assert set(np.unique(s.labels)) <= {0, 1, 2}
+@pytest.mark.parametrize('load_ml,geometry', [
+    (2.0, 'iso'), (20.0, 'iso'), (8.0, 'Synth3mm'), (30.0, 'Synth2D')])
+def test_lesion_volume_matches_requested_load(load_ml, geometry):
+  geo = _iso_geometry() if geometry == 'iso' else synthetic.sample_geometry(
+      np.random.default_rng(1), geometry)
+  s = synthetic.generate_subject(0, 3, load_ml=load_ml, geometry=geo)
+  got = (s.labels == 1).sum() * np.prod(geo[1]) / 1000.0
+  assert abs(got - load_ml) / load_ml <= 0.10, (got, load_ml)
 
 
-def test_lesions_brighter_than_tissue():
+def test_other_pathology_dilated_in_plane_and_lesion_wins():
+  lesion = np.zeros((9, 9, 3), bool)
+  other = np.zeros_like(lesion)
+  other[4, 4, 1] = True
+  lesion[5, 4, 1] = True
+  labels = synthetic.other_pathology_labels(lesion, other)
+  assert labels[5, 4, 1] == 1                       # label 1 wins the overlap
+  assert (labels[3:6, 3:6, 1] > 0).all()            # 3x3 in-plane
+  assert (labels[:, :, 0] == 0).all() and (labels[:, :, 2] == 0).all()  # x1
+  assert (labels == 2).sum() == 8
+
+
+def test_generated_label_two_follows_the_challenge_rules():
+  s = synthetic.generate_subject(0, 7, load_ml=10.0, geometry=_iso_geometry(),
+                                 lacunes=True)
+  two, any_label = s.labels == 2, s.labels > 0
+  assert two.any()
+  # Every label-2 voxel lies in a 3x3x1 window inside the labelled voxels (a
+  # dilation by that window is open under it), and none in a lesion.
+  opened = ndimage.binary_opening(any_label, structure=np.ones((3, 3, 1), bool))
+  assert opened[two].all()
+  without = synthetic.generate_subject(0, 7, load_ml=10.0, geometry=_iso_geometry(),
+                                       lacunes=False)
+  assert not (without.labels == 2).any()
+
+
+def test_lesions_brighter_than_grey_matter():
   s = synthetic.generate_subject(0, 4, load_ml=10.0, geometry=_iso_geometry())
   flair = s.flair.astype(np.float32)
   brain = flair > np.percentile(flair, 60)
-  assert np.median(flair[s.labels == 1]) > np.median(flair[brain & (s.labels == 0)])
+  assert np.median(flair[s.labels == 1]) > np.percentile(
+      flair[brain & (s.labels == 0)], 90)
+
+
+@pytest.mark.parametrize('site', synthetic.SITES)
+def test_every_random_geometry_writes_a_valid_nifti(tmp_path, site):
+  rng = np.random.default_rng(3)
+  seen_codes = set()
+  for k, dtype in enumerate([np.uint8, np.int16, np.float32] * 2):
+    shape, spacing, affine = synthetic.sample_geometry(rng, site)
+    data = (np.arange(np.prod(shape)) % 200).reshape(shape).astype(dtype)
+    path = nifti_io.save(tmp_path / f'{k}.nii.gz', data, affine, dtype=dtype)
+    img = nib.load(str(path))
+    hdr = img.header
+    assert img.shape == shape
+    assert hdr.get_data_dtype() == np.dtype(dtype)
+    np.testing.assert_allclose(hdr.get_zooms(), spacing, rtol=1e-5)
+    np.testing.assert_allclose(hdr.get_sform(), affine, atol=1e-4)
+    np.testing.assert_allclose(hdr.get_qform(), affine, atol=1e-4)
+    assert int(hdr['sform_code']) > 0 and int(hdr['qform_code']) > 0
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), data)
+    seen_codes.add(nib.aff2axcodes(affine))
+  assert len(seen_codes) >= 2   # more than one orientation drawn
+
+
+def test_default_subjects_cover_the_three_acquisitions():
+  got = {}
+  for i, site in enumerate(synthetic.SITES):
+    s = synthetic.generate_subject(11, i)
+    spacing = np.sqrt((s.affine[:3, :3] ** 2).sum(0))
+    got[site] = (s.flair.shape, spacing)
+    assert s.labels.shape == s.flair.shape and s.labels.dtype == np.uint8
+  assert got['Synth2D'][1][0] < 0.65 and got['Synth2D'][1][2] >= 5
+  assert 2.5 <= got['Synth3mm'][1][2] <= 4
+  assert got['Synth3D'][1][2] <= 1.5

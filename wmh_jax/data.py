@@ -7,6 +7,7 @@ the source files' size and mtime and by the grid, so reruns skip the decoding.
 
 import concurrent.futures
 import hashlib
+import json
 import multiprocessing
 import os
 from pathlib import Path
@@ -16,24 +17,57 @@ import numpy as np
 
 from wmh_jax import subjects as subjects_lib
 
+CACHE_VERSION = 2  # bump when prepare_subject's output changes
+
 
 def ensure_synthetic(config) -> Path:
-  """Generates ``config.data.root`` when it is missing and synthetic data is on."""
+  """Generates the synthetic data when it is missing and synthetic data is on.
+
+  ``data.root`` gets ``data.num_subjects`` subjects of ``data.synthetic_seed``;
+  ``data.val_root``, when set, ``data.num_val_subjects`` of ``data.val_synthetic_seed``
+  (validation subjects from a seed training never sees). Returns ``data.root``.
+  """
   root = Path(config.data.root)
   if not config.data.synthetic:
     return root
   from wmh_jax import synthetic  # pylint: disable=import-outside-toplevel
-  n = config.data.num_subjects
-  todo = [i for i in range(n) if not (
-      root / synthetic.SITES[i % len(synthetic.SITES)] / synthetic.subject_id(i)
-      / 'wmh.nii.gz').exists()]
-  if not todo:
-    return root
-  logging.info('Generating %d synthetic subjects (seed %d) in %s ...', len(todo),
-               config.data.synthetic_seed, root)
-  args = [(str(root), config.data.synthetic_seed, i) for i in todo]
-  _parallel_map(synthetic.write_one, args, 'synthetic subject')
+  sets = [(root, config.data.synthetic_seed, config.data.num_subjects)]
+  if config.data.val_root:
+    sets.append((Path(config.data.val_root), config.data.val_synthetic_seed,
+                 config.data.num_val_subjects))
+  for folder, seed, _ in sets:
+    _check_marker(folder, seed, synthetic.GENERATOR_VERSION)
+  args = [(str(folder), seed, i) for folder, seed, n in sets for i in range(n)
+          if not (synthetic.subject_folder(folder, seed, i) / 'wmh.nii.gz').exists()]
+  if args:
+    logging.info('Generating %d synthetic subjects in %s ...', len(args),
+                 ' and '.join(str(f) for f, _, _ in sets))
+    _parallel_map(synthetic.write_one, args, 'synthetic subject')
   return root
+
+
+def _check_marker(folder: Path, seed: int, version: str) -> None:
+  """Refuses to add subjects to a folder made by another generator or seed.
+
+  ``FOLDER/synthetic.json`` records both; a folder without it that already holds
+  subjects is refused too. Nothing is deleted: the user decides.
+  """
+  marker = folder / 'synthetic.json'
+  want = {'generator_version': version, 'seed': int(seed)}
+  if marker.exists():
+    have = json.loads(marker.read_text())
+    if have != want:
+      raise ValueError(f'{marker}: the folder holds synthetic data of {have}, the '
+                       f'config asks for {want}; delete the folder or point the '
+                       'config elsewhere')
+    return
+  if any(folder.glob('*/*/wmh.nii.gz')):
+    raise ValueError(f'{folder}: holds subjects but no synthetic.json (made by an '
+                     'older version?); delete the folder or point the config elsewhere')
+  folder.mkdir(parents=True, exist_ok=True)
+  tmp = marker.with_suffix('.tmp')
+  tmp.write_text(json.dumps(want) + '\n')
+  os.replace(tmp, marker)
 
 
 def _parallel_map(fn, args: list[tuple], what: str) -> None:
@@ -60,7 +94,7 @@ def _parallel_map(fn, args: list[tuple], what: str) -> None:
 
 
 def _cache_path(workdir: Path, s: subjects_lib.SubjectFiles, grid) -> Path:
-  h = hashlib.sha1(repr(grid).encode())
+  h = hashlib.sha1(f'{CACHE_VERSION}:{grid!r}'.encode())
   for f in (s.flair, s.wmh):
     if f is not None:
       st = f.stat()
@@ -74,7 +108,7 @@ def prepare_cached(s: subjects_lib.SubjectFiles, grid, workdir) -> dict:
   if path.exists():
     with np.load(path, allow_pickle=False) as z:
       out = {k: z[k] for k in z.files}
-    out['key'] = str(out['key'])
+    out['key'], out['source'] = str(out['key']), str(out['source'])
     return out
   out = subjects_lib.prepare_subject(s, grid)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,10 +124,25 @@ def _prepare_to_cache(s, grid, workdir) -> None:
 
 def load_splits(config, workdir) -> tuple[list[dict], list[dict]]:
   """Prepared ``(train, val)`` subjects, split by subject within each site."""
+  if config.data.tfds:
+    from wmh_jax import datasets  # pylint: disable=import-outside-toplevel
+    logging.info('Reading %s (prepared once in %s) ...', config.data.tfds,
+                 config.data.tfds_dir)
+    return datasets.load_prepared_splits(
+        config.data.tfds, tuple(config.data.grid), config.data.tfds_dir,
+        manual_dir=config.data.root, val_sites=tuple(config.data.val_sites))
   root = ensure_synthetic(config)
   found = subjects_lib.find_subjects(root, config.data.missing_mask)
-  train, val = subjects_lib.split_subjects(found, config.data.val_fraction,
-                                           config.seed)
+  if config.data.val_root:  # a separate validation set
+    train = found
+    val = subjects_lib.find_subjects(config.data.val_root, config.data.missing_mask)
+    both = sorted({s.key for s in train} & {s.key for s in val})
+    if both:
+      raise ValueError(f'{config.data.val_root}: subjects also in {root} (a subject '
+                       f'must not be trained and validated on): {", ".join(both)}')
+  else:
+    train, val = subjects_lib.split_subjects(found, config.data.val_fraction,
+                                             config.seed, config.data.val_sites)
   grid = tuple(config.data.grid)
   logging.info('Preparing %d subjects on the %s grid ...', len(found), grid)
   todo = [(s, grid, Path(workdir)) for s in train + val

@@ -67,13 +67,24 @@ def find_subjects(root, missing_mask: str = 'skip') -> list[SubjectFiles]:
   return found
 
 
-def split_subjects(subjects, val_fraction: float, seed: int):
+def split_subjects(subjects, val_fraction: float, seed: int, val_sites=()):
   """Splits by subject, per site: no subject is on both sides.
 
   Within each site the subjects are shuffled by ``seed`` and the first
   ``round(val_fraction * n)`` (at least one when the site has two or more) go to
-  validation. Returns ``(train, val)`` lists, each sorted by key.
+  validation. With ``val_sites`` (leave-site-out), the subjects of those sites
+  are the validation set and all others train. Returns ``(train, val)`` lists,
+  each sorted by key.
   """
+  if val_sites:
+    sites = {s.site for s in subjects}
+    unknown = sorted(set(val_sites) - sites)
+    if unknown:
+      raise ValueError(f'data.val_sites: no subjects of site(s) {", ".join(unknown)}'
+                       f' (sites found: {", ".join(sorted(sites))})')
+    val = [s for s in subjects if s.site in val_sites]
+    train = [s for s in subjects if s.site not in val_sites]
+    return sorted(train, key=lambda s: s.key), sorted(val, key=lambda s: s.key)
   by_site = {}
   for s in subjects:
     by_site.setdefault(s.site, []).append(s)
@@ -149,6 +160,7 @@ def prepare_subject(s: SubjectFiles, grid) -> dict:
   image, affine = nifti_io.load_image(s.flair)
   out = {
       'key': s.key,
+      'source': str(s.flair),
       'image': preprocess(image, grid, s.flair),
       'native_shape': np.array(image.shape),
       'affine': affine,

@@ -24,6 +24,7 @@ def synthesize(config, output, overwrite: bool = False, sheet_cases: int = 6):
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.data.root = str(output)
   cfg.data.synthetic = True
+  cfg.data.val_root = ''
   data.ensure_synthetic(cfg)
   cases = []
   for s in subjects.find_subjects(output)[:sheet_cases]:

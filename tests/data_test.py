@@ -1,0 +1,41 @@
+"""A run's dataset: the separate validation folder and the synthetic folders' marker."""
+
+import json
+import shutil
+
+import pytest
+
+from configs import test as test_config
+from wmh_jax import data
+from wmh_jax import synthetic
+
+
+def test_separate_validation_root_must_not_share_a_subject(tiny_dataset, tmp_path):
+  cfg = test_config.for_dataset(tiny_dataset)
+  val_root = tmp_path / 'val'
+  shutil.copytree(tiny_dataset / 'Utrecht', val_root / 'Utrecht')
+  cfg.data.val_root = str(val_root)
+  with pytest.raises(ValueError, match=r'Utrecht/0, Utrecht/1, Utrecht/2'):
+    data.load_splits(cfg, tmp_path / 'run')
+  shutil.rmtree(val_root / 'Utrecht')
+  shutil.copytree(tiny_dataset / 'Utrecht', val_root / 'Leiden')
+  train, val = data.load_splits(cfg, tmp_path / 'run')
+  assert len(train) == 9 and [p['key'] for p in val] == [
+      'Leiden/0', 'Leiden/1', 'Leiden/2']
+
+
+def test_synthetic_folder_of_another_seed_or_version_is_refused(tmp_path):
+  folder = tmp_path / 'synthetic'
+  data._check_marker(folder, 3, synthetic.GENERATOR_VERSION)  # pylint: disable=protected-access
+  marker = json.loads((folder / 'synthetic.json').read_text())
+  assert marker == {'generator_version': synthetic.GENERATOR_VERSION, 'seed': 3}
+  data._check_marker(folder, 3, synthetic.GENERATOR_VERSION)  # same: accepted
+  with pytest.raises(ValueError, match='synthetic.json'):
+    data._check_marker(folder, 4, synthetic.GENERATOR_VERSION)
+  with pytest.raises(ValueError, match='synthetic.json'):
+    data._check_marker(folder, 3, '0.9')
+  old = tmp_path / 'old'
+  (old / 'Synth2D' / '000').mkdir(parents=True)
+  (old / 'Synth2D' / '000' / 'wmh.nii.gz').write_bytes(b'')
+  with pytest.raises(ValueError, match='no synthetic.json'):
+    data._check_marker(old, 3, synthetic.GENERATOR_VERSION)

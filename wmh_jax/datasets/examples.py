@@ -1,0 +1,82 @@
+"""Features and examples shared by the WMH builders: one example a subject.
+
+An example holds what training and evaluation read (``subjects.prepare_subject``):
+the FLAIR z-scored and resized to the config grid, the labels on that grid, the
+native-resolution labels with their affine and spacing (for scoring at native
+resolution), and the subject's id and site. With ``t1``, the T1 (registered to
+the FLAIR in the challenge's ``pre/`` folder) goes through the same steps.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from wmh_jax import nifti_io
+from wmh_jax import subjects
+
+
+@dataclasses.dataclass
+class WmhConfig(tfds.core.BuilderConfig):
+  """Grid and modalities of a WMH builder config."""
+  grid: tuple[int, int, int] = (128, 128, 16)
+  t1: bool = False
+
+
+def with_grid(config: WmhConfig, grid) -> WmhConfig:
+  """``config`` on another grid, under a name that says which."""
+  grid = tuple(int(g) for g in grid)
+  if grid == tuple(config.grid):
+    return config
+  return dataclasses.replace(config, name=f'{config.name}_{"x".join(map(str, grid))}',
+                             grid=grid)
+
+
+def features(config: WmhConfig) -> tfds.features.FeaturesDict:
+  grid = tuple(config.grid)
+  spec = {
+      'key': tfds.features.Text(),
+      'id': tfds.features.Text(),
+      'site': tfds.features.Text(),
+      'image': tfds.features.Tensor(shape=grid, dtype=np.float32),
+      'labels': tfds.features.Tensor(shape=grid, dtype=np.uint8),
+      'native_labels': tfds.features.Tensor(
+          shape=(None, None, None), dtype=np.uint8,
+          encoding=tfds.features.Encoding.ZLIB),
+      'native_shape': tfds.features.Tensor(shape=(3,), dtype=np.int64),
+      'affine': tfds.features.Tensor(shape=(4, 4), dtype=np.float64),
+      'spacing': tfds.features.Tensor(shape=(3,), dtype=np.float32),
+  }
+  if config.t1:
+    spec['t1'] = tfds.features.Tensor(shape=grid, dtype=np.float32)
+  return tfds.features.FeaturesDict(spec)
+
+
+def example(s: subjects.SubjectFiles, config: WmhConfig, site: str | None = None
+            ) -> dict:
+  """The example of one subject (its NIfTI files decoded here, once)."""
+  p = subjects.prepare_subject(s, tuple(config.grid))
+  ex = {
+      'key': f'{site or s.site}/{s.id}',
+      'id': s.id,
+      'site': site or s.site,
+      'image': p['image'],
+      'labels': p['labels'],
+      'native_labels': p['native_labels'],
+      'native_shape': p['native_shape'].astype(np.int64),
+      'affine': p['affine'].astype(np.float64),
+      'spacing': p['spacing'].astype(np.float32),
+  }
+  if config.t1:
+    path = s.flair.parent / 'T1.nii.gz'
+    if not path.is_file():
+      raise nifti_io.NiftiError(f'{path}: no such file (the {config.name} config '
+                                'needs pre/T1.nii.gz beside pre/FLAIR.nii.gz)')
+    t1, affine = nifti_io.load_image(path)
+    if t1.shape != tuple(p['native_shape']) or not np.allclose(
+        affine, p['affine'], atol=1e-3):
+      raise nifti_io.NiftiError(
+          f'{path}: T1 grid {t1.shape} does not match the FLAIR grid '
+          f'{tuple(p["native_shape"])} (pre/T1.nii.gz must be registered to FLAIR)')
+    ex['t1'] = subjects.preprocess(t1, tuple(config.grid), path)
+  return ex
