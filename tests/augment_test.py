@@ -97,3 +97,32 @@ def test_pipeline_is_deterministic_and_resumable():
     np.testing.assert_array_equal(x['image'], y['image'])
   for x, y in zip(a[3:], c):
     np.testing.assert_array_equal(x['image'], y['image'])
+
+
+def test_soft_target_follows_the_labels_through_affine_and_crop():
+  image, labels = _volume()
+  target = (labels == 1).astype(np.float32) * 0.8   # a soft lesion fraction
+  m, off = augment.random_affine(tf.constant([3, 0]), tf.shape(image),
+                                 tf.constant([1.0, 1.0, 3.0]))
+  _, warped_labels, warped_target = augment.affine_pair(image, labels, m, off, target)
+  warped_target = warped_target.numpy()
+  assert 0.0 <= warped_target.min() and warped_target.max() <= 0.8 + 1e-6
+  # Same geometry: where the warped fraction is high the warped label is lesion.
+  assert (warped_labels.numpy()[warped_target > 0.6] == 1).all()
+  _, crop_labels, crop_target = augment.random_crop(
+      image, labels, (6, 6, 2), tf.constant([1, 1], tf.int64), 1.0, target)
+  np.testing.assert_allclose(crop_target.numpy(),
+                             (crop_labels.numpy() == 1) * 0.8)
+
+
+def test_pipeline_carries_the_soft_target_when_asked():
+  image, labels = _volume()
+  prepared = [{'image': image, 'labels': labels, 'native_shape': np.array(image.shape),
+               'spacing': np.ones(3), 'lesion_fraction': (labels == 1) * 0.5}] * 2
+  cfg = test_config.get_config()
+  hard = input_pipeline.stack_prepared(prepared, image.shape)
+  soft = input_pipeline.stack_prepared(prepared, image.shape, soft_targets=True)
+  assert 'target' not in hard and soft['target'].shape == (2, *image.shape)
+  batch = next(input_pipeline.train_dataset(soft, cfg).as_numpy_iterator())
+  assert batch['target'].shape == batch['labels'].shape
+  assert 'target' not in next(input_pipeline.train_dataset(hard, cfg).as_numpy_iterator())

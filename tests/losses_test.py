@@ -82,3 +82,24 @@ def test_mismatched_shapes_are_refused():
   assert float(losses.soft_dice_loss(logits, np.zeros((1, 4, 4, 2), np.uint8))) >= 0
   with pytest.raises(ValueError, match='do not match'):
     losses.soft_dice_loss(logits, np.zeros((1, 4, 2, 4), np.uint8))
+
+
+def test_soft_target_equal_to_the_indicator_gives_the_same_loss():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, (1, 6, 6, 4)).astype(np.uint8)
+  logits = jnp.asarray(rng.normal(size=(1, 6, 6, 4, 1)), jnp.float32)
+  cfg = ml_collections.ConfigDict({'name': 'dice_bce', 'smooth': 1.0, 'bce_weight': 1.0})
+  hard = losses.segmentation_loss(logits, labels, cfg)
+  soft = losses.segmentation_loss(logits, labels, cfg, (labels == 1).astype(np.float32))
+  assert float(soft) == pytest.approx(float(hard), rel=1e-6)
+
+
+def test_bce_on_a_soft_target_is_lowest_at_that_probability_and_ignores_label_2():
+  labels = np.zeros((1, 4, 4, 2), np.uint8)
+  labels[0, 0] = 2
+  target = np.full(labels.shape, 0.3, np.float32)
+  target[0, 0] = 1.0                              # under label 2: ignored
+  def bce(p):
+    logit = np.log(p / (1 - p))
+    return float(losses.bce_loss(jnp.full(labels.shape, logit), labels, target))
+  assert bce(0.3) < bce(0.25) and bce(0.3) < bce(0.35)

@@ -77,17 +77,21 @@ def sample_linear(volume, matrix, offset, out_shape=None):
   return tf.reshape(out, out_shape)
 
 
-def affine_pair(image, labels, matrix, offset):
+def affine_pair(image, labels, matrix, offset, target=None):
   """Applies one affine to an image (linear) and its {0,1,2} labels.
 
   Labels are resampled through their lesion and other-pathology indicators
-  (threshold 0.5; lesion wins), so a lesion never becomes label 2.
+  (threshold 0.5; lesion wins), so a lesion never becomes label 2. A soft
+  ``target`` (lesion fraction) is resampled linearly too; then ``(image,
+  labels, target)`` is returned.
   """
   image = sample_linear(image, matrix, offset)
   lesion = sample_linear(tf.cast(labels == 1, tf.float32), matrix, offset) >= 0.5
   other = sample_linear(tf.cast(labels == 2, tf.float32), matrix, offset) >= 0.5
-  labels = tf.where(lesion, 1, tf.where(other, 2, 0))
-  return image, tf.cast(labels, tf.uint8)
+  labels = tf.cast(tf.where(lesion, 1, tf.where(other, 2, 0)), tf.uint8)
+  if target is None:
+    return image, labels
+  return image, labels, tf.clip_by_value(sample_linear(target, matrix, offset), 0., 1.)
 
 
 def random_intensity(image, seed, amount=0.1):
@@ -98,8 +102,9 @@ def random_intensity(image, seed, amount=0.1):
   return image * gain + bias
 
 
-def random_crop(image, labels, size, seed, lesion_fraction=0.5):
-  """A ``size`` crop; with probability ``lesion_fraction`` centred on a lesion voxel."""
+def random_crop(image, labels, size, seed, lesion_fraction=0.5, target=None):
+  """A ``size`` crop; with probability ``lesion_fraction`` centred on a lesion
+  voxel. ``target``, when given, is cropped alike and returned third."""
   seeds = tf.random.experimental.stateless_split(seed, 3)
   shape = tf.shape(image)
   size = tf.constant(size, tf.int32)
@@ -115,4 +120,5 @@ def random_crop(image, labels, size, seed, lesion_fraction=0.5):
   lesion_start = tf.clip_by_value(centre - size // 2, 0, room)
   use_lesion = (n > 0) & (_uniform(seeds[2], [], 0.0, 1.0) < lesion_fraction)
   start = tf.where(use_lesion, lesion_start, uniform_start)
-  return (tf.slice(image, start, size), tf.slice(labels, start, size))
+  crops = (tf.slice(image, start, size), tf.slice(labels, start, size))
+  return crops if target is None else (*crops, tf.slice(target, start, size))

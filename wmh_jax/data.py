@@ -17,7 +17,7 @@ import numpy as np
 
 from wmh_jax import subjects as subjects_lib
 
-CACHE_VERSION = 2  # bump when prepare_subject's output changes
+CACHE_VERSION = 3  # bump when prepare_subject's output changes
 
 
 def ensure_synthetic(config) -> Path:

@@ -33,8 +33,8 @@ def grid_ceiling(labels: np.ndarray, grid) -> float:
   and small lesions fall between grid voxels); the gap between it and a model's
   Dice is the model's. NaN when there is no lesion.
   """
-  fraction = subjects.resize((labels == 1).astype(np.float32), grid)
-  native, _ = predict.to_native(fraction, labels.shape, 0.5)
+  native, _ = predict.to_native(subjects.lesion_fraction(labels, grid), labels.shape,
+                                0.5)
   return max((challenge_metrics.dice(*challenge_metrics.masked_pair(labels, native >= t))
               for t in CEILING_THRESHOLDS), default=float('nan'))
 

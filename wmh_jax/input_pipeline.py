@@ -12,19 +12,28 @@ from wmh_jax import augment
 from wmh_jax import subjects
 
 
-def stack_prepared(prepared: list[dict], grid) -> dict[str, np.ndarray]:
-  return {
+def stack_prepared(prepared: list[dict], grid, soft_targets: bool = False
+                   ) -> dict[str, np.ndarray]:
+  """Stacks prepared subjects; with ``soft_targets`` adds their lesion fraction
+  on the grid as ``target``."""
+  arrays = {
       'image': np.stack([p['image'] for p in prepared]).astype(np.float32),
       'labels': np.stack([p['labels'] for p in prepared]).astype(np.uint8),
       'spacing': np.stack([subjects.grid_spacing(p, grid) for p in prepared]
                           ).astype(np.float32),
   }
+  if soft_targets:
+    arrays['target'] = np.stack([p['lesion_fraction'] for p in prepared]
+                                ).astype(np.float32)
+  return arrays
 
 
 def augment_example(example, seed, aug_config, patch_size=None,
                     lesion_patch_fraction=0.5):
-  """Augments one ``{'image', 'labels', 'spacing'}`` example; adds a channel axis."""
+  """Augments one ``{'image', 'labels', 'spacing'[, 'target']}`` example; adds a
+  channel axis to the image. A soft ``target`` follows the labels' geometry."""
   image, labels = example['image'], example['labels']
+  extra = [example['target']] if 'target' in example else []
   seeds = tf.random.experimental.stateless_split(seed, 3)
   if aug_config.enabled:
     matrix, offset = augment.random_affine(
@@ -32,12 +41,15 @@ def augment_example(example, seed, aug_config, patch_size=None,
         rotate_deg=tuple(aug_config.rotate_deg), scale=aug_config.scale,
         shear=aug_config.shear, translate_vox=tuple(aug_config.translate_vox),
         flip_lr=aug_config.flip_lr)
-    image, labels = augment.affine_pair(image, labels, matrix, offset)
+    image, labels, *extra = augment.affine_pair(image, labels, matrix, offset, *extra)
     image = augment.random_intensity(image, seeds[1], aug_config.intensity)
   if patch_size is not None:
-    image, labels = augment.random_crop(image, labels, tuple(patch_size),
-                                        seeds[2], lesion_patch_fraction)
-  return {'image': image[..., None], 'labels': labels}
+    image, labels, *extra = augment.random_crop(
+        image, labels, tuple(patch_size), seeds[2], lesion_patch_fraction, *extra)
+  out = {'image': image[..., None], 'labels': labels}
+  if extra:
+    out['target'] = extra[0]
+  return out
 
 
 def train_dataset(arrays: dict[str, np.ndarray], config, start_step: int = 0):

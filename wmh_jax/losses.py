@@ -18,13 +18,18 @@ def _match(logits: jax.Array, labels: jax.Array) -> jax.Array:
                    f'shape {logits.shape}')
 
 
-def targets_and_mask(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(lesion indicator, valid mask)`` as float32, from {0, 1, 2} labels."""
-  return ((labels == 1).astype(jnp.float32), (labels != 2).astype(jnp.float32))
+def targets_and_mask(labels: jax.Array, target: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
+  """``(target, valid mask)`` as float32 from {0, 1, 2} labels: the lesion
+  indicator, or a given soft ``target`` (the lesion fraction of each voxel)."""
+  mask = (labels != 2).astype(jnp.float32)
+  if target is None:
+    return (labels == 1).astype(jnp.float32), mask
+  return target.astype(jnp.float32), mask
 
 
-def soft_dice_loss(logits: jax.Array, labels: jax.Array, smooth: float = 1.0
-                   ) -> jax.Array:
+def soft_dice_loss(logits: jax.Array, labels: jax.Array, smooth: float = 1.0,
+                   target: jax.Array | None = None) -> jax.Array:
   """Mean over the batch of ``1 - (2|P.G| + s) / (|P| + |G| + s)``.
 
   Args:
@@ -33,8 +38,10 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, smooth: float = 1.0
       logits' trailing channel axis of 1.
     smooth: added to numerator and denominator; an empty mask predicted empty
       gives loss 0.
+    target: optional soft target in [0, 1] of the labels' shape (the lesion
+      fraction); label-2 voxels stay ignored.
   """
-  target, mask = targets_and_mask(_match(logits, labels))
+  target, mask = targets_and_mask(_match(logits, labels), _soft(logits, target))
   prob = jax.nn.sigmoid(logits) * mask
   axes = tuple(range(1, logits.ndim))
   inter = jnp.sum(prob * target, axes)
@@ -42,19 +49,24 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, smooth: float = 1.0
   return jnp.mean(1.0 - (2.0 * inter + smooth) / (denom + smooth))
 
 
-def bce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def bce_loss(logits: jax.Array, labels: jax.Array,
+             target: jax.Array | None = None) -> jax.Array:
   """Binary cross-entropy averaged over the non-ignored voxels."""
-  target, mask = targets_and_mask(_match(logits, labels))
+  target, mask = targets_and_mask(_match(logits, labels), _soft(logits, target))
   per_voxel = jnp.maximum(logits, 0) - logits * target + jnp.log1p(
       jnp.exp(-jnp.abs(logits)))
   return jnp.sum(per_voxel * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def segmentation_loss(logits, labels, loss_config) -> jax.Array:
-  """The configured loss: 'dice' or 'dice_bce'."""
-  dice = soft_dice_loss(logits, labels, loss_config.smooth)
+def _soft(logits, target):
+  return None if target is None else _match(logits, target)
+
+
+def segmentation_loss(logits, labels, loss_config, target=None) -> jax.Array:
+  """The configured loss: 'dice' or 'dice_bce', on ``target`` when given."""
+  dice = soft_dice_loss(logits, labels, loss_config.smooth, target)
   if loss_config.name == 'dice':
     return dice
   if loss_config.name == 'dice_bce':
-    return dice + loss_config.bce_weight * bce_loss(logits, labels)
+    return dice + loss_config.bce_weight * bce_loss(logits, labels, target)
   raise ValueError(f'loss.name must be dice or dice_bce, got {loss_config.name!r}')

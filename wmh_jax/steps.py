@@ -59,7 +59,9 @@ def create_train_state(config, rng: jax.Array, model, tx) -> TrainState:
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model, tx,
                loss_config) -> tuple[TrainState, dict]:
-  """One optimiser step on ``batch = {'image': (B,X,Y,Z,1), 'labels': (B,X,Y,Z)}``.
+  """One optimiser step on ``batch = {'image': (B,X,Y,Z,1), 'labels': (B,X,Y,Z)}``
+  (plus ``'target'``, a soft lesion fraction of the labels' shape, when trained on
+  soft targets).
 
   Pure: the same (state, batch, rng) gives the same result. ``rng`` is folded
   with the step, so a model with stochastic layers sees fresh noise each step.
@@ -77,7 +79,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model, tx,
       logits = model.apply(variables, batch['image'], train=True,
                            rngs={'dropout': step_rng})
       updates = {'batch_stats': state.batch_stats}
-    loss = losses.segmentation_loss(logits, batch['labels'], loss_config)
+    loss = losses.segmentation_loss(logits, batch['labels'], loss_config,
+                                    batch.get('target'))
     return loss, updates['batch_stats']
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -140,9 +140,15 @@ def resize_back(volume: np.ndarray, shape) -> np.ndarray:
   return ndimage.map_coordinates(volume, mesh, order=1, mode='nearest')
 
 
+def lesion_fraction(labels: np.ndarray, grid) -> np.ndarray:
+  """The share of each grid voxel that is lesion (label 1), anti-aliased."""
+  return np.clip(resize((labels == 1).astype(np.float32), grid), 0.0, 1.0
+                 ).astype(np.float32)
+
+
 def labels_to_grid(labels: np.ndarray, grid) -> np.ndarray:
   """Resizes labels by their smoothed indicators: lesion wins over other."""
-  lesion = resize((labels == 1).astype(np.float32), grid) >= 0.5
+  lesion = lesion_fraction(labels, grid) >= 0.5
   other = resize((labels == 2).astype(np.float32), grid) >= 0.5
   return np.where(lesion, 1, np.where(other, 2, 0)).astype(np.uint8)
 
@@ -169,6 +175,7 @@ def prepare_subject(s: SubjectFiles, grid) -> dict:
   if s.wmh is not None:
     labels = nifti_io.load_labels(s.wmh, affine, image.shape)
     out['labels'] = labels_to_grid(labels, grid)
+    out['lesion_fraction'] = lesion_fraction(labels, grid)
     out['native_labels'] = labels
   return out
 

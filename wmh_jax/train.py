@@ -54,7 +54,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
                      f'multiple of the {jax.device_count()} devices')
   train_set, val_set = data.load_splits(config, workdir)  # bad data fails here
   workdir.mkdir(parents=True, exist_ok=True)
-  train_arrays = input_pipeline.stack_prepared(train_set, config.data.grid)
+  train_arrays = input_pipeline.stack_prepared(train_set, config.data.grid,
+                                               config.loss.soft_targets)
   val_arrays = input_pipeline.stack_prepared(val_set, config.data.grid)
 
   model = models.create_model(config.model)

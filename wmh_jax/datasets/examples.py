@@ -40,6 +40,7 @@ def features(config: WmhConfig) -> tfds.features.FeaturesDict:
       'site': tfds.features.Text(),
       'image': tfds.features.Tensor(shape=grid, dtype=np.float32),
       'labels': tfds.features.Tensor(shape=grid, dtype=np.uint8),
+      'lesion_fraction': tfds.features.Tensor(shape=grid, dtype=np.float32),
       'native_labels': tfds.features.Tensor(
           shape=(None, None, None), dtype=np.uint8,
           encoding=tfds.features.Encoding.ZLIB),
@@ -62,6 +63,7 @@ def example(s: subjects.SubjectFiles, config: WmhConfig, site: str | None = None
       'site': site or s.site,
       'image': p['image'],
       'labels': p['labels'],
+      'lesion_fraction': p['lesion_fraction'],
       'native_labels': p['native_labels'],
       'native_shape': p['native_shape'].astype(np.int64),
       'affine': p['affine'].astype(np.float64),
