@@ -1,9 +1,8 @@
 """The TFDS builders, prepared from tiny folders the tests write."""
 
-import shutil
-
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from conftest import write_tiny_subject
 from wmh_jax import datasets
@@ -60,7 +59,6 @@ def test_challenge_flair_t1_and_test_split(tmp_path):
       nifti_io.save(folder / 'pre' / 'T1.nii.gz', (250 - image).astype(np.float32),
                     np.diag([1.2, 1.2, 3.0, 1.0]))
   builder = datasets.make_builder('wmh_challenge/flair_t1', GRID, tmp_path / 'tfds')
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=str(root)))
   assert set(builder.info.splits) == {'train', 'validation', 'test'}

@@ -140,11 +140,13 @@ def load_splits(config, workdir) -> tuple[list[dict], list[dict]]:
     if both:
       raise ValueError(f'{config.data.val_root}: subjects also in {root} (a subject '
                        f'must not be trained and validated on): {", ".join(both)}')
+    logging.info('Training on %d subjects in %s, validating on %d in %s '
+                 '(data.val_root)', len(train), root, len(val), config.data.val_root)
   else:
     train, val = subjects_lib.split_subjects(found, config.data.val_fraction,
                                              config.seed, config.data.val_sites)
   grid = tuple(config.data.grid)
-  logging.info('Preparing %d subjects on the %s grid ...', len(found), grid)
+  logging.info('Preparing %d subjects on the %s grid ...', len(train) + len(val), grid)
   todo = [(s, grid, Path(workdir)) for s in train + val
           if not _cache_path(Path(workdir), s, grid).exists()]
   if len(todo) > 1:  # decode the new ones in parallel; all are read back below

@@ -53,14 +53,13 @@ def features(config: WmhConfig) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict(spec)
 
 
-def example(s: subjects.SubjectFiles, config: WmhConfig, site: str | None = None
-            ) -> dict:
+def example(s: subjects.SubjectFiles, config: WmhConfig) -> dict:
   """The example of one subject (its NIfTI files decoded here, once)."""
   p = subjects.prepare_subject(s, tuple(config.grid))
   ex = {
-      'key': f'{site or s.site}/{s.id}',
+      'key': s.key,
       'id': s.id,
-      'site': site or s.site,
+      'site': s.site,
       'image': p['image'],
       'labels': p['labels'],
       'lesion_fraction': p['lesion_fraction'],
