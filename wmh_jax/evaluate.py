@@ -24,17 +24,17 @@ FIELDS = ('subject', *challenge_metrics.METRICS, 'dice_grid', 'dice_ceiling',
 CEILING_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
 
 
-def grid_ceiling(labels: np.ndarray, grid) -> float:
-  """Native Dice of an ideal model on ``grid``: the true lesion fraction of each
-  grid voxel (the best probability a model could give there), mapped back like
-  a prediction and thresholded at the best of ``CEILING_THRESHOLDS``.
+def grid_ceiling(labels: np.ndarray, fraction: np.ndarray) -> float:
+  """Native Dice of an ideal model on the grid: ``fraction``, the true lesion
+  fraction of each grid voxel (``subjects.lesion_fraction``, the best probability
+  a model could give there), mapped back onto ``labels``' grid like a prediction
+  and thresholded at the best of ``CEILING_THRESHOLDS``.
 
   It estimates what working on the grid costs at native resolution (thin rims
   and small lesions fall between grid voxels); the gap between it and a model's
   Dice is the model's. NaN when there is no lesion.
   """
-  native, _ = predict.to_native(subjects.lesion_fraction(labels, grid), labels.shape,
-                                0.5)
+  native, _ = predict.to_native(fraction, labels.shape, 0.5)
   return max((challenge_metrics.dice(*challenge_metrics.masked_pair(labels, native >= t))
               for t in CEILING_THRESHOLDS), default=float('nan'))
 
@@ -73,12 +73,9 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
     _, mask = predict.to_native(grid_prob, p['native_shape'], threshold)
     labels = p['native_labels']
     rows.append({
-        'subject': p['key'],
-        **challenge_metrics.challenge_metrics(labels, mask, p['affine']),
+        **score.case_row(p['key'], labels, mask, p['affine']),
         'dice_grid': metrics.dice(grid_prob >= threshold, p['labels']),
-        'dice_ceiling': grid_ceiling(labels, tuple(config.data.grid)),
-        'true_volume_ml': metrics.volume_ml(labels == 1, p['affine']),
-        'pred_volume_ml': metrics.volume_ml(mask & (labels != 2), p['affine']),
+        'dice_ceiling': grid_ceiling(labels, p['lesion_fraction']),
     })
     name = p['key'].replace('/', '_')
     source = p.get('source', '')

@@ -77,13 +77,17 @@ def load_pair(gt_path, pred_path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return labels, data, gt.affine
 
 
-def score_case(key, gt_path, pred_path) -> dict:
-  labels, pred, affine = load_pair(gt_path, pred_path)
+def case_row(key, labels, pred, affine) -> dict:
+  """The challenge's five metrics and the true and predicted volumes of a case."""
   row = {'subject': key, **challenge_metrics.challenge_metrics(labels, pred, affine)}
   truth, p = challenge_metrics.masked_pair(labels, pred)
   row['true_volume_ml'] = metrics.volume_ml(truth, affine)
   row['pred_volume_ml'] = metrics.volume_ml(p, affine)
   return row
+
+
+def score_case(key, gt_path, pred_path) -> dict:
+  return case_row(key, *load_pair(gt_path, pred_path))
 
 
 def summary_line(summary: dict, n: int) -> str:

@@ -77,13 +77,7 @@ def split_subjects(subjects, val_fraction: float, seed: int, val_sites=()):
   each sorted by key.
   """
   if val_sites:
-    sites = {s.site for s in subjects}
-    unknown = sorted(set(val_sites) - sites)
-    if unknown:
-      raise ValueError(f'data.val_sites: no subjects of site(s) {", ".join(unknown)}'
-                       f' (sites found: {", ".join(sorted(sites))})')
-    val = [s for s in subjects if s.site in val_sites]
-    train = [s for s in subjects if s.site not in val_sites]
+    train, val = split_by_sites(subjects, val_sites)
     return sorted(train, key=lambda s: s.key), sorted(val, key=lambda s: s.key)
   by_site = {}
   for s in subjects:
@@ -99,6 +93,21 @@ def split_subjects(subjects, val_fraction: float, seed: int, val_sites=()):
     val += [group[i] for i in order[:n_val]]
     train += [group[i] for i in order[n_val:]]
   return sorted(train, key=lambda s: s.key), sorted(val, key=lambda s: s.key)
+
+
+def split_by_sites(items, val_sites, site_of=lambda s: s.site):
+  """Leave-site-out: ``(train, val)``, the items of ``val_sites`` held out.
+
+  Raises:
+    ValueError: a site in ``val_sites`` has no items.
+  """
+  sites = {site_of(s) for s in items}
+  unknown = sorted(set(val_sites) - sites)
+  if unknown:
+    raise ValueError(f'data.val_sites: no subjects of site(s) {", ".join(unknown)}'
+                     f' (sites found: {", ".join(sorted(sites))})')
+  return ([s for s in items if site_of(s) not in val_sites],
+          [s for s in items if site_of(s) in val_sites])
 
 
 def head_mask(image: np.ndarray) -> np.ndarray:
@@ -146,9 +155,15 @@ def lesion_fraction(labels: np.ndarray, grid) -> np.ndarray:
                  ).astype(np.float32)
 
 
-def labels_to_grid(labels: np.ndarray, grid) -> np.ndarray:
-  """Resizes labels by their smoothed indicators: lesion wins over other."""
-  lesion = lesion_fraction(labels, grid) >= 0.5
+def labels_to_grid(labels: np.ndarray, grid, fraction: np.ndarray | None = None
+                   ) -> np.ndarray:
+  """Resizes labels by their smoothed indicators: lesion wins over other.
+
+  ``fraction``: ``lesion_fraction(labels, grid)`` when the caller has it already.
+  """
+  if fraction is None:
+    fraction = lesion_fraction(labels, grid)
+  lesion = fraction >= 0.5
   other = resize((labels == 2).astype(np.float32), grid) >= 0.5
   return np.where(lesion, 1, np.where(other, 2, 0)).astype(np.uint8)
 
@@ -174,8 +189,8 @@ def prepare_subject(s: SubjectFiles, grid) -> dict:
   }
   if s.wmh is not None:
     labels = nifti_io.load_labels(s.wmh, affine, image.shape)
-    out['labels'] = labels_to_grid(labels, grid)
     out['lesion_fraction'] = lesion_fraction(labels, grid)
+    out['labels'] = labels_to_grid(labels, grid, out['lesion_fraction'])
     out['native_labels'] = labels
   return out
 

@@ -109,26 +109,33 @@ def _upsample(small: np.ndarray, shape) -> np.ndarray:
   return np.ascontiguousarray(out)
 
 
+def _bbox(mask: np.ndarray, margin: int = 0):
+  """Slices of the bounding box of ``mask`` grown by ``margin``; None if empty."""
+  box = []
+  for a in range(mask.ndim):
+    hit = np.flatnonzero(mask.any(axis=tuple(b for b in range(mask.ndim) if b != a)))
+    if hit.size == 0:
+      return None
+    box.append(slice(max(hit[0] - margin, 0), hit[-1] + 1 + margin))
+  return tuple(box)
+
+
 def _sample(volume: np.ndarray, coords: np.ndarray) -> np.ndarray:
   """``map_coordinates(order=1)`` at ``coords``, evaluated only in the box of
   output voxels the nonzero part of ``volume`` can reach (zero elsewhere):
   lesions and lacunes fill a small part of the head."""
   out = np.zeros(coords.shape[1:], np.float32)
-  nz = np.argwhere(volume > 0)
-  if nz.size == 0:
+  source = _bbox(volume > 0)
+  if source is None:
     return out
-  lo, hi = nz.min(0) - 1, nz.max(0) + 1
+  # Linear interpolation reaches a nonzero voxel from within one voxel of its box.
   inside = np.ones(coords.shape[1:], bool)
-  for a in range(3):
-    inside &= (coords[a] >= lo[a]) & (coords[a] <= hi[a])
-  if not inside.any():
-    return out
-  box = tuple(slice(idx.min(), idx.max() + 1)
-              for idx in (np.flatnonzero(inside.any(axis=tuple(b for b in range(3)
-                                                               if b != a)))
-                          for a in range(3)))
-  out[box] = ndimage.map_coordinates(volume, coords[(slice(None), *box)], order=1,
-                                     cval=0.0)
+  for a, s in enumerate(source):
+    inside &= (coords[a] >= s.start - 1) & (coords[a] <= s.stop)
+  box = _bbox(inside)
+  if box is not None:
+    out[box] = ndimage.map_coordinates(volume, coords[(slice(None), *box)], order=1,
+                                       cval=0.0)
   return out
 
 
@@ -276,17 +283,6 @@ def other_pathology_labels(lesion: np.ndarray, other: np.ndarray) -> np.ndarray:
     labels[box][grown] = 2
   labels[lesion] = 1
   return labels
-
-
-def _bbox(mask: np.ndarray, margin: int = 0):
-  """Slices of the bounding box of ``mask`` grown by ``margin``; None if empty."""
-  box = []
-  for a in range(mask.ndim):
-    hit = np.flatnonzero(mask.any(axis=tuple(b for b in range(mask.ndim) if b != a)))
-    if hit.size == 0:
-      return None
-    box.append(slice(max(hit[0] - margin, 0), hit[-1] + 1 + margin))
-  return tuple(box)
 
 
 def generate_subject(seed: int, index: int, site: str | None = None,

@@ -2,9 +2,9 @@
 
 import dataclasses
 
-import numpy as np
 import tensorflow_datasets as tfds
 
+from wmh_jax import subjects
 from wmh_jax.datasets import examples
 from wmh_jax.datasets.wmh_challenge import WmhChallenge
 from wmh_jax.datasets.wmh_synthetic import WmhSynthetic
@@ -36,10 +36,9 @@ def as_prepared(builder, split: str) -> list[dict]:
   """The examples of ``split`` as numpy dicts (``subjects.prepare_subject``'s keys)."""
   out = []
   for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
-    d = {k: v for k, v in ex.items()}
+    d = dict(ex)
     for k in ('key', 'id', 'site'):
       d[k] = d[k].decode()
-    d['native_shape'] = np.asarray(d['native_shape'])
     out.append(d)
   return sorted(out, key=lambda d: d['key'])
 
@@ -56,12 +55,5 @@ def load_prepared_splits(name: str, grid, data_dir, manual_dir=None, val_sites=(
       manual_dir=None if manual_dir is None else str(manual_dir)))
   train, val = as_prepared(builder, 'train'), as_prepared(builder, 'validation')
   if val_sites:
-    pooled = train + val
-    sites = {d['site'] for d in pooled}
-    unknown = sorted(set(val_sites) - sites)
-    if unknown:
-      raise ValueError(f'data.val_sites: no subjects of site(s) {", ".join(unknown)}'
-                       f' in {name} (sites: {", ".join(sorted(sites))})')
-    train = [d for d in pooled if d['site'] not in val_sites]
-    val = [d for d in pooled if d['site'] in val_sites]
+    train, val = subjects.split_by_sites(train + val, val_sites, lambda d: d['site'])
   return train, val
