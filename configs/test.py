@@ -28,6 +28,8 @@ def get_config():
   c.train.log_every_steps = 4
   c.train.eval_every_steps = 6
   c.train.checkpoint_every_steps = 6
+  c.refine.num_steps = 60
+  c.refine.batch_size = 1024
   c.evaluate.num_images = 1
   return c
 

@@ -44,7 +44,10 @@ def test_train_loss_goes_down_writes_checkpoints_events_and_evaluates(trained):
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()
                 if p.name.isdigit()) == ['18', '24']
   assert list(tmp_path.glob('events.out.tfevents.*'))
+  # The native refiner is fitted on the final U-Net step and used by evaluate.
+  assert (tmp_path / 'refine' / 'step_24').is_dir()
   summary = evaluate.evaluate(cfg, tmp_path)
+  assert summary['refined']
   rows = list(csv.DictReader(open(tmp_path / 'eval' / 'metrics.csv')))
   assert len(rows) == summary['subjects'] == 3
   assert set(rows[0]) == set(evaluate.FIELDS)

@@ -13,12 +13,13 @@ from wmh_jax import figures
 from wmh_jax import metrics
 from wmh_jax import nifti_io
 from wmh_jax import predict
+from wmh_jax import refine
 from wmh_jax import score
 from wmh_jax import subjects
 from wmh_jax import tables
 
-FIELDS = ('subject', *challenge_metrics.METRICS, 'dice_grid', 'dice_ceiling',
-          'true_volume_ml', 'pred_volume_ml')
+FIELDS = ('subject', *challenge_metrics.METRICS, 'dice_unet', 'dice_grid',
+          'dice_ceiling', 'true_volume_ml', 'pred_volume_ml')
 
 
 CEILING_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
@@ -50,8 +51,12 @@ def evaluated_step(workdir) -> int | None:
 def evaluate(config, workdir, overwrite: bool = False) -> dict:
   """Restores the latest checkpoint and scores the validation subjects.
 
-  Writes ``WORKDIR/eval/metrics.csv`` (one row a subject: the challenge's five
-  metrics at native resolution, Dice on the grid, volumes), ``summary.json``,
+  The mask is the refiner's (``wmh_jax.refine``) when ``config.refine.enabled``
+  and one was fitted on this checkpoint, else the U-Net's probability resized
+  back and thresholded at ``config.evaluate.threshold``. Writes
+  ``WORKDIR/eval/metrics.csv`` (one row a subject: the challenge's five metrics
+  at native resolution, the U-Net's native Dice without refinement, Dice on the
+  grid, the grid's ceiling, volumes), ``summary.json``,
   native-resolution masks ``WORKDIR/eval/pred/SITE_ID_wmh.nii.gz`` on each
   input's own grid, and overlay PNGs for the first ``config.evaluate.num_images``
   subjects. Refuses to replace an earlier evaluation unless ``overwrite``.
@@ -67,13 +72,25 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
   pc = config.predict
   prob_fn = predict.make_probability_fn(members, pc.tta_axes if pc.tta else ())
   threshold = config.evaluate.threshold
+  step = int(members[0][1].step)
+  refiner = predict.load_refiner(config, workdir, step)
+  if refiner is not None and any(not p.get('source') for p in val):
+    logging.warning('refine: the dataset (data.tfds) keeps no native FLAIR; '
+                    'scoring the U-Net alone')
+    refiner = None
   rows, preds, truths = [], [], []
   for k, p in enumerate(val):
     grid_prob = prob_fn(p['image'])
-    _, mask = predict.to_native(grid_prob, p['native_shape'], threshold)
+    prob, unet_mask = predict.to_native(grid_prob, p['native_shape'], threshold)
     labels = p['native_labels']
+    mask = unet_mask
+    if refiner is not None:
+      mask = refine.refine(refiner, prob, refine.native_flair(p['source']), p['spacing'],
+                           config.refine.candidate) >= refiner['threshold']
     rows.append({
         **score.case_row(p['key'], labels, mask, p['affine']),
+        'dice_unet': challenge_metrics.dice(
+            *challenge_metrics.masked_pair(labels, unet_mask)),
         'dice_grid': metrics.dice(grid_prob >= threshold, p['labels']),
         'dice_ceiling': grid_ceiling(labels, p['lesion_fraction']),
     })
@@ -98,18 +115,23 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
   tables.write_csv(out_dir / 'metrics.csv', rows, FIELDS)
   means = challenge_metrics.summarize(rows)
   summary = {
-      'step': int(members[0][1].step),
+      'step': step,
+      'refined': refiner is not None,
       'subjects': len(rows),
       **means,
       'dice_mean': means['dice'],
       'dice_std': float(np.nanstd([r['dice'] for r in rows])),
       'dice_pooled': metrics.pooled_dice(preds, truths),
+      'dice_unet_mean': float(np.nanmean([r['dice_unet'] for r in rows])),
       'dice_grid_mean': float(np.mean([r['dice_grid'] for r in rows])),
       'dice_ceiling_mean': float(np.nanmean([r['dice_ceiling'] for r in rows])),
   }
-  line = (f'evaluate (native resolution): {score.summary_line(means, len(rows))}'
-          f'  (Dice sd {summary["dice_std"]:.3f}, pooled {summary["dice_pooled"]:.3f},'
-          f' on the grid {summary["dice_grid_mean"]:.3f}; ideal model on the grid: '
+  what = 'U-Net + native refinement' if refiner is not None else 'U-Net'
+  line = (f'evaluate ({what}, native resolution): '
+          f'{score.summary_line(means, len(rows))}'
+          f'  (Dice sd {summary["dice_std"]:.3f}, pooled {summary["dice_pooled"]:.3f};'
+          f' U-Net alone {summary["dice_unet_mean"]:.3f}, on the grid '
+          f'{summary["dice_grid_mean"]:.3f}; ideal model on the grid: '
           f'{summary["dice_ceiling_mean"]:.3f})  -> {out_dir / "metrics.csv"}')
   tmp = out_dir / '.summary.json.tmp'
   tmp.write_text(json.dumps(summary, indent=1) + '\n')

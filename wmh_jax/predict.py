@@ -32,6 +32,7 @@ from wmh_jax import checkpoints
 from wmh_jax import figures
 from wmh_jax import metrics
 from wmh_jax import nifti_io
+from wmh_jax import refine
 from wmh_jax import steps
 from wmh_jax import subjects
 
@@ -237,6 +238,22 @@ def load_members(config, workdir) -> list:
   return [checkpoints.restore_latest(config, d) for d in dirs]
 
 
+def load_refiner(config, workdir, step: int):
+  """The native refiner fitted on U-Net ``step`` when ``config.refine.enabled``
+  and the scans are predicted as in training (``predict.method='resize'``)."""
+  if not config.refine.enabled:
+    return None
+  refiner = refine.load(workdir, step)
+  if refiner is None:
+    logging.warning('%s: no refiner for step %d; the U-Net\'s mask alone',
+                    refine.path_for(workdir, step), step)
+  elif config.predict.method != 'resize':
+    logging.warning('refine: fitted on predict.method=resize; not applied to %s',
+                    config.predict.method)
+    return None
+  return refiner
+
+
 def activation_collage(path, members, grid_image, title):
   """The post-ReLU feature maps of every conv layer of the first member."""
   model, state = members[0]
@@ -283,9 +300,11 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
     if s.wmh is not None:
       nifti_io.load_labels(s.wmh, affine, image.shape)
   check_writable(out_dir)
+  refiner = None
   if probability_fn is None:
     members = load_members(config, workdir)
     probability_fn = make_probability_fn(members, pc.tta_axes if pc.tta else ())
+    refiner = load_refiner(config, workdir, int(members[0][1].step))
   elif pc.activations:
     raise ValueError('predict.activations needs a trained model (workdir)')
   results = []
@@ -293,6 +312,10 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
     volume, shape, affine = prepared.pop(s.name)
     prob, mask = to_native(probability_on_input(volume, probability_fn, config),
                            shape, pc.threshold)
+    if refiner is not None:
+      prob = refine.refine(refiner, prob, refine.native_flair(s.flair),
+                           subjects.voxel_spacing(affine), config.refine.candidate)
+      mask = prob >= refiner['threshold']
     paths = targets[s.name]
     nifti_io.save_like(paths['mask'], mask.astype(np.uint8), s.flair)
     if 'prob' in paths:

@@ -141,12 +141,30 @@ def resize(volume: np.ndarray, grid, order: int = 1) -> np.ndarray:
   return ndimage.map_coordinates(volume, mesh, order=order, mode='nearest')
 
 
+def interpolate_linear(volume: np.ndarray, positions) -> np.ndarray:
+  """Separable linear interpolation: output[i, j, k] samples ``volume`` at
+  ``(positions[0][i], positions[1][j], positions[2][k])``, each clamped to the
+  volume (``map_coordinates(order=1, mode='nearest')`` on a product grid).
+
+  One axis at a time, as a product with a sparse-banded interpolation matrix
+  (BLAS, float32): several times faster than ``map_coordinates`` or
+  ``ndimage.zoom`` on a full native grid, the same values to ~1e-6.
+  """
+  out = volume.astype(np.float32)
+  for axis, pos in enumerate(positions):
+    m = volume.shape[axis]
+    pos = np.clip(np.asarray(pos, np.float64), 0.0, m - 1.0)
+    w = np.clip(1 - np.abs(pos[:, None] - np.arange(m)[None, :]), 0, None)
+    out = np.moveaxis(np.tensordot(w.astype(np.float32), out, axes=([1], [axis])),
+                      0, axis)
+  return np.ascontiguousarray(out)
+
+
 def resize_back(volume: np.ndarray, shape) -> np.ndarray:
   """Inverse geometry of :func:`resize`: grid -> native ``shape``, linear."""
   factors = np.array(shape) / np.array(volume.shape)
-  coords = [(np.arange(n) + 0.5) / f - 0.5 for n, f in zip(shape, factors)]
-  mesh = np.meshgrid(*coords, indexing='ij')
-  return ndimage.map_coordinates(volume, mesh, order=1, mode='nearest')
+  return interpolate_linear(
+      volume, [(np.arange(n) + 0.5) / f - 0.5 for n, f in zip(shape, factors)])
 
 
 def lesion_fraction(labels: np.ndarray, grid) -> np.ndarray:

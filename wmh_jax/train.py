@@ -18,6 +18,8 @@ from wmh_jax import data
 from wmh_jax import input_pipeline
 from wmh_jax import metrics
 from wmh_jax import models
+from wmh_jax import predict
+from wmh_jax import refine
 from wmh_jax import steps
 
 
@@ -130,7 +132,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     manager.wait_until_finished()
     manager.close()
     writer.flush()
+  fit_refiner(config, workdir, train_set, model, state)
   return state
+
+
+def fit_refiner(config, workdir, train_set, model, state) -> None:
+  """Fits and saves the native-resolution refiner (``wmh_jax.refine``) on
+  ``config.refine.num_subjects`` training subjects, evenly spread over the
+  sorted list (every site), unless one exists for this U-Net step."""
+  rc, step = config.refine, int(state.step)
+  if not rc.enabled or refine.load(workdir, step) is not None:
+    return
+  if any(not p.get('source') for p in train_set):
+    logging.warning('refine: the dataset (data.tfds) keeps no native FLAIR; '
+                    'no refiner fitted, evaluate scores the U-Net alone')
+    return
+  n = min(rc.num_subjects, len(train_set))
+  picks = [train_set[i] for i in np.unique(np.linspace(0, len(train_set) - 1, n)
+                                           .round().astype(int))]
+  prob_fn = predict.make_probability_fn([(model, state)])
+  cases, t0 = [], time.time()
+  for k, p in enumerate(picks):
+    prob, _ = predict.to_native(prob_fn(p['image']), p['native_shape'], 0.5)
+    image = refine.native_flair(p['source'])
+    cases.append((prob, image, p['spacing'], p['native_labels']))
+    logging.info('refine: U-Net probability of training subject %d/%d %s (%.0f s)',
+                 k + 1, len(picks), p['key'], time.time() - t0)
+  try:
+    refiner = refine.fit(cases, rc, config.seed, step)
+  except refine.NothingToFit as e:
+    logging.warning('%s; no refiner fitted, evaluate scores the U-Net alone', e)
+    return
+  path = refine.save(workdir, refiner)
+  logging.info('refine: saved %s (%.0f s)', path, time.time() - t0)
 
 
 def _check_finite(host_metrics: list[dict], first_step: int, manager) -> None:

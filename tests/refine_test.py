@@ -1,0 +1,93 @@
+"""The native-resolution refiner: features, fit, save and load."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from wmh_jax import challenge_metrics
+from wmh_jax import refine
+from wmh_jax import subjects
+
+
+def _rc(**kw):
+  rc = ml_collections.ConfigDict(dict(candidate=0.02, hidden=(8,), num_steps=150,
+                                      batch_size=512, learning_rate=1e-2,
+                                      thresholds=(0.3, 0.4, 0.5, 0.6)))
+  rc.update(kw)
+  return rc
+
+
+def _case(seed, shape=(48, 48, 12), grid=(12, 12, 6)):
+  """A scan whose lesions are bright voxels, and the probability a grid model
+  would give: the true lesion fraction on a coarse grid, resized back (blurred
+  and blocky, so thresholding it misses the lesions' shapes)."""
+  rng = np.random.default_rng(seed)
+  labels = np.zeros(shape, np.uint8)
+  for _ in range(6):
+    c = rng.integers(4, np.array(shape) - 4)
+    r = rng.integers(1, 4, 3)
+    labels[tuple(slice(ci - ri, ci + ri) for ci, ri in zip(c, r))] = 1
+  labels[rng.integers(0, shape[0], 20), rng.integers(0, shape[1], 20),
+         rng.integers(0, shape[2], 20)] = 2
+  image = rng.normal(0.0, 0.3, shape) + np.where(labels == 1, 2.5, 0.0)
+  frac = subjects.lesion_fraction(labels, grid)
+  prob = np.clip(subjects.resize_back(ndimage.gaussian_filter(frac, 0.7), shape), 0, 1)
+  prob = np.clip(prob * 2.0, 0, 1)   # a grid model unsure of the edges
+  return prob.astype(np.float32), image.astype(np.float32), (1.0, 1.0, 2.0), labels
+
+
+def _dice(labels, mask):
+  return challenge_metrics.dice(*challenge_metrics.masked_pair(labels, mask))
+
+
+def test_features_decide_the_candidates_and_set_the_lesion_reference():
+  prob, image, spacing, _ = _case(0)
+  cand, f = refine.features(prob, image, spacing, candidate=0.05)
+  assert f.shape == (int((prob >= 0.05).sum()), len(refine.FEATURES))
+  np.testing.assert_array_equal(cand, prob >= 0.05)
+  np.testing.assert_allclose(f[:, refine.FEATURES.index('flair')], image[cand])
+  ref = np.median(image[prob >= refine.SURE])
+  np.testing.assert_allclose(f[:, refine.FEATURES.index('lesion_reference')], ref,
+                             rtol=1e-6)
+  cand, f = refine.features(np.zeros_like(prob), image, spacing, candidate=0.05)
+  assert not cand.any() and f.shape == (0, len(refine.FEATURES))
+
+
+def test_fit_learns_the_lesions_finer_than_the_grid_and_is_reproducible():
+  cases = [_case(s) for s in range(3)]
+  rc = _rc()
+  refiner = refine.fit(cases, rc, seed=0, unet_step=7)
+  assert np.isclose(rc.thresholds, refiner['threshold']).sum() == 1
+  assert int(refiner['unet_step']) == 7
+  prob, image, spacing, labels = _case(10)   # not fitted on
+  refined = refine.refine(refiner, prob, image, spacing, rc.candidate)
+  before = max(_dice(labels, prob >= t) for t in rc.thresholds)
+  after = _dice(labels, refined >= refiner['threshold'])
+  assert after > before + 0.1, (before, after)
+  # Outside the candidates the grid model's probability is kept.
+  outside = prob < rc.candidate
+  np.testing.assert_array_equal(refined[outside], prob[outside])
+  again = refine.fit(cases, rc, seed=0, unet_step=7)
+  for a, b in zip(jax.tree.leaves(refiner), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_fit_refuses_subjects_without_candidates():
+  prob, image, spacing, labels = _case(0)
+  with pytest.raises(refine.NothingToFit, match='no lesion and non-lesion'):
+    refine.fit([(np.zeros_like(prob), image, spacing, labels)], _rc(), 0, 1)
+
+
+def test_save_and_load_give_the_same_refiner(tmp_path):
+  cases = [_case(s) for s in range(2)]
+  refiner = refine.fit(cases, _rc(num_steps=20), seed=1, unet_step=12)
+  path = refine.save(tmp_path, refiner)
+  assert path == tmp_path.absolute() / 'refine' / 'step_12' and path.is_dir()
+  assert refine.load(tmp_path, 11) is None
+  loaded = refine.load(tmp_path, 12)
+  prob, image, spacing, _ = cases[0]
+  np.testing.assert_array_equal(refine.refine(refiner, prob, image, spacing, 0.05),
+                                refine.refine(loaded, prob, image, spacing, 0.05))
+  assert float(loaded['threshold']) == float(refiner['threshold'])

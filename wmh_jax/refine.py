@@ -1,0 +1,201 @@
+"""Native-resolution refinement of the U-Net's mask (``config.refine``).
+
+The U-Net works on ``config.data.grid`` (128x128x16 by default: 1.5-4 mm
+in-plane and 3-10 mm through-plane on the challenge's scans), so the probability
+it gives, resized back to the scan, cannot follow a lesion's edge finer than a
+grid voxel: on the synthetic validation subjects even a perfect grid model
+scores native Dice ~0.71 (``evaluate``'s ``dice_ceiling``). The refiner decides
+each native voxel again from the U-Net's probability there and the FLAIR around
+it, as intensity-driven lesion growing does (LST's LGA, for one), but learnt:
+a small per-voxel MLP fitted on training subjects only (``fit``), applied where
+the U-Net gives at least ``refine.candidate`` (elsewhere the U-Net's probability
+stays). Its features (``FEATURES``) are z-scored FLAIR values at native
+resolution, raw and smoothed at 2 and 6 mm, and relative to the lesions the
+U-Net is sure of in the same scan.
+
+A refiner is a plain pytree ``{params, mean, std, threshold, unet_step}``
+saved with orbax in ``WORKDIR/refine/step_N``, N the U-Net checkpoint it was
+fitted on.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from scipy import ndimage
+
+from wmh_jax import challenge_metrics
+from wmh_jax import nifti_io
+from wmh_jax import subjects
+
+FEATURES = ('unet_logit', 'flair', 'flair_over_lesion_reference', 'flair_2mm',
+            'flair_minus_6mm', 'flair_2mm_minus_6mm', 'lesion_reference')
+SURE = 0.5  # U-Net probability of the voxels that set the lesion reference
+
+
+class NothingToFit(ValueError):
+  """The U-Net marks no candidate voxel, or only lesion or only background."""
+
+
+def features(prob: np.ndarray, image: np.ndarray, spacing, candidate: float
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """``(candidates, F)``: the voxels to decide and their features (n, FEATURES).
+
+  Args:
+    prob: the U-Net's lesion probability on the native grid.
+    image: the FLAIR on the same grid, z-scored (``subjects.zscore``).
+    spacing: voxel size in mm along each axis.
+    candidate: voxels with ``prob >= candidate`` are decided again.
+  """
+  cand = prob >= candidate
+  if not cand.any():
+    return cand, np.zeros((0, len(FEATURES)), np.float32)
+  sure = prob >= SURE
+  ref = float(np.median(image[sure] if sure.any() else image[cand]))
+  spacing = np.asarray(spacing, np.float64)
+  near = ndimage.gaussian_filter(image, 2.0 / spacing)
+  background = ndimage.gaussian_filter(image, 6.0 / spacing)
+  p = np.clip(prob[cand], 1e-4, 1 - 1e-4)
+  z, zn, zb = image[cand], near[cand], background[cand]
+  f = np.stack([np.log(p / (1 - p)), z, z / max(ref, 0.3), zn, z - zb, zn - zb,
+                np.full_like(z, ref)], -1)
+  return cand, f.astype(np.float32)
+
+
+def native_flair(path) -> np.ndarray:
+  """The FLAIR at ``path`` on its own grid (RAS), z-scored as for the U-Net."""
+  return subjects.zscore(nifti_io.load_image(path)[0], path)
+
+
+class RefineMLP(nn.Module):
+  """Per-voxel classifier: normalised features -> lesion logit."""
+  hidden: Sequence[int]
+
+  @nn.compact
+  def __call__(self, x):
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(1)(x)[..., 0]
+
+
+def _model(params) -> RefineMLP:
+  """The MLP whose parameters these are (its widths read off the kernels)."""
+  n = len(params)
+  return RefineMLP(tuple(params[f'Dense_{i}']['kernel'].shape[1]
+                         for i in range(n - 1)))
+
+
+def voxel_probability(refiner, f: np.ndarray) -> np.ndarray:
+  """The refiner's lesion probability for feature rows ``f``."""
+  if not len(f):
+    return np.zeros(0, np.float32)
+  x = (f - refiner['mean']) / refiner['std']
+  return np.asarray(jax.nn.sigmoid(_apply(refiner['params'], x)))
+
+
+@jax.jit
+def _apply(params, x):
+  return _model(params).apply({'params': params}, x)
+
+
+def refine(refiner, prob: np.ndarray, image: np.ndarray, spacing,
+           candidate: float) -> np.ndarray:
+  """The refined lesion probability on the native grid (threshold it at
+  ``refiner['threshold']``); the U-Net's ``prob`` outside the candidates."""
+  cand, f = features(prob, image, spacing, candidate)
+  out = prob.astype(np.float32, copy=True)
+  out[cand] = voxel_probability(refiner, f)
+  return out
+
+
+def fit(cases, rc, seed: int, unet_step: int) -> dict:
+  """Fits a refiner on training ``cases`` and picks its threshold on them.
+
+  Args:
+    cases: ``(prob, image, spacing, labels)`` per training subject: the U-Net's
+      native probability, the z-scored FLAIR, voxel size, native labels (label 2
+      is left out of the fit and of the threshold's Dice).
+    rc: ``config.refine``.
+    seed: the run's seed (initialisation and sampling of voxels).
+    unet_step: the U-Net checkpoint the probabilities came from.
+  """
+  xs, ys, cands = [], [], []
+  for prob, image, spacing, labels in cases:
+    cand, f = features(prob, image, spacing, rc.candidate)
+    keep = labels[cand] != 2
+    xs.append(f[keep])
+    ys.append((labels[cand] == 1)[keep])
+    cands.append((cand, f))
+  x = np.concatenate(xs)
+  y = np.concatenate(ys).astype(np.float32)
+  if not len(x) or y.min() == y.max():
+    raise NothingToFit('refine: the training subjects give no lesion and '
+                     'non-lesion candidate voxels to fit on')
+  mean, std = x.mean(0), x.std(0) + 1e-6
+  xn = jnp.asarray((x - mean) / std)
+  y = jnp.asarray(y)
+  model = RefineMLP(tuple(rc.hidden))
+  key = jax.random.PRNGKey(seed)
+  init_key, sample_key = jax.random.split(key)
+  params = model.init(init_key, xn[:1])['params']
+  tx = optax.adam(rc.learning_rate)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, i):
+    idx = jax.random.randint(jax.random.fold_in(sample_key, i), (rc.batch_size,),
+                             0, xn.shape[0])
+    def loss_fn(p):
+      logits = model.apply({'params': p}, xn[idx])
+      return optax.sigmoid_binary_cross_entropy(logits, y[idx]).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  for i in range(rc.num_steps):
+    params, opt_state, loss = step(params, opt_state, i)
+  refiner = {'params': jax.device_get(params), 'mean': mean, 'std': std,
+             'threshold': np.float32(0.5), 'unet_step': np.int32(unet_step)}
+  scores = {}
+  for t in rc.thresholds:
+    dices = []
+    for (cand, f), (prob, _, _, labels) in zip(cands, cases):
+      mask = np.zeros(prob.shape, bool)
+      mask[cand] = voxel_probability(refiner, f) >= t
+      dices.append(challenge_metrics.dice(*challenge_metrics.masked_pair(labels, mask)))
+    scores[float(t)] = float(np.nanmean(dices))
+  refiner['threshold'] = np.float32(max(scores, key=scores.get))
+  logging.info('refine: fitted on %d voxels of %d subjects (%.1f%% lesion), '
+               'final BCE %.4f; Dice on them by threshold %s -> %.2f',
+               len(x), len(cases), 100 * float(y.mean()), float(loss),
+               {t: round(s, 3) for t, s in scores.items()},
+               float(refiner['threshold']))
+  return refiner
+
+
+def path_for(workdir, unet_step: int) -> Path:
+  return Path(workdir).absolute() / 'refine' / f'step_{int(unet_step)}'
+
+
+def save(workdir, refiner) -> Path:
+  """Writes the refiner (orbax: a temporary folder renamed when complete)."""
+  path = path_for(workdir, refiner['unet_step'])
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(path, refiner)
+  return path
+
+
+def load(workdir, unet_step: int) -> dict | None:
+  """The refiner fitted on U-Net step ``unet_step``, or None if there is none."""
+  path = path_for(workdir, unet_step)
+  if not path.is_dir():
+    return None
+  with ocp.StandardCheckpointer() as ckpt:
+    tree = ckpt.restore(path)
+  return jax.tree.map(np.asarray, tree)
