@@ -10,7 +10,9 @@ whole scan resized to ``config.data.grid``; with ``'sliding_window'`` the scan i
 resampled to ``predict.spacing`` and the network slides over it in windows of
 ``predict.window`` (default: the training patch), the overlapping outputs blended
 with Gaussian weights. The lesion probability (the mean over the ensemble members
-and flip TTA) is resized back to the native grid and thresholded.
+and flip TTA) is resized back to the native grid and thresholded; with a refiner
+fitted on the workdir's checkpoint (``wmh_jax.refine``, ``config.refine``) the
+native voxels are decided again from that probability and the FLAIR around them.
 ``OUT/<name>_wmh.nii.gz`` (uint8 0/1) keeps the input's shape, axis order, affine
 and header; ``<name>_prob.nii.gz``, ``<name>_overlay.png`` and
 ``<name>_activations.png`` are optional.
