@@ -37,5 +37,5 @@ def test_unknown_config_key_is_refused(tmp_path):
   assert r.stderr.strip().splitlines() == [
       f'error: --config.train.num_stepz: no such config key in '
       f'{ROOT / "configs" / "test.py"}; nearest valid keys: train.num_steps, '
-      'train.warmup_steps, train.log_every_steps']
+      'refine.num_steps, train.warmup_steps']
   assert not tmp_path.joinpath('checkpoints').exists()

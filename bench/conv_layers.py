@@ -1,0 +1,116 @@
+r"""Seconds per layer kind of the seed network: 3-D vs folded 2-D convolutions.
+
+  .venv/bin/python bench/conv_layers.py [--repeats=5] [--batch=1]
+
+For each convolution of the default U-Net at its level's size on the 128x128x16
+grid (batch 1), and for pooling and upsampling, times the forward pass and the
+gradient (forward and backward, to input and kernel) under jit, for
+
+- ``native``: one ``lax.conv_general_dilated`` in 3-D;
+- ``fold2d_xla``: slices folded into the batch (depth-shifted copies stacked on
+  channels for kz > 1), XLA's own 2-D convolution and its own gradient;
+- ``fold2d``: the same with ``models.conv2d_same``, whose kernel gradient is
+  one im2col matmul (what the model uses on CPU).
+
+Prints one JSON line per (layer, implementation): median, min and max seconds
+over the repeats after one compiling run, and GFLOP/s of the convolution (2 *
+MACs forward, twice that for the gradient).
+"""
+
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from wmh_jax import models  # pylint: disable=wrong-import-position
+
+flags.DEFINE_integer('repeats', 5, 'Timed runs per setting.')
+flags.DEFINE_integer('batch', 1, 'Batch size.')
+FLAGS = flags.FLAGS
+
+# (name, (Z, X, Y), cin, cout, (kx, ky, kz)): the seed network's convolutions
+# (encoder and decoder have the same kinds at each level).
+LAYERS = (
+    ('level1_3x3x1_32to64', (16, 128, 128), 32, 64, (3, 3, 1)),
+    ('level2_3x3x1_64to128', (16, 64, 64), 64, 128, (3, 3, 1)),
+    ('level3_3x3x3_128to256', (16, 32, 32), 128, 256, (3, 3, 3)),
+    ('bottleneck_3x3x3_256to512', (8, 16, 16), 256, 512, (3, 3, 3)),
+)
+
+
+def _fold2d_xla(x, kernel):
+  """fold2d with XLA's own convolution gradient (no custom VJP)."""
+  kx, ky, kz, cin, cout = kernel.shape
+  b, z, h, w, _ = x.shape
+  if kz > 1:
+    lo = (kz - 1) // 2
+    xp = jnp.pad(x, ((0, 0), (lo, kz - 1 - lo), (0, 0), (0, 0), (0, 0)))
+    x = jnp.concatenate([xp[:, d:d + z] for d in range(kz)], axis=-1)
+  y = lax.conv_general_dilated(x.reshape(b * z, h, w, kz * cin),
+                               kernel.reshape(kx, ky, kz * cin, cout), (1, 1), 'SAME',
+                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return y.reshape(b, z, h, w, cout)
+
+
+IMPLS = {
+    'native': functools.partial(models.conv3d, impl='native'),
+    'fold2d_xla': _fold2d_xla,
+    'fold2d': functools.partial(models.conv3d, impl='fold2d'),
+}
+
+
+def _time(fn, *args) -> list[float]:
+  jax.block_until_ready(fn(*args))  # compile
+  out = []
+  for _ in range(FLAGS.repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    out.append(time.perf_counter() - t)
+  return out
+
+
+def _line(seconds, gflop=None, pass_='forward', **kw):
+  med = statistics.median(seconds)
+  out = {**kw, 'pass': pass_, 'seconds_median': round(med, 4),
+         'seconds_min': round(min(seconds), 4), 'seconds_max': round(max(seconds), 4)}
+  if gflop:
+    out['gflop_per_s'] = round(gflop / med, 1)
+  print(json.dumps(out), flush=True)
+
+
+def main(_):
+  key = jax.random.PRNGKey(0)
+  for name, (z, h, w), cin, cout, k in LAYERS:
+    x = jax.random.normal(key, (FLAGS.batch, z, h, w, cin), jnp.float32)
+    kernel = jax.random.normal(key, (*k, cin, cout), jnp.float32) * 0.05
+    flop = 2.0 * FLAGS.batch * z * h * w * cin * cout * k[0] * k[1] * k[2]
+    for impl, conv in IMPLS.items():
+      fwd = jax.jit(conv)
+      grad = jax.jit(jax.grad(lambda x_, k_, c=conv: jnp.sum(c(x_, k_) ** 2), (0, 1)))
+      for what, fn, f in (('forward', fwd, flop), ('gradient', grad, 2 * flop)):
+        _line(bench='conv_layers', layer=name, impl=impl, pass_=what,
+              batch=FLAGS.batch, seconds=_time(fn, x, kernel), gflop=f / 1e9)
+  # Pooling and upsampling at level 1 (both 2-D on the folded layout).
+  x = jax.random.normal(key, (FLAGS.batch, 16, 128, 128, 32), jnp.float32)
+  for name, fn, arg in (
+      ('maxpool_2x2x1_level1', lambda v: models.max_pool(v, (2, 2, 1)), x),
+      ('upsample_2x2x1_nearest_level2',
+       lambda v: models.upsample(v, (2, 2, 1), 'nearest'), x[:, :, :64, :64])):
+    _line(bench='conv_layers', layer=name, impl='models', pass_='forward',
+          batch=FLAGS.batch, seconds=_time(jax.jit(fn), arg))
+    _line(bench='conv_layers', layer=name, impl='models', pass_='gradient',
+          batch=FLAGS.batch, seconds=_time(
+              jax.jit(jax.grad(lambda v, f=fn: jnp.sum(f(v) ** 2))), arg))
+
+
+if __name__ == '__main__':
+  app.run(main)
