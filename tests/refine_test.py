@@ -12,9 +12,9 @@ from wmh_jax import subjects
 
 
 def _rc(**kw):
-  rc = ml_collections.ConfigDict(dict(candidate=0.02, hidden=(8,), num_steps=150,
-                                      batch_size=512, learning_rate=1e-2,
-                                      thresholds=(0.3, 0.4, 0.5, 0.6)))
+  rc = ml_collections.ConfigDict(dict(
+      candidate=0.02, hidden=(8,), num_fits=2, num_steps=150, batch_size=512,
+      learning_rate=1e-2, thresholds=(0.3, 0.4, 0.5, 0.6)))
   rc.update(kw)
   return rc
 
@@ -69,6 +69,14 @@ def test_fit_learns_the_lesions_finer_than_the_grid_and_is_reproducible():
   # Outside the candidates the grid model's probability is kept.
   outside = prob < rc.candidate
   np.testing.assert_array_equal(refined[outside], prob[outside])
+  # Its probability is the mean of its MLPs', which differ (seeds).
+  _, f = refine.features(prob, image, spacing, rc.candidate)
+  singles = [refine.voxel_probability({**refiner, 'params': {k: p}}, f)
+             for k, p in refiner['params'].items()]
+  assert sorted(refiner['params']) == ['fit_0', 'fit_1']
+  assert np.abs(singles[0] - singles[1]).max() > 1e-3
+  np.testing.assert_allclose(refine.voxel_probability(refiner, f),
+                             np.mean(singles, 0), rtol=1e-6, atol=1e-7)
   again = refine.fit(cases, rc, seed=0, unet_step=7)
   for a, b in zip(jax.tree.leaves(refiner), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)

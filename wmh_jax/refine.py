@@ -13,8 +13,10 @@ stays). Its features (``FEATURES``) are z-scored FLAIR values at native
 resolution, raw and smoothed at 2 and 6 mm, and relative to the lesions the
 U-Net is sure of in the same scan.
 
-A refiner is a plain pytree ``{params, mean, std, threshold, unet_step}``
-saved with orbax in ``WORKDIR/refine/step_N``, N the U-Net checkpoint it was
+To steady it (one MLP's result on a faint-lesion subject moved with its seed),
+``refine.num_fits`` MLPs are fitted from different seeds and their probabilities
+averaged. A refiner is a plain pytree ``{params: {fit_k: MLP params}, mean, std,
+threshold, unet_step}`` saved with orbax in ``WORKDIR/refine/step_N``, N the U-Net checkpoint it was
 fitted on.
 """
 
@@ -92,11 +94,14 @@ def _model(params) -> RefineMLP:
 
 
 def voxel_probability(refiner, f: np.ndarray) -> np.ndarray:
-  """The refiner's lesion probability for feature rows ``f``."""
+  """The refiner's lesion probability for feature rows ``f``: the mean over
+  its MLPs."""
   if not len(f):
     return np.zeros(0, np.float32)
   x = (f - refiner['mean']) / refiner['std']
-  return np.asarray(jax.nn.sigmoid(_apply(refiner['params'], x)))
+  members = refiner['params']
+  return np.mean([np.asarray(jax.nn.sigmoid(_apply(members[k], x)))
+                  for k in sorted(members)], axis=0).astype(np.float32)
 
 
 @jax.jit
@@ -140,8 +145,34 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
   mean, std = x.mean(0), x.std(0) + 1e-6
   xn = jnp.asarray((x - mean) / std)
   y = jnp.asarray(y)
+  members, losses = {}, []
+  for k in range(rc.num_fits):
+    params, loss = _fit_mlp(xn, y, rc, jax.random.fold_in(jax.random.PRNGKey(seed), k))
+    members[f'fit_{k}'] = jax.device_get(params)
+    losses.append(float(loss))
+  refiner = {'params': members, 'mean': mean, 'std': std,
+             'threshold': np.float32(0.5), 'unet_step': np.int32(unet_step)}
+  scores = {}
+  for t in rc.thresholds:
+    dices = []
+    for (cand, f), (prob, _, _, labels) in zip(cands, cases):
+      mask = np.zeros(prob.shape, bool)
+      mask[cand] = voxel_probability(refiner, f) >= t
+      dices.append(challenge_metrics.dice(*challenge_metrics.masked_pair(labels, mask)))
+    scores[float(t)] = float(np.nanmean(dices))
+  refiner['threshold'] = np.float32(max(scores, key=scores.get))
+  logging.info('refine: %d MLPs fitted on %d voxels of %d subjects (%.1f%% '
+               'lesion), final BCE %s; Dice on them by threshold %s -> %.2f',
+               rc.num_fits, len(x), len(cases), 100 * float(y.mean()),
+               ' '.join(f'{l:.4f}' for l in losses),
+               {t: round(s, 3) for t, s in scores.items()},
+               float(refiner['threshold']))
+  return refiner
+
+
+def _fit_mlp(xn, y, rc, key):
+  """One MLP fitted by Adam on minibatches of ``(xn, y)`` drawn with ``key``."""
   model = RefineMLP(tuple(rc.hidden))
-  key = jax.random.PRNGKey(seed)
   init_key, sample_key = jax.random.split(key)
   params = model.init(init_key, xn[:1])['params']
   tx = optax.adam(rc.learning_rate)
@@ -158,25 +189,10 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
     updates, opt_state = tx.update(grads, opt_state)
     return optax.apply_updates(params, updates), opt_state, loss
 
+  loss = jnp.nan
   for i in range(rc.num_steps):
     params, opt_state, loss = step(params, opt_state, i)
-  refiner = {'params': jax.device_get(params), 'mean': mean, 'std': std,
-             'threshold': np.float32(0.5), 'unet_step': np.int32(unet_step)}
-  scores = {}
-  for t in rc.thresholds:
-    dices = []
-    for (cand, f), (prob, _, _, labels) in zip(cands, cases):
-      mask = np.zeros(prob.shape, bool)
-      mask[cand] = voxel_probability(refiner, f) >= t
-      dices.append(challenge_metrics.dice(*challenge_metrics.masked_pair(labels, mask)))
-    scores[float(t)] = float(np.nanmean(dices))
-  refiner['threshold'] = np.float32(max(scores, key=scores.get))
-  logging.info('refine: fitted on %d voxels of %d subjects (%.1f%% lesion), '
-               'final BCE %.4f; Dice on them by threshold %s -> %.2f',
-               len(x), len(cases), 100 * float(y.mean()), float(loss),
-               {t: round(s, 3) for t, s in scores.items()},
-               float(refiner['threshold']))
-  return refiner
+  return params, loss
 
 
 def path_for(workdir, unet_step: int) -> Path:
