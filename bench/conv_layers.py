@@ -51,11 +51,7 @@ def _fold2d_xla(x, kernel):
   """fold2d with XLA's own convolution gradient (no custom VJP)."""
   kx, ky, kz, cin, cout = kernel.shape
   b, z, h, w, _ = x.shape
-  if kz > 1:
-    lo = (kz - 1) // 2
-    xp = jnp.pad(x, ((0, 0), (lo, kz - 1 - lo), (0, 0), (0, 0), (0, 0)))
-    x = jnp.concatenate([xp[:, d:d + z] for d in range(kz)], axis=-1)
-  y = lax.conv_general_dilated(x.reshape(b * z, h, w, kz * cin),
+  y = lax.conv_general_dilated(models.fold_depth(x, kz).reshape(b * z, h, w, kz * cin),
                                kernel.reshape(kx, ky, kz * cin, cout), (1, 1), 'SAME',
                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   return y.reshape(b, z, h, w, cout)

@@ -84,8 +84,12 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
     prob, unet_mask = predict.to_native(grid_prob, p['native_shape'], threshold)
     labels = p['native_labels']
     mask = unet_mask
+    source = p.get('source', '')
+    draw = k < config.evaluate.num_images
+    native = (nifti_io.load_image(source)[0]
+              if source and (draw or refiner is not None) else None)
     if refiner is not None:
-      mask = refine.refine(refiner, prob, refine.native_flair(p['source']), p['spacing'],
+      mask = refine.refine(refiner, prob, subjects.zscore(native, source), p['spacing'],
                            config.refine.candidate) >= refiner['threshold']
     rows.append({
         **score.case_row(p['key'], labels, mask, p['affine']),
@@ -95,15 +99,14 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
         'dice_ceiling': grid_ceiling(labels, p['lesion_fraction']),
     })
     name = p['key'].replace('/', '_')
-    source = p.get('source', '')
     if source:   # the input's own header
       nifti_io.save_like(out_dir / 'pred' / f'{name}_wmh.nii.gz',
                          mask.astype(np.uint8), source)
     else:        # a TFDS example: its affine
       nifti_io.save(out_dir / 'pred' / f'{name}_wmh.nii.gz', mask.astype(np.uint8),
                     p['affine'], dtype=np.uint8)
-    if k < config.evaluate.num_images:
-      image = (nifti_io.load_image(source)[0] if source else
+    if draw:
+      image = (native if native is not None else
                subjects.resize_back(p['image'], p['native_shape']))
       figures.overlay(out_dir / 'overlays' / f'{name}.png',
                       image, mask, labels,

@@ -85,6 +85,18 @@ def _conv2d_bwd(res, dy):
 conv2d_same.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+def fold_depth(x: jax.Array, kz: int) -> jax.Array:
+  """``(B, Z, X, Y, C) -> (B, Z, X, Y, kz * C)``: the kz depth-shifted copies of
+  ``x`` ('SAME' zero padding) stacked along channels, so that a (kx, ky, kz)
+  kernel becomes a (kx, ky) one over kz * C channels."""
+  if kz == 1:
+    return x
+  z = x.shape[1]
+  lo = (kz - 1) // 2  # the padding lax uses for 'SAME'
+  xp = jnp.pad(x, ((0, 0), (lo, kz - 1 - lo), (0, 0), (0, 0), (0, 0)))
+  return jnp.concatenate([xp[:, d:d + z] for d in range(kz)], axis=-1)
+
+
 def conv3d(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
   """'SAME' 3-D cross-correlation, stride 1.
 
@@ -106,10 +118,7 @@ def conv3d(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
   if impl != 'fold2d':
     raise ValueError(f'unknown conv impl {impl!r}')
   b, z, h, w, _ = x.shape
-  if kz > 1:
-    lo = (kz - 1) // 2  # the padding lax uses for 'SAME'
-    xp = jnp.pad(x, ((0, 0), (lo, kz - 1 - lo), (0, 0), (0, 0), (0, 0)))
-    x = jnp.concatenate([xp[:, d:d + z] for d in range(kz)], axis=-1)
+  x = fold_depth(x, kz)
   if kx == ky == 1:
     y = x.reshape(-1, kz * cin) @ kernel.reshape(kz * cin, cout)
   else:

@@ -314,11 +314,13 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
     volume, shape, affine = prepared.pop(s.name)
     prob, mask = to_native(probability_on_input(volume, probability_fn, config),
                            shape, pc.threshold)
+    paths = targets[s.name]
+    native = (nifti_io.load_image(s.flair)[0]
+              if refiner is not None or 'overlay' in paths else None)
     if refiner is not None:
-      prob = refine.refine(refiner, prob, refine.native_flair(s.flair),
+      prob = refine.refine(refiner, prob, subjects.zscore(native, s.flair),
                            subjects.voxel_spacing(affine), config.refine.candidate)
       mask = prob >= refiner['threshold']
-    paths = targets[s.name]
     nifti_io.save_like(paths['mask'], mask.astype(np.uint8), s.flair)
     if 'prob' in paths:
       nifti_io.save_like(paths['prob'], prob, s.flair, dtype=np.float32)
@@ -326,8 +328,7 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
     if s.wmh is not None:
       truth = nifti_io.load_labels(s.wmh, affine, shape)
     if 'overlay' in paths:
-      figures.overlay(paths['overlay'], nifti_io.load_image(s.flair)[0], mask,
-                      truth, title=s.name)
+      figures.overlay(paths['overlay'], native, mask, truth, title=s.name)
     if 'activations' in paths:
       activation_collage(paths['activations'], members,
                          center_crop(volume, network_window(config)), s.name)

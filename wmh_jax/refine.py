@@ -16,8 +16,8 @@ U-Net is sure of in the same scan.
 To steady it (one MLP's result on a faint-lesion subject moved with its seed),
 ``refine.num_fits`` MLPs are fitted from different seeds and their probabilities
 averaged. A refiner is a plain pytree ``{params: {fit_k: MLP params}, mean, std,
-threshold, unet_step}`` saved with orbax in ``WORKDIR/refine/step_N``, N the U-Net checkpoint it was
-fitted on.
+threshold, unet_step}`` saved with orbax in ``WORKDIR/refine/step_N``, N the
+U-Net checkpoint it was fitted on.
 """
 
 from collections.abc import Sequence
@@ -150,17 +150,18 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
     params, loss = _fit_mlp(xn, y, rc, jax.random.fold_in(jax.random.PRNGKey(seed), k))
     members[f'fit_{k}'] = jax.device_get(params)
     losses.append(float(loss))
-  refiner = {'params': members, 'mean': mean, 'std': std,
-             'threshold': np.float32(0.5), 'unet_step': np.int32(unet_step)}
+  scaled = {'params': members, 'mean': mean, 'std': std}
+  fitted = [voxel_probability(scaled, f) for _, f in cands]
   scores = {}
   for t in rc.thresholds:
     dices = []
-    for (cand, f), (prob, _, _, labels) in zip(cands, cases):
+    for (cand, _), q, (prob, _, _, labels) in zip(cands, fitted, cases):
       mask = np.zeros(prob.shape, bool)
-      mask[cand] = voxel_probability(refiner, f) >= t
+      mask[cand] = q >= t
       dices.append(challenge_metrics.dice(*challenge_metrics.masked_pair(labels, mask)))
     scores[float(t)] = float(np.nanmean(dices))
-  refiner['threshold'] = np.float32(max(scores, key=scores.get))
+  refiner = {**scaled, 'threshold': np.float32(max(scores, key=scores.get)),
+             'unet_step': np.int32(unet_step)}
   logging.info('refine: %d MLPs fitted on %d voxels of %d subjects (%.1f%% '
                'lesion), final BCE %s; Dice on them by threshold %s -> %.2f',
                rc.num_fits, len(x), len(cases), 100 * float(y.mean()),

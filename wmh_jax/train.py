@@ -141,7 +141,7 @@ def fit_refiner(config, workdir, train_set, model, state) -> None:
   ``config.refine.num_subjects`` training subjects, evenly spread over the
   sorted list (every site), unless one exists for this U-Net step."""
   rc, step = config.refine, int(state.step)
-  if not rc.enabled or refine.load(workdir, step) is not None:
+  if not rc.enabled or refine.path_for(workdir, step).is_dir():
     return
   if any(not p.get('source') for p in train_set):
     logging.warning('refine: the dataset (data.tfds) keeps no native FLAIR; '
