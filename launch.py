@@ -46,6 +46,10 @@ def _run(config):
       raise FileNotFoundError('--mode=score needs --gt=DIR and --pred=DIR')
     score.score(FLAGS.gt, FLAGS.pred, FLAGS.output, overwrite=FLAGS.overwrite)
     return
+  if config.get('keep_freed_memory', False):  # before JAX and TF start threads
+    from wmh_jax import host_memory  # pylint: disable=g-import-not-at-top
+    if not host_memory.keep_freed_memory():
+      logging.warning('keep_freed_memory: no glibc mallopt here; allocator unchanged')
   import jax  # pylint: disable=g-import-not-at-top
   if config.distributed:  # coordinator, process count and id from the environment
     jax.distributed.initialize()

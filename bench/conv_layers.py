@@ -10,11 +10,18 @@ gradient (forward and backward, to input and kernel) under jit, for
 - ``fold2d_xla``: slices folded into the batch (depth-shifted copies stacked on
   channels for kz > 1), XLA's own 2-D convolution and its own gradient;
 - ``fold2d``: the same with ``models.conv2d_same``, whose kernel gradient is
-  one im2col matmul (what the model uses on CPU).
+  one im2col matmul;
+- ``winograd``: fold2d with the 3x3 convolutions by ``wmh_jax.winograd`` F(4x4,
+  3x3), and the decoder's up-convolutions (nearest upsampling, then a kernel of
+  the upsampling's size) as ``models.upconv_nearest`` at the low resolution (what
+  the model uses on CPU).
 
 Prints one JSON line per (layer, implementation): median, min and max seconds
-over the repeats after one compiling run, and GFLOP/s of the convolution (2 *
-MACs forward, twice that for the gradient).
+over the repeats after one compiling run, and GFLOP/s of the direct convolution
+on the full grid (2 * MACs forward, twice that for the gradient) whatever the
+implementation does: Winograd and sub-pixel do fewer multiply-adds, so theirs are
+direct-equivalent rates. Like launch.py, it first has glibc keep freed memory
+(``--nokeep_freed_memory``: as the process starts).
 """
 
 import functools
@@ -31,19 +38,26 @@ import jax.numpy as jnp
 from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from wmh_jax import host_memory  # pylint: disable=wrong-import-position
 from wmh_jax import models  # pylint: disable=wrong-import-position
 
 flags.DEFINE_integer('repeats', 5, 'Timed runs per setting.')
 flags.DEFINE_integer('batch', 1, 'Batch size.')
+flags.DEFINE_bool('keep_freed_memory', True, 'See wmh_jax.host_memory.')
 FLAGS = flags.FLAGS
 
-# (name, (Z, X, Y), cin, cout, (kx, ky, kz)): the seed network's convolutions
-# (encoder and decoder have the same kinds at each level).
+# (name, (Z, X, Y) of the output, cin, cout, (kx, ky, kz), up-convolution): the
+# seed network's convolution kinds, the decoder's up-convolutions included (their
+# input is the (Z, X, Y) above divided by the kernel).
 LAYERS = (
-    ('level1_3x3x1_32to64', (16, 128, 128), 32, 64, (3, 3, 1)),
-    ('level2_3x3x1_64to128', (16, 64, 64), 64, 128, (3, 3, 1)),
-    ('level3_3x3x3_128to256', (16, 32, 32), 128, 256, (3, 3, 3)),
-    ('bottleneck_3x3x3_256to512', (8, 16, 16), 256, 512, (3, 3, 3)),
+    ('level1_3x3x1_32to64', (16, 128, 128), 32, 64, (3, 3, 1), False),
+    ('level2_3x3x1_64to128', (16, 64, 64), 64, 128, (3, 3, 1), False),
+    ('level3_3x3x3_128to256', (16, 32, 32), 128, 256, (3, 3, 3), False),
+    ('bottleneck_3x3x3_256to512', (8, 16, 16), 256, 512, (3, 3, 3), False),
+    ('decoder3_3x3x3_384to128', (16, 32, 32), 384, 128, (3, 3, 3), False),
+    ('decoder1_3x3x1_96to32', (16, 128, 128), 96, 32, (3, 3, 1), False),
+    ('upconv3_2x2x2_512to128', (16, 32, 32), 512, 128, (2, 2, 2), True),
+    ('upconv1_2x2x1_64to32', (16, 128, 128), 64, 32, (2, 2, 1), True),
 )
 
 
@@ -61,7 +75,17 @@ IMPLS = {
     'native': functools.partial(models.conv3d, impl='native'),
     'fold2d_xla': _fold2d_xla,
     'fold2d': functools.partial(models.conv3d, impl='fold2d'),
+    'winograd': functools.partial(models.conv3d, impl='winograd'),
 }
+
+
+def _up(conv):
+  """Nearest upsampling by the kernel's size, then ``conv``."""
+  return lambda x, k: conv(models.upsample(x, k.shape[:3], 'nearest'), k)
+
+
+UP_IMPLS = {name: _up(conv) for name, conv in IMPLS.items() if name != 'winograd'}
+UP_IMPLS['winograd'] = models.upconv_nearest
 
 
 def _time(fn, *args) -> list[float]:
@@ -84,12 +108,15 @@ def _line(seconds, gflop=None, pass_='forward', **kw):
 
 
 def main(_):
+  if FLAGS.keep_freed_memory:
+    host_memory.keep_freed_memory()
   key = jax.random.PRNGKey(0)
-  for name, (z, h, w), cin, cout, k in LAYERS:
-    x = jax.random.normal(key, (FLAGS.batch, z, h, w, cin), jnp.float32)
+  for name, (z, h, w), cin, cout, k, up in LAYERS:
+    shape = (z // k[2], h // k[0], w // k[1]) if up else (z, h, w)
+    x = jax.random.normal(key, (FLAGS.batch, *shape, cin), jnp.float32)
     kernel = jax.random.normal(key, (*k, cin, cout), jnp.float32) * 0.05
     flop = 2.0 * FLAGS.batch * z * h * w * cin * cout * k[0] * k[1] * k[2]
-    for impl, conv in IMPLS.items():
+    for impl, conv in (UP_IMPLS if up else IMPLS).items():
       fwd = jax.jit(conv)
       grad = jax.jit(jax.grad(lambda x_, k_, c=conv: jnp.sum(c(x_, k_) ** 2), (0, 1)))
       for what, fn, f in (('forward', fwd, flop), ('gradient', grad, 2 * flop)):

@@ -47,12 +47,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import default  # pylint: disable=wrong-import-position
+from wmh_jax import host_memory  # pylint: disable=wrong-import-position
 from wmh_jax import models  # pylint: disable=wrong-import-position
 from wmh_jax import steps  # pylint: disable=wrong-import-position
 
 flags.DEFINE_list('batches', ['1', '2'], 'Batch sizes to time.')
 flags.DEFINE_integer('steps', 5, 'Timed rounds per (batch, phase).')
 flags.DEFINE_list('grid', None, 'X,Y,Z of the volumes; default config.data.grid.')
+flags.DEFINE_bool('keep_freed_memory', True,
+                  'glibc keeps freed memory (wmh_jax.host_memory), for both frameworks, '
+                  'as launch.py does; false: the allocator as the process starts.')
 FLAGS = flags.FLAGS
 
 FORMATS = {'contiguous': torch.contiguous_format,
@@ -222,6 +226,8 @@ def _print(record: dict) -> None:
 
 
 def main(_):
+  # Before either framework starts its threads: it holds for the whole process.
+  kept = FLAGS.keep_freed_memory and host_memory.keep_freed_memory()
   torch.set_num_threads(os.cpu_count())
   config = default.get_config()
   config.loss.name = 'dice'
@@ -231,7 +237,7 @@ def main(_):
   grid = tuple(config.data.grid)
   common = {'grid': grid, 'rounds': FLAGS.steps, 'cpu_count': os.cpu_count(),
             'torch_threads': torch.get_num_threads(), 'jax_version': jax.__version__,
-            'torch_version': torch.__version__,
+            'torch_version': torch.__version__, 'keep_freed_memory': kept,
             'jax_conv_impl': models.resolve_conv_impl(config.model.conv_impl)}
   rng = np.random.default_rng(0)
 

@@ -26,6 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Multi-host data parallelism: call jax.distributed.initialize() first (see the
   # README); the batch is then sharded over every host's devices.
   c.distributed = False
+  # glibc keeps freed host memory (wmh_jax/host_memory.py): XLA:CPU's buffers then
+  # reuse mapped pages instead of faulting in gigabytes of new ones every step
+  # (train step 7.2 s -> 4.5 s on the 2-core CI machine). The process keeps its peak.
+  c.keep_freed_memory = True
 
   c.data = ml_collections.ConfigDict()
   c.data.root = 'data/synthetic'        # challenge layout: SITE/ID/pre/FLAIR.nii.gz

@@ -10,7 +10,7 @@ from wmh_jax import benchmark
 
 def test_benchmark_records_every_setting_and_the_pipeline(capsys):
   cfg = test_config.get_config()
-  cfg.benchmark.conv_impls = ('native', 'fold2d')
+  cfg.benchmark.conv_impls = ('native', 'winograd')
   cfg.benchmark.steps = 3
   cfg.benchmark.warmup = 1
   records = benchmark.benchmark(cfg)
@@ -18,7 +18,7 @@ def test_benchmark_records_every_setting_and_the_pipeline(capsys):
              if l.startswith('{')]
   assert printed == records
   steps_, pipe = records[:2], records[2]
-  assert [r['conv_impl'] for r in steps_] == ['native', 'fold2d']
+  assert [r['conv_impl'] for r in steps_] == ['native', 'winograd']
   for r in steps_:
     assert r['steps_timed'] == 3 and r['grid'] == [32, 32, 8] and r['batch'] == 1
     assert 0 < r['step_min_s'] <= r['step_median_s'] <= r['step_max_s']
@@ -29,5 +29,12 @@ def test_benchmark_records_every_setting_and_the_pipeline(capsys):
         achieved / r['peak_matmul_flops_per_s'], rel=1e-2)
     assert r['voxels_per_s'] == pytest.approx(32 * 32 * 8 / r['step_median_s'], rel=1e-3)
     assert r['peak_host_rss_mib'] > 0 and r['inference_s_per_volume'] > 0
+    assert r['direct_equivalent_flops_per_s'] == pytest.approx(
+        r['flops_per_step_direct'] / r['step_median_s'], rel=1e-3)
+  # Winograd and the sub-pixel up-convolutions do fewer FLOPs than direct ones,
+  # and the record says so instead of passing them off as the same work.
+  wino = steps_[1]
+  assert wino['flops_per_step'] < 0.9 * wino['flops_per_step_direct']
+  assert wino['direct_equivalent_fraction_of_peak'] > wino['fraction_of_peak']
   assert pipe['bench'] == 'input_pipeline' and pipe['batches_per_s'] > 0
   assert pipe['pipeline_over_step'] > 0

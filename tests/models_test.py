@@ -36,10 +36,11 @@ def _small(impl, norm='none'):
                        decoder_filters=(4, 6), conv_impl=impl, norm=norm)
 
 
+@pytest.mark.parametrize('impl', ['fold2d', 'winograd'])
 @pytest.mark.parametrize('norm', ['none', 'group'])
-def test_fold2d_matches_native_forward_and_gradients(norm):
+def test_fold2d_and_winograd_match_native_forward_and_gradients(impl, norm):
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 4, 1))
-  native, fold = _small('native', norm), _small('fold2d', norm)
+  native, fold = _small('native', norm), _small(impl, norm)
   params = native.init(jax.random.PRNGKey(0), x)['params']
   assert jax.tree.structure(params) == jax.tree.structure(
       fold.init(jax.random.PRNGKey(0), x)['params'])
@@ -59,15 +60,16 @@ def test_fold2d_matches_native_forward_and_gradients(norm):
 def test_conv3d_implementations_agree(kernel):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 10, 8, 3))  # (B, Z, X, Y, C)
   w = jax.random.normal(jax.random.PRNGKey(1), (*kernel, 3, 5))
-  np.testing.assert_allclose(models.conv3d(x, w, 'native'),
-                             models.conv3d(x, w, 'fold2d'), atol=1e-4, rtol=1e-5)
+  for impl in ('fold2d', 'winograd'):
+    np.testing.assert_allclose(models.conv3d(x, w, 'native'),
+                               models.conv3d(x, w, impl), atol=1e-4, rtol=1e-5)
 
 
-def test_auto_picks_fold2d_on_cpu_and_native_on_gpu():
-  assert models.resolve_conv_impl('auto', 'cpu') == 'fold2d'
+def test_auto_picks_winograd_on_cpu_and_native_on_gpu():
+  assert models.resolve_conv_impl('auto', 'cpu') == 'winograd'
   assert models.resolve_conv_impl('auto', 'gpu') == 'native'
   with pytest.raises(ValueError):
-    models.resolve_conv_impl('winograd')
+    models.resolve_conv_impl('fft')
 
 
 def test_pool_and_upsample_geometry():
@@ -101,3 +103,15 @@ def test_bfloat16_compute_keeps_float32_params_and_optimizer_state():
     outputs[dtype] = model.apply({'params': state.params}, x)
   assert outputs['bfloat16'].dtype == jnp.float32  # logits come back in float32
   np.testing.assert_allclose(outputs['bfloat16'], outputs['float32'], atol=0.1)
+
+
+@pytest.mark.parametrize('pool', [(2, 2, 1), (2, 2, 2), (1, 2, 2), (1, 1, 1)])
+def test_sub_pixel_up_convolution_matches_upsample_then_convolve(pool):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 5, 6))  # (B, Z, X, Y, C)
+  w = jax.random.normal(jax.random.PRNGKey(1), (*pool, 6, 7))
+  want = models.conv3d(models.upsample(x, pool, 'nearest'), w, 'native')
+  got = models.upconv_nearest(x, w)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+  with pytest.raises(ValueError, match='1 or 2'):
+    models.upconv_nearest(x, jnp.zeros((3, 3, 1, 6, 7)))

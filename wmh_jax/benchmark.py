@@ -8,7 +8,10 @@ For every conv implementation x batch size: compile seconds; train-step median,
 min and max over ``steps`` timed steps after ``warmup`` (``block_until_ready``);
 inference seconds per volume; voxels/s; FLOPs per step from XLA's cost analysis;
 achieved FLOP/s and its fraction of the peak a matmul micro-benchmark reaches on
-the same device; peak host RSS and device memory. A last line times the tf.data
+the same device; the same for the FLOPs the step would do with direct
+convolutions ('direct_equivalent_*': Winograd does fewer for the same result);
+whether glibc keeps freed memory (``config.keep_freed_memory``, set by launch.py);
+peak host RSS and device memory. A last line times the tf.data
 pipeline alone against the train step's consumption. Inputs are random arrays on
 the config grid: the timings do not depend on the data.
 """
@@ -75,6 +78,23 @@ def _random_batch(cfg, rng: np.random.Generator) -> dict:
           'labels': (rng.random(shape[:-1]) < 0.01).astype(np.uint8)}
 
 
+def direct_flops(cfg, state, batch_arrays, rng) -> float | None:
+  """XLA's FLOPs for the train step with direct convolutions (fold2d).
+
+  Winograd and the sub-pixel up-convolutions do fewer multiply-adds for the same
+  result; dividing these FLOPs by the step time gives the direct-equivalent rate
+  that compares with other implementations and frameworks. Counted on the
+  lowered (unoptimised) step: nothing is compiled.
+  """
+  direct = ml_collections.ConfigDict(cfg.to_dict())
+  direct.model.conv_impl = 'fold2d'
+  model = models.create_model(direct.model)
+  step = jax.jit(functools.partial(steps.train_step, model=model,
+                                   tx=steps.create_optimizer(direct.train),
+                                   loss_config=direct.loss))
+  return _flops(step.lower(state, batch_arrays, rng))
+
+
 def benchmark_setting(config, impl: str, batch: int, peak: float) -> dict:
   """Times one (conv implementation, batch size) setting; returns its record."""
   bc = config.benchmark
@@ -90,6 +110,7 @@ def benchmark_setting(config, impl: str, batch: int, peak: float) -> dict:
   compiled = step_fn.lower(state, batch_arrays, rng).compile()
   compile_s = time.perf_counter() - t0
   flops = _flops(compiled)
+  flops_direct = direct_flops(cfg, state, batch_arrays, rng)
 
   def one_step():
     nonlocal state
@@ -111,6 +132,7 @@ def benchmark_setting(config, impl: str, batch: int, peak: float) -> dict:
       'device_kind': dev.device_kind, 'device_count': jax.device_count(),
       'conv_impl': models.resolve_conv_impl(impl), 'dtype': cfg.model.dtype,
       'batch': batch, 'grid': list(cfg.train.patch_size),
+      'keep_freed_memory': bool(cfg.get('keep_freed_memory', False)),
       'compile_s': round(compile_s, 3),
       'step_median_s': round(median, 6), 'step_min_s': round(min(times), 6),
       'step_max_s': round(max(times), 6), 'steps_timed': len(times),
@@ -120,6 +142,11 @@ def benchmark_setting(config, impl: str, batch: int, peak: float) -> dict:
       'achieved_flops_per_s': None if flops is None else round(flops / median, 1),
       'peak_matmul_flops_per_s': round(peak, 1),
       'fraction_of_peak': None if flops is None else round(flops / median / peak, 4),
+      'flops_per_step_direct': flops_direct,
+      'direct_equivalent_flops_per_s': (None if flops_direct is None
+                                        else round(flops_direct / median, 1)),
+      'direct_equivalent_fraction_of_peak': (
+          None if flops_direct is None else round(flops_direct / median / peak, 4)),
       'peak_host_rss_mib': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                                  / 1024, 1),
       'device_peak_bytes': _device_peak_bytes(),

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from wmh_jax import winograd
+
 # The classic (non-partitionable) threefry: XLA:CPU compiles the partitionable
 # form of the initialisers' random draws ~10x slower (measured here: 46 s vs
 # 4.9 s for 20 normal draws; 45 s vs 8 s for the test network's first init).
@@ -28,21 +30,25 @@ jax.config.update('jax_threefry_partitionable', False)
 
 # He initialisation: the network is all ReLU.
 _KERNEL_INIT = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
-CONV_IMPLS = ('native', 'fold2d', 'auto')
+CONV_IMPLS = ('native', 'fold2d', 'winograd', 'auto')
+# Fewer folded input channels than this go to the direct 2-D convolution under
+# 'winograd': the transforms would cost more than the matmuls they shrink.
+WINOGRAD_MIN_CHANNELS = 8
 
 
 def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
   """Maps 'auto' to the fastest implementation on ``backend``.
 
-  XLA:CPU runs 2-D convolutions far faster than 3-D ones (see bench/); cuDNN and
-  the TPU compiler do 3-D convolutions well, so 'auto' keeps them native there.
+  XLA:CPU runs 2-D convolutions far faster than 3-D ones, and Winograd's 3x3
+  convolutions as matmuls faster still (see bench/conv_layers.py); cuDNN and the
+  TPU compiler do 3-D convolutions well, so 'auto' keeps them native there.
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl!r}')
   if impl != 'auto':
     return impl
   backend = backend or jax.default_backend()
-  return 'fold2d' if backend == 'cpu' else 'native'
+  return 'winograd' if backend == 'cpu' else 'native'
 
 
 def _conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -103,9 +109,11 @@ def conv3d(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
   Args:
     x: ``(B, Z, X, Y, Cin)``.
     kernel: ``(kx, ky, kz, Cin, Cout)``.
-    impl: 'native' (one 3-D convolution) or 'fold2d' (slices folded into the batch;
+    impl: 'native' (one 3-D convolution), 'fold2d' (slices folded into the batch;
       a kernel with kz > 1 becomes one 2-D convolution over the kz depth-shifted
-      copies of the input stacked along channels). Both give the same result.
+      copies of the input stacked along channels) or 'winograd' (fold2d, with the
+      3x3 2-D convolutions computed by :mod:`wmh_jax.winograd`). All give the same
+      result up to rounding.
 
   Returns:
     ``(B, Z, X, Y, Cout)``.
@@ -115,25 +123,103 @@ def conv3d(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
     return lax.conv_general_dilated(
         x, jnp.transpose(kernel, (2, 0, 1, 3, 4)), (1, 1, 1), 'SAME',
         dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
-  if impl != 'fold2d':
+  if impl not in ('fold2d', 'winograd'):
     raise ValueError(f'unknown conv impl {impl!r}')
   b, z, h, w, _ = x.shape
   x = fold_depth(x, kz)
+  m = winograd.tile_size(h, w, x.dtype)
   if kx == ky == 1:
     y = x.reshape(-1, kz * cin) @ kernel.reshape(kz * cin, cout)
+  elif (impl == 'winograd' and kx == ky == 3 and m is not None
+        and kz * cin >= WINOGRAD_MIN_CHANNELS):
+    y = winograd.conv2d_same(x.reshape(b * z, h, w, kz * cin),
+                             kernel.reshape(kx, ky, kz * cin, cout), m)
   else:
     y = conv2d_same(x.reshape(b * z, h, w, kz * cin),
                     kernel.reshape(kx, ky, kz * cin, cout))
   return y.reshape(b, z, h, w, cout)
 
 
+def _shift_up(x: jax.Array, axis: int) -> jax.Array:
+  """``x[i + 1]`` along ``axis``, zero past the end."""
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, 1)
+  return lax.slice_in_dim(jnp.pad(x, pad), 1, x.shape[axis] + 1, axis=axis)
+
+
+def upconv_nearest(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Nearest upsampling by the kernel's size, then a 'SAME' convolution with it,
+  computed at the low resolution (sub-pixel convolution).
+
+  Along an axis upsampled by 2 with kernel taps (k0, k1), 'SAME' pads one voxel
+  after, so output 2i is (k0 + k1) x[i] and output 2i + 1 is k0 x[i] + k1 x[i + 1]:
+  each of the 2^d output parities is a small matmul over shifted copies of the
+  low-resolution input. It does 9/16 of the multiply-adds of a (2, 2, 1) kernel
+  on the upsampled grid and 27/64 of a (2, 2, 2) one, and never builds the
+  upsampled input.
+
+  Args:
+    x: ``(B, Z, X, Y, Cin)`` before upsampling.
+    kernel: ``(px, py, pz, Cin, Cout)``, each of px, py, pz 1 or 2.
+
+  Returns:
+    ``(B, pz Z, px X, py Y, Cout)``.
+  """
+  px, py, pz, cin, cout = kernel.shape
+  if not {px, py, pz} <= {1, 2}:
+    raise ValueError(f'sub-pixel up-convolution needs kernel sides 1 or 2, got '
+                     f'{(px, py, pz)}')
+  b, z, h, w, _ = x.shape
+  # (x axis, kernel axis, factor) for Z, X, Y.
+  axes = ((1, 2, pz), (2, 0, px), (3, 1, py))
+  # Per axis and parity: the taps as (offset, kernel indices summed).
+  taps = lambda p, a: [(0, (0,))] if p == 1 else (
+      [(0, (0, 1))] if a == 0 else [(0, (0,)), (1, (1,))])
+  shifted = {}
+
+  def shift(offsets):
+    if offsets not in shifted:
+      y = x
+      for (axis, _, _), o in zip(axes, offsets):
+        y = _shift_up(y, axis) if o else y
+      shifted[offsets] = y
+    return shifted[offsets]
+
+  parities = []
+  for az in range(pz):
+    for ax in range(px):
+      for ay in range(py):
+        inputs, weights = [], []
+        for tz in taps(pz, az):
+          for tx in taps(px, ax):
+            for ty in taps(py, ay):
+              inputs.append(shift((tz[0], tx[0], ty[0])))
+              wk = kernel
+              for axis, idx in ((0, tx[1]), (1, ty[1]), (2, tz[1])):
+                wk = lax.slice_in_dim(wk, idx[0], idx[-1] + 1, axis=axis)
+              weights.append(wk.sum(axis=(0, 1, 2)))
+        k = len(inputs)
+        y = (jnp.concatenate(inputs, axis=-1).reshape(-1, k * cin)
+             @ jnp.concatenate(weights, axis=0))
+        parities.append(y.reshape(b, z, h, w, cout))
+  y = jnp.stack(parities).reshape(pz, px, py, b, z, h, w, cout)
+  y = jnp.transpose(y, (3, 4, 0, 5, 1, 6, 2, 7))  # (B, Z, pz, X, px, Y, py, C)
+  return y.reshape(b, z * pz, h * px, w * py, cout)
+
+
 class Conv3D(nn.Module):
-  """3-D convolution whose parameters do not depend on the implementation."""
+  """3-D convolution whose parameters do not depend on the implementation.
+
+  With ``upsample_first`` (the up-convolution of the decoder) the input is first
+  upsampled by nearest neighbour; under 'winograd', when the kernel has the
+  upsampling's size, both happen at once in :func:`upconv_nearest`.
+  """
   features: int
   kernel_size: Sequence[int]  # (kx, ky, kz)
-  impl: str = 'fold2d'
+  impl: str = 'winograd'
   dtype: Any = jnp.float32
   bias_init: Any = nn.initializers.zeros
+  upsample_first: Sequence[int] | None = None  # (px, py, pz)
 
   @nn.compact
   def __call__(self, x):
@@ -141,7 +227,13 @@ class Conv3D(nn.Module):
                         (*self.kernel_size, x.shape[-1], self.features))
     bias = self.param('bias', self.bias_init, (self.features,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return conv3d(x, kernel, self.impl) + bias
+    up = self.upsample_first
+    if up is None:
+      return conv3d(x, kernel, self.impl) + bias
+    if (self.impl == 'winograd' and tuple(up) == tuple(self.kernel_size)
+        and set(up) <= {1, 2}):
+      return upconv_nearest(x, kernel) + bias
+    return conv3d(upsample(x, up, 'nearest'), kernel, self.impl) + bias
 
 
 def max_pool(x: jax.Array, pool: Sequence[int]) -> jax.Array:
@@ -186,13 +278,15 @@ class ConvBlock(nn.Module):
   features: Sequence[int]
   kernel_size: Sequence[int]
   norm: str = 'none'
-  impl: str = 'fold2d'
+  impl: str = 'winograd'
   dtype: Any = jnp.float32
+  upsample_first: Sequence[int] | None = None  # for the first convolution
 
   @nn.compact
   def __call__(self, x, train: bool):
     for i, f in enumerate(self.features):
-      x = Conv3D(f, self.kernel_size, self.impl, self.dtype)(x)
+      x = Conv3D(f, self.kernel_size, self.impl, self.dtype,
+                 upsample_first=self.upsample_first if i == 0 else None)(x)
       norm = _norm(self.norm, f, self.dtype)
       if norm is not None:
         x = norm(x, use_running_average=not train) if self.norm == 'batch' else norm(x)
@@ -242,8 +336,10 @@ class UNet3D(nn.Module):
     x = ConvBlock(self.bottleneck_filters, self.bottleneck_kernel, **block)(x, train)
     for level in reversed(range(len(skips))):
       pool, f = self.pool_sizes[level], self.decoder_filters[level]
-      x = upsample(x, pool, self.upsampling)
-      x = ConvBlock((f,), pool, **block)(x, train)
+      if self.upsampling == 'nearest':  # inside the convolution: see Conv3D
+        x = ConvBlock((f,), pool, upsample_first=pool, **block)(x, train)
+      else:
+        x = ConvBlock((f,), pool, **block)(upsample(x, pool, self.upsampling), train)
       x = jnp.concatenate([x, skips[level].astype(x.dtype)], axis=-1)
       x = ConvBlock((f, f), self.kernel_sizes[level], **block)(x, train)
     x = Conv3D(1, (1, 1, 1), impl, self.dtype,

@@ -1,0 +1,70 @@
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from wmh_jax import models
+from wmh_jax import winograd
+
+
+def _direct(x, k):
+  return lax.conv_general_dilated(x, k, (1, 1), 'SAME',
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _relative_error(a, b):
+  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+# Measured bounds: F(2x2, 3x3) rounds like a direct convolution, F(4x4, 3x3)
+# ~10x worse (its transforms hold 4, 5 and 8).
+@pytest.mark.parametrize('m,tol', [(2, 2e-6), (4, 2e-5)])
+def test_matches_direct_convolution_forward_and_gradients(m, tol):
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 12, 40))
+  k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 40, 24)) / np.sqrt(360)
+  y = winograd.conv2d_same(x, k, m)
+  assert y.shape == (3, 8, 12, 24)
+  assert _relative_error(y, _direct(x, k)) < tol
+  dy = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+  gx, gk = jax.vjp(lambda a, b: winograd.conv2d_same(a, b, m), x, k)[1](dy)
+  rx, rk = jax.vjp(_direct, x, k)[1](dy)
+  assert _relative_error(gx, rx) < tol
+  assert _relative_error(gk, rk) < tol
+
+
+def test_a_single_pixel_gives_the_flipped_kernel_at_the_tile_borders():
+  # 'SAME' edges: the impulse sits on a tile corner, so every output it reaches
+  # crosses a tile border; zero padding must hold at the image border too.
+  for m in (2, 4):
+    for pos in [(0, 0), (3, 4), (7, 7)]:
+      x = jnp.zeros((1, 8, 8, 1)).at[0, pos[0], pos[1], 0].set(1.0)
+      k = jnp.arange(9.0).reshape(3, 3, 1, 1)
+      np.testing.assert_allclose(winograd.conv2d_same(x, k, m), _direct(x, k),
+                                 atol=1e-5)
+
+
+def test_tile_size_rules():
+  assert winograd.tile_size(128, 64, jnp.float32) == 4
+  assert winograd.tile_size(6, 10, jnp.float32) == 2
+  assert winograd.tile_size(8, 8, jnp.bfloat16) == 2   # F(4, 3) loses too much
+  assert winograd.tile_size(7, 8, jnp.float32) is None
+
+
+def test_refuses_what_it_cannot_compute():
+  x = jnp.zeros((1, 8, 8, 2))
+  with pytest.raises(ValueError, match='3x3'):
+    winograd.conv2d_same(x, jnp.zeros((2, 2, 2, 1)), 2)
+  with pytest.raises(ValueError, match='tiles'):
+    winograd.conv2d_same(jnp.zeros((1, 6, 8, 2)), jnp.zeros((3, 3, 2, 1)), 4)
+
+
+@pytest.mark.parametrize('shape,kz', [((2, 4, 8, 8, 16), 1), ((1, 4, 8, 12, 8), 3),
+                                      ((1, 2, 6, 6, 4), 1), ((1, 2, 7, 6, 16), 1)])
+def test_conv3d_winograd_matches_native_including_fallbacks(shape, kz):
+  # 8x8 and 8x12: F(4, 3); 6x6 with 4 channels: direct (too few channels);
+  # 7x6: direct (odd side).
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, kz, shape[-1], 5))
+  assert _relative_error(models.conv3d(x, w, 'winograd'),
+                         models.conv3d(x, w, 'native')) < 2e-5

@@ -1,0 +1,171 @@
+"""Winograd minimal filtering for 'SAME' 3x3 convolutions (Lavin & Gray, CVPR 2016).
+
+F(m x m, 3 x 3) computes each m x m output tile from an (m+2) x (m+2) input tile
+with (m+2)^2 multiplications per channel pair instead of 9 m^2: F(2x2, 3x3) does
+2.25x fewer, F(4x4, 3x3) 4x fewer. The work left is (m+2)^2 batched matmuls
+``(tiles, Cin) @ (Cin, Cout)`` plus input and output transforms made of adds, so
+XLA:CPU runs it on its matmul, its fastest kernel. Autodiff gives the gradients:
+the transforms are linear, and the gradient of the matmuls is two more batched
+matmuls (the kernel gradient contracts over the tiles), all with the same saving.
+
+Rounding differs from a direct convolution: float32 outputs agree to ~1e-6 of their
+largest value with F(2x2, 3x3) and ~1e-5 with F(4x4, 3x3) (measured in
+tests/winograd_test.py and bench/conv_layers.py), the usual cost of the method;
+lower precisions use F(2x2, 3x3), whose transforms hold only 0 and +-1 in the input
+and output and +-1/2 in the kernel.
+"""
+
+import functools
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# (B^T, G, A^T) for F(m x m, 3 x 3), keyed by m. F(4, 3) interpolates at 0, +-1, +-2
+# and infinity (Lavin & Gray, section 4.2).
+TRANSFORMS = {
+    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]),
+        np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]]),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]])),
+    4: (np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                  [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]),
+        np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+                  [0, 1, -1, 8, -8, 1]])),
+}
+
+
+def tile_size(h: int, w: int, dtype) -> int | None:
+  """The output tile m to use for an ``h x w`` image, or None (no Winograd).
+
+  F(4x4, 3x3) when both sides divide by 4 in float32; F(2x2, 3x3) when they divide
+  by 2 (and always in lower precisions, where F(4, 3)'s transforms lose too much).
+  """
+  if jnp.dtype(dtype) == jnp.float32 and h % 4 == 0 and w % 4 == 0:
+    return 4
+  if h % 2 == 0 and w % 2 == 0:
+    return 2
+  return None
+
+
+def _combine(coefficients, parts):
+  """``sum_k coefficients[k] * parts[k]``, skipping zeros (one fused XLA loop)."""
+  out = None
+  for c, p in zip(coefficients, parts):
+    if c == 0:
+      continue
+    term = p if c == 1 else -p if c == -1 else float(c) * p
+    out = term if out is None else out + term
+  return out
+
+
+def _input_transform(x: jax.Array, m: int) -> jax.Array:
+  """``(N, H, W, C)`` -> ``(a*a, N*(H/m)*(W/m), C)``: B^T d B of every input tile."""
+  bt = TRANSFORMS[m][0]
+  a = m + 2
+  n, h, w, c = x.shape
+  th, tw = h // m, w // m
+  # Tile (i, j) reads xp[m*i : m*i + a, m*j : m*j + a]; 'SAME' pads one each side.
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  rows = [xp[:, k:k + m * th:m] for k in range(a)]               # (n, th, w+2, c)
+  v = jnp.stack([_combine(bt[r], rows) for r in range(a)])        # (a, n, th, w+2, c)
+  cols = [v[..., k:k + m * tw:m, :] for k in range(a)]            # (a, n, th, tw, c)
+  v = jnp.stack([_combine(bt[r], cols) for r in range(a)], axis=1)
+  return v.reshape(a * a, n * th * tw, c)
+
+
+def _kernel_transform(kernel: jax.Array, m: int) -> jax.Array:
+  """``(3, 3, Cin, Cout)`` -> ``(a*a, Cin, Cout)``: G g G^T."""
+  g = TRANSFORMS[m][1].astype(np.float32)
+  a = m + 2
+  u = jnp.einsum('ij,jkco,lk->ilco', g, kernel.astype(jnp.float32), g)
+  return u.astype(kernel.dtype).reshape(a * a, *kernel.shape[2:])
+
+
+def _output_transform(prod: jax.Array, n: int, h: int, w: int, m: int) -> jax.Array:
+  """``(a*a, T, C)`` -> ``(N, H, W, C)``: A^T M A of every tile, tiles in place."""
+  at = TRANSFORMS[m][2]
+  a = m + 2
+  prod = prod.reshape(a, a, n, h // m, w // m, -1)
+  y = jnp.stack([_combine(at[r], list(prod)) for r in range(m)], axis=3)
+  y = jnp.stack([_combine(at[r], list(y)) for r in range(m)], axis=4)
+  return y.reshape(n, h, w, -1)                                   # (n, th, m, tw, m)
+
+
+def _output_transform_transposed(dy: jax.Array, m: int) -> jax.Array:
+  """The adjoint of :func:`_output_transform`: ``(N, H, W, C)`` -> ``(a*a, T, C)``."""
+  at = TRANSFORMS[m][2]
+  a = m + 2
+  n, h, w, c = dy.shape
+  dy = dy.reshape(n, h // m, m, w // m, m, c)
+  rows = [dy[:, :, r] for r in range(m)]                          # (n, th, tw, m, c)
+  d = jnp.stack([_combine(at[:, i], rows) for i in range(a)])     # (a, n, th, tw, m, c)
+  cols = [d[..., s, :] for s in range(m)]                         # (a, n, th, tw, c)
+  d = jnp.stack([_combine(at[:, l], cols) for l in range(a)], axis=1)
+  return d.reshape(a * a, -1, c)
+
+
+def _batched_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  return lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))),
+                         preferred_element_type=a.dtype)
+
+
+def _check(x, kernel, m):
+  if kernel.shape[:2] != (3, 3):
+    raise ValueError(f'Winograd F(m, 3) needs a 3x3 kernel, got {kernel.shape[:2]}')
+  if x.shape[1] % m or x.shape[2] % m:
+    raise ValueError(f'image {x.shape[1]}x{x.shape[2]} does not divide into {m}x{m} '
+                     'tiles')
+
+
+def _conv(x, kernel, m):
+  n, h, w, _ = x.shape
+  prod = _batched_matmul(_input_transform(x, m), _kernel_transform(kernel, m))
+  return _output_transform(prod, n, h, w, m)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv2d_same(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
+  """'SAME' 2-D cross-correlation by F(m x m, 3 x 3).
+
+  Args:
+    x: ``(N, H, W, Cin)`` with H and W divisible by m.
+    kernel: ``(3, 3, Cin, Cout)`` (HWIO).
+    m: 2 or 4, the output tile (see :func:`tile_size`).
+
+  Returns:
+    ``(N, H, W, Cout)``, equal to ``lax.conv_general_dilated(..., 'SAME')`` up to
+    rounding.
+
+  The gradient is written out rather than left to autodiff, whose transpose of the
+  strided tile reads is a slow scatter on CPU: the input gradient is the same
+  Winograd convolution of the output gradient with the kernel turned 180 degrees
+  (in and out channels swapped), and the kernel gradient is G^T (V^T dM) G, with V
+  the input tiles (recomputed, not stored) and dM the adjoint of the output
+  transform applied to the output gradient.
+  """
+  _check(x, kernel, m)
+  return _conv(x, kernel, m)
+
+
+def _fwd(x, kernel, m):
+  _check(x, kernel, m)
+  return _conv(x, kernel, m), (x, kernel)
+
+
+def _bwd(m, res, dy):
+  x, kernel = res
+  dx = _conv(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), m)
+  du = lax.dot_general(_input_transform(x, m), _output_transform_transposed(dy, m),
+                       (((1,), (1,)), ((0,), (0,))),
+                       preferred_element_type=x.dtype)            # (a*a, cin, cout)
+  g = TRANSFORMS[m][1].astype(np.float32)
+  a = m + 2
+  dk = jnp.einsum('ij,ilco,lk->jkco', g, du.reshape(a, a, *du.shape[1:]).astype(
+      jnp.float32), g)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+conv2d_same.defvjp(_fwd, _bwd)
