@@ -1,6 +1,6 @@
 r"""Seconds per layer kind of the seed network: 3-D vs folded 2-D convolutions.
 
-  .venv/bin/python bench/conv_layers.py [--repeats=5] [--batch=1]
+  .venv/bin/python bench/conv_layers.py [--repeats=5] [--batch=1] [--impls=fold2d,winograd]
 
 For each convolution of the default U-Net at its level's size on the 128x128x16
 grid (batch 1), and for pooling and upsampling, times the forward pass and the
@@ -44,6 +44,8 @@ from wmh_jax import models  # pylint: disable=wrong-import-position
 flags.DEFINE_integer('repeats', 5, 'Timed runs per setting.')
 flags.DEFINE_integer('batch', 1, 'Batch size.')
 flags.DEFINE_bool('keep_freed_memory', True, 'See wmh_jax.host_memory.')
+flags.DEFINE_list('impls', ['native', 'fold2d_xla', 'fold2d', 'winograd'],
+                  'Implementations to time.')
 FLAGS = flags.FLAGS
 
 # (name, (Z, X, Y) of the output, cin, cout, (kx, ky, kz), up-convolution): the
@@ -117,6 +119,8 @@ def main(_):
     kernel = jax.random.normal(key, (*k, cin, cout), jnp.float32) * 0.05
     flop = 2.0 * FLAGS.batch * z * h * w * cin * cout * k[0] * k[1] * k[2]
     for impl, conv in (UP_IMPLS if up else IMPLS).items():
+      if impl not in FLAGS.impls:
+        continue
       fwd = jax.jit(conv)
       grad = jax.jit(jax.grad(lambda x_, k_, c=conv: jnp.sum(c(x_, k_) ** 2), (0, 1)))
       for what, fn, f in (('forward', fwd, flop), ('gradient', grad, 2 * flop)):

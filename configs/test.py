@@ -9,6 +9,9 @@ from configs import default
 
 def get_config():
   c = default.get_config()
+  # The tests run many small programs in one process (launch.main in-process):
+  # the allocator stays as the process started (host_memory has its own test).
+  c.keep_freed_memory = False
   c.data.root = '/tmp/wmh_jax_test_data'
   c.data.num_subjects = 6
   c.data.val_root = ''                  # split data.root by subject

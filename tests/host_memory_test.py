@@ -41,3 +41,17 @@ def _faults(mode):
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
   assert _faults('default') > PAGES // 2      # glibc's default: munmap, then fault
   assert _faults('keep') < PAGES // 20        # kept: the pages are still mapped
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc only')
+def test_release_gives_kept_memory_back():
+  script = SCRIPT.replace("print(out[0])", """
+from wmh_jax import host_memory
+def rss():
+  return int(open('/proc/self/statm').read().split()[1])
+before = rss()
+assert host_memory.release_freed_memory()
+print(before - rss())""")
+  done = subprocess.run([sys.executable, '-c', script, 'keep'], capture_output=True,
+                        text=True, check=True)
+  assert int(done.stdout.split()[-1]) > PAGES // 2  # the 256 MiB left the process

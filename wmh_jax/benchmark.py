@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from wmh_jax import host_memory
 from wmh_jax import input_pipeline
 from wmh_jax import models
 from wmh_jax import steps
@@ -189,6 +190,8 @@ def benchmark(config) -> list[dict]:
     for batch in bc.batch_sizes:
       records.append(benchmark_setting(config, impl, batch, peak))
       print(json.dumps(records[-1]), flush=True)
+      jax.clear_caches()
+      host_memory.release_freed_memory()  # the next setting's buffers differ
   if bc.pipeline:
     records.append(benchmark_pipeline(config, records[0]['step_median_s']))
     print(json.dumps(records[-1]), flush=True)

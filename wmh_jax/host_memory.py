@@ -12,7 +12,9 @@ train step's system time.
 main arena (``M_ARENA_MAX=1``), large blocks come from the heap instead of
 ``mmap`` (``M_MMAP_MAX=0``), and freed memory below 2 GiB at the top of the heap is
 kept (``M_TRIM_THRESHOLD``): from the second step on, buffers reuse pages already
-mapped. The cost: the process keeps its peak heap until it exits. It acts on the
+mapped. The cost: the process keeps its peak heap until it exits, or until
+:func:`release_freed_memory` (between programs with different buffers, e.g. the
+settings of the benchmark, whose heaps would otherwise pile up). It acts on the
 whole process (the PyTorch side of bench/torch_side_by_side.py gets the same
 allocator), must run before the threads start allocating, and does nothing off
 glibc.
@@ -38,3 +40,12 @@ def keep_freed_memory() -> bool:
   mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
   return all(mallopt(p, v) == 1 for p, v in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0),
                                              (M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+
+
+def release_freed_memory() -> bool:
+  """Gives freed heap memory back to the system (glibc ``malloc_trim(0)``)."""
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library('c'))
+    return bool(libc.malloc_trim(0))
+  except (OSError, AttributeError, TypeError):
+    return False
