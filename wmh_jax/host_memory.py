@@ -10,9 +10,8 @@ train step's system time.
 
 :func:`keep_freed_memory` sets glibc's ``mallopt`` so that every thread shares the
 main arena (``M_ARENA_MAX=1``), large blocks come from the heap instead of
-``mmap`` (``M_MMAP_MAX=0``), and freed memory below 2 GiB at the top of the heap is
-kept (``M_TRIM_THRESHOLD``): from the second step on, buffers reuse pages already
-mapped. The cost: the process keeps its peak heap until it exits, or until
+``mmap`` (``M_MMAP_MAX=0``), and the heap is never trimmed (``M_TRIM_THRESHOLD``):
+from the second step on, buffers reuse pages already mapped. The cost: the process keeps its peak heap until it exits, or until
 :func:`release_freed_memory` (between programs with different buffers, e.g. the
 settings of the benchmark, whose heaps would otherwise pile up). It acts on the
 whole process (the PyTorch side of bench/torch_side_by_side.py gets the same
@@ -29,13 +28,18 @@ M_ARENA_MAX = -8
 TRIM_THRESHOLD = -1  # mallopt takes an int; glibc reads -1 as SIZE_MAX: never trim
 
 
+def _libc():
+  """glibc, or None where the C library cannot be loaded."""
+  try:
+    return ctypes.CDLL(ctypes.util.find_library('c'))
+  except (OSError, TypeError):
+    return None
+
+
 def keep_freed_memory() -> bool:
   """Applies the settings above; returns False where glibc's mallopt is missing."""
-  name = ctypes.util.find_library('c')
-  try:
-    libc = ctypes.CDLL(name)
-    mallopt = libc.mallopt
-  except (OSError, AttributeError, TypeError):
+  mallopt = getattr(_libc(), 'mallopt', None)
+  if mallopt is None:
     return False
   mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
   return all(mallopt(p, v) == 1 for p, v in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0),
@@ -44,8 +48,5 @@ def keep_freed_memory() -> bool:
 
 def release_freed_memory() -> bool:
   """Gives freed heap memory back to the system (glibc ``malloc_trim(0)``)."""
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library('c'))
-    return bool(libc.malloc_trim(0))
-  except (OSError, AttributeError, TypeError):
-    return False
+  malloc_trim = getattr(_libc(), 'malloc_trim', None)
+  return malloc_trim is not None and bool(malloc_trim(0))

@@ -127,11 +127,10 @@ def conv3d(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
     raise ValueError(f'unknown conv impl {impl!r}')
   b, z, h, w, _ = x.shape
   x = fold_depth(x, kz)
-  m = winograd.tile_size(h, w, x.dtype)
+  m = winograd.tile_size(h, w, x.dtype) if impl == 'winograd' else None
   if kx == ky == 1:
     y = x.reshape(-1, kz * cin) @ kernel.reshape(kz * cin, cout)
-  elif (impl == 'winograd' and kx == ky == 3 and m is not None
-        and kz * cin >= WINOGRAD_MIN_CHANNELS):
+  elif kx == ky == 3 and m is not None and kz * cin >= WINOGRAD_MIN_CHANNELS:
     y = winograd.conv2d_same(x.reshape(b * z, h, w, kz * cin),
                              kernel.reshape(kx, ky, kz * cin, cout), m)
   else:

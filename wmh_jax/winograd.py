@@ -4,13 +4,14 @@ F(m x m, 3 x 3) computes each m x m output tile from an (m+2) x (m+2) input tile
 with (m+2)^2 multiplications per channel pair instead of 9 m^2: F(2x2, 3x3) does
 2.25x fewer, F(4x4, 3x3) 4x fewer. The work left is (m+2)^2 batched matmuls
 ``(tiles, Cin) @ (Cin, Cout)`` plus input and output transforms made of adds, so
-XLA:CPU runs it on its matmul, its fastest kernel. Autodiff gives the gradients:
-the transforms are linear, and the gradient of the matmuls is two more batched
-matmuls (the kernel gradient contracts over the tiles), all with the same saving.
+XLA:CPU runs it on its matmul, its fastest kernel. The gradient is written out
+(see :func:`conv2d_same`): the input gradient is another Winograd convolution and
+the kernel gradient one more batched matmul contracting over the tiles, all with
+the same saving.
 
 Rounding differs from a direct convolution: float32 outputs agree to ~1e-6 of their
 largest value with F(2x2, 3x3) and ~1e-5 with F(4x4, 3x3) (measured in
-tests/winograd_test.py and bench/conv_layers.py), the usual cost of the method;
+tests/winograd_test.py), the usual cost of the method;
 lower precisions use F(2x2, 3x3), whose transforms hold only 0 and +-1 in the input
 and output and +-1/2 in the kernel.
 """
