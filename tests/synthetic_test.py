@@ -18,7 +18,7 @@ def _iso_geometry():
 def test_same_seed_identical_files(tmp_path):
   a = synthetic.write_one(str(tmp_path / 'a'), 5, 1)
   b = synthetic.write_one(str(tmp_path / 'b'), 5, 1)
-  for name in ('pre/FLAIR.nii.gz', 'wmh.nii.gz'):
+  for name in ('pre/FLAIR.nii.gz', 'brain.nii.gz', 'wmh.nii.gz'):
     # The decompressed bytes: header and voxels, everything but gzip's timestamp.
     assert gzip.decompress((a / name).read_bytes()) == gzip.decompress(
         (b / name).read_bytes()), name
@@ -63,12 +63,28 @@ def test_generated_label_two_follows_the_challenge_rules():
   assert not (without.labels == 2).any()
 
 
-def test_lesions_brighter_than_grey_matter():
+def test_lesions_inside_the_brain_and_brighter_than_its_median():
   s = synthetic.generate_subject(0, 4, load_ml=10.0, geometry=_iso_geometry())
-  flair = s.flair.astype(np.float32)
-  brain = flair > np.percentile(flair, 60)
-  assert np.median(flair[s.labels == 1]) > np.percentile(
-      flair[brain & (s.labels == 0)], 90)
+  flair, brain = s.flair.astype(np.float32), s.brain.astype(bool)
+  assert s.brain.dtype == np.uint8 and s.brain.shape == s.flair.shape
+  assert brain[s.labels == 1].all()
+  assert 900 < brain.sum() / 1000 < 2300          # mL: a whole brain
+  assert np.median(flair[s.labels == 1]) > np.median(flair[brain & (s.labels == 0)])
+
+
+def test_heads_vary_and_fat_sometimes_outshines_the_lesions():
+  """Whole, defaced and stripped heads occur; in some subject the tissue
+  outside the brain is brighter than the median lesion (so "brightest = lesion"
+  is false), in another it is absent (skull-stripped)."""
+  brighter = stripped = False
+  for i in range(8):
+    s = synthetic.generate_subject(1, i, load_ml=5.0, geometry=_iso_geometry())
+    flair, brain = s.flair.astype(np.float32), s.brain.astype(bool)
+    outside = flair[~brain & (ndimage.distance_transform_edt(~brain) > 4)]
+    lesion = np.median(flair[s.labels == 1])
+    brighter |= np.percentile(outside, 99.5) > lesion
+    stripped |= np.percentile(outside, 99.5) < 0.1 * lesion
+  assert brighter and stripped
 
 
 @pytest.mark.parametrize('site', synthetic.SITES)

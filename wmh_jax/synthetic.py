@@ -3,10 +3,14 @@
 Anatomy comes from the MNI152 ICBM 2009a templates that ship inside nilearn's
 wheel (read by path; nothing is downloaded). Each subject is the template under a
 random pose, size, elastic warp and ventricle enlargement, with white matter
-hyperintensities (periventricular caps and rims growing with load, plus punctate
-deep lesions), sometimes lacunes (label 2), tissue contrasts of FLAIR, texture,
-bias field and Rician noise, acquired on a randomised grid (spacing, slice
-thickness with through-plane blur, matrix, orientation, skull, dtype).
+hyperintensities (periventricular caps and rims growing with load, plus many
+small punctate and ovoid lesions), sometimes lacunes (label 2), the lesions'
+look-alikes (bright cortex, choroid plexus, septum pellucidum, CSF flow
+artefacts), FLAIR contrasts drawn per subject, the head around the brain
+(``wmh_jax.head``: scalp, skull, orbits, sinuses, face; whole, defaced or
+stripped), texture, bias field and Rician noise, acquired on a randomised grid
+(spacing, slice thickness with through-plane blur, matrix, orientation, head
+coverage, dtype). Each subject has its brain mask (``brain.nii.gz``).
 
 ``generate_subject(seed, index)`` is a pure function of its arguments.
 """
@@ -21,13 +25,14 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from wmh_jax import head as head_lib
 from wmh_jax import nifti_io
 from wmh_jax import subjects
 
 SITES = ('Synth2D', 'Synth3mm', 'Synth3D')  # acquisition families, one a site
 # Bump when a seed's subjects change: the wmh_synthetic TFDS version and the
 # marker file of generated folders carry it.
-GENERATOR_VERSION = '2.0.0'
+GENERATOR_VERSION = '3.0.0'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +41,10 @@ class Template:
   wm: np.ndarray
   csf: np.ndarray
   brain: np.ndarray       # bool
+  vent: np.ndarray        # bool: the lateral ventricles
+  head: head_lib.Head     # the head around the brain
   affine: np.ndarray      # template voxel -> MNI world (mm)
   dist_vent: np.ndarray   # mm from the lateral ventricles
-  dist_out: np.ndarray    # mm outside the brain (0 inside)
   vent_y_range: tuple[float, float]  # anterior-posterior extent of the ventricles
 
 
@@ -58,15 +64,17 @@ def load_template() -> Template:
       canonical=False)
   t1 = read('t1')
   brain = ndimage.binary_fill_holes(np.asarray(t1.dataobj) > 0)
-  # Crop to the brain plus room for a skull (13 mm): less work per subject.
-  lo = np.maximum(np.argwhere(brain).min(0) - 13, 0)
-  hi = np.argwhere(brain).max(0) + 14
-  box = tuple(slice(a, b) for a, b in zip(lo, hi))
+  # The brain's box plus room for the head (mm = voxels: x, y back and front,
+  # z below and above; the face and neck reach past the template's own grid).
+  idx = np.argwhere(brain)
+  lo = idx.min(0) - np.array([24, 26, 28])
+  hi = idx.max(0) + 1 + np.array([24, 34, 26])
   affine = t1.affine.copy()
   affine[:3, 3] += affine[:3, :3] @ lo
-  brain = brain[box]
-  gm = np.asarray(read('gm').dataobj, np.float32)[box] / 255.0
-  wm = np.asarray(read('wm').dataobj, np.float32)[box] / 255.0
+  box = lambda a: _crop_padded(a, lo, hi)
+  brain = box(brain)
+  gm = box(np.asarray(read('gm').dataobj, np.float32)) / 255.0
+  wm = box(np.asarray(read('wm').dataobj, np.float32)) / 255.0
   csf = np.clip(brain - gm - wm, 0.0, 1.0).astype(np.float32)
   depth = ndimage.distance_transform_edt(brain)
   # Lateral ventricles: the large CSF components deep in the brain, off the midline.
@@ -79,10 +87,17 @@ def load_template() -> Template:
   vent = np.isin(lab, keep)
   ys = np.nonzero(vent.any(axis=(0, 2)))[0]
   return Template(
-      gm=gm, wm=wm, csf=csf, brain=brain, affine=affine,
+      gm=gm, wm=wm, csf=csf, brain=brain, vent=vent,
+      head=head_lib.build(brain, affine), affine=affine,
       dist_vent=ndimage.distance_transform_edt(~vent).astype(np.float32),
-      dist_out=ndimage.distance_transform_edt(~brain).astype(np.float32),
       vent_y_range=(float(ys.min()), float(ys.max())))
+
+
+def _crop_padded(a: np.ndarray, lo, hi) -> np.ndarray:
+  """``a[lo:hi]`` per axis, zero-padded where the box leaves the array."""
+  pad = [(max(0, -l), max(0, h - n)) for l, h, n in zip(lo, hi, a.shape)]
+  a = np.pad(a, pad)
+  return a[tuple(slice(l + p[0], h + p[0]) for l, h, p in zip(lo, hi, pad))]
 
 
 def _smooth_noise(rng, shape, sigma_vox, coarse=4):
@@ -162,8 +177,9 @@ def lesion_map(rng, tpl: Template, load_ml: float, vent_grow: float,
   Periventricular: a field falling off with distance from the (enlarged)
   ventricles, stronger at the frontal and occipital horns and longer-ranged with
   load (caps -> rim -> confluent), roughened by smooth noise, in white matter only.
-  Deep: a few irregular punctate blobs away from the ventricles. No lesion within
-  3 mm of the midline.
+  Deep: many small irregular punctate or ovoid lesions away from the ventricles,
+  most of them a few mm across (as in real scans, where most lesions cover a few
+  voxels on one or two slices). No lesion within 3 mm of the midline.
   """
   shape = wm.shape
   dist = np.maximum(tpl.dist_vent - vent_grow, 0.0)
@@ -176,31 +192,66 @@ def lesion_map(rng, tpl: Template, load_ml: float, vent_grow: float,
   eligible = (wm > 0.5) & (dist > 0.5)
   mid = int(round(np.linalg.inv(tpl.affine)[0] @ np.array([0, 0, 0, 1])))
   eligible[mid - 3:mid + 4] = False
-  deep_fraction = rng.uniform(0.05, 0.3)
+  deep_fraction = rng.uniform(0.1, 0.5)
   n_peri = int(round(load_ml * 1000 * (1 - deep_fraction)))
   values = field[eligible]
   les = np.zeros(shape, bool)
   if n_peri > 0:
     thr = np.partition(values, values.size - n_peri)[values.size - n_peri]
     les = eligible & (field >= thr)
-  # Punctate deep lesions: noisy balls of 1.5-4 mm radius.
+  # Deep lesions: noisy ellipsoids, radius log-uniform in 1-4 mm (most small),
+  # each axis stretched by up to 1.6 (ovoid).
   deep_target = load_ml * 1000 - les.sum()
   cand = np.argwhere(eligible & (dist > 8))
-  for _ in range(200):
+  for _ in range(600):
     if deep_target <= 0 or cand.size == 0:
       break
     c = cand[rng.integers(len(cand))]
-    r = rng.uniform(1.5, 4.0)
-    lo = np.maximum(c - 6, 0)
-    hi = np.minimum(c + 7, shape)
+    r = float(np.exp(rng.uniform(np.log(1.0), np.log(4.0))))
+    stretch = rng.uniform(0.7, 1.6, 3)
+    lo = np.maximum(c - 7, 0)
+    hi = np.minimum(c + 8, shape)
     zz = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    d2 = sum((g - ci) ** 2 for g, ci in zip(zz, c))
-    ball = (np.sqrt(d2) + 0.8 * rough[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    d2 = sum(((g - ci) / st) ** 2 for g, ci, st in zip(zz, c, stretch))
+    ball = (np.sqrt(d2) + 0.25 * r * rough[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
             < r) & eligible[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     sub = les[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     deep_target -= (ball & ~sub).sum()
     sub |= ball
   return les
+
+
+def _blob(centre, radius: float):
+  """``(box, ball)``: the slices around ``centre`` and a ball of ``radius`` in them
+  (the box is clipped at 0 only; numpy clips its upper ends)."""
+  r = int(np.ceil(radius)) + 1
+  box = tuple(slice(max(c - r, 0), c + r + 1) for c in centre)
+  zz = np.ogrid[box]
+  return box, sum((g - c) ** 2 for g, c in zip(zz, centre)) <= radius * radius
+
+
+def _lookalikes(rng, tpl: Template, img: np.ndarray, vent: np.ndarray) -> np.ndarray:
+  """Adds bright tissue that is not WMH (label 0): the choroid plexus in the
+  ventricles' atria, the septum pellucidum between them, CSF flow artefacts."""
+  img = img.copy()
+  mid = int(round(np.linalg.inv(tpl.affine)[0] @ np.array([0, 0, 0, 1])))
+  y0, y1 = tpl.vent_y_range
+  x = np.arange(vent.shape[0])[:, None, None]
+  y = np.arange(vent.shape[1])[None, :, None]
+  atria = np.argwhere(vent & (y < y0 + 0.35 * (y1 - y0)) & (np.abs(x - mid) > 8))
+  flow = np.argwhere(vent) if rng.uniform() < 0.5 else np.zeros((0, 3), int)
+  spots = ([(atria, rng.uniform(2.0, 4.5), rng.uniform(0.7, 1.5))
+            for _ in range(rng.integers(2, 5))] +
+           [(flow, rng.uniform(1.5, 3.5), rng.uniform(0.5, 1.6))
+            for _ in range(rng.integers(1, 4))])
+  for cand, radius, value in spots:
+    if len(cand):
+      box, ball = _blob(cand[rng.integers(len(cand))], radius)
+      img[box] = np.where(ball & vent[box], value, img[box])
+  if rng.uniform() < 0.7:
+    septum = vent & (np.abs(x - mid) <= 1)
+    img[septum] = rng.uniform(0.8, 1.4)
+  return img
 
 
 def _mask_keeping_volume(fraction: np.ndarray) -> np.ndarray:
@@ -248,7 +299,9 @@ def sample_geometry(rng, site: str):
       rng.integers(3)]
   tilt = _rotation(*np.deg2rad(rng.uniform(-12, 12, 3) * [1, 0.5, 0.5]))
   lin = tilt @ flips @ np.diag(spacing)
-  center = np.array([0.0, -18.0, 10.0]) + rng.uniform(-8, 8, 3)
+  # The slab's centre: head coverage varies (thick-slice scans often start at
+  # the skull base and may miss the vertex, or the reverse).
+  center = np.array([0.0, -18.0, 10.0]) + rng.uniform(-8, 8, 3) * [1, 1, 1.8]
   affine = np.eye(4)
   affine[:3, :3] = lin
   affine[:3, 3] = center - lin @ ((np.array(shape) - 1) / 2)
@@ -262,6 +315,7 @@ class Subject:
   affine: np.ndarray
   dtype: np.dtype
   lesion_ml: float        # requested lesion load
+  brain: np.ndarray       # uint8 {0, 1}: the brain (with ventricles, cerebellum)
 
 
 def other_pathology_labels(lesion: np.ndarray, other: np.ndarray) -> np.ndarray:
@@ -306,7 +360,8 @@ def generate_subject(seed: int, index: int, site: str | None = None,
   # Subject pose and size (drawn first: the lesion load is asked of the template
   # divided by the head's volume scale, so the subject gets ``load_ml``).
   rot = _rotation(*np.deg2rad(rng.uniform(-8, 8, 3)))
-  scale = rng.uniform(0.92, 1.08) * (1 + rng.uniform(-0.04, 0.04, 3))
+  # The MNI152 brain is larger than most (~1.9 L with its CSF): scaled down a little.
+  scale = rng.uniform(0.86, 1.02) * (1 + rng.uniform(-0.04, 0.04, 3))
   fine_noise = _smooth_noise(rng, wm.shape, 1.5, coarse=2)
   les = lesion_map(rng, tpl, load_ml / float(np.prod(scale)), grow, wm, fine_noise)
   other = np.zeros_like(les)
@@ -316,27 +371,29 @@ def generate_subject(seed: int, index: int, site: str | None = None,
     cand = np.argwhere((tpl.dist_vent > 4) & (tpl.dist_vent < 14) &
                        ((gm + wm) > 0.8) & ~les)
     for _ in range(rng.integers(1, 4)):
-      c = cand[rng.integers(len(cand))]
-      r = rng.uniform(1.5, 3.0)
-      zz = np.ogrid[tuple(slice(max(ci - 4, 0), ci + 5) for ci in c)]
-      ball = sum((g - ci) ** 2 for g, ci in zip(zz, c)) <= r * r
-      other[tuple(slice(max(ci - 4, 0), ci + 5) for ci in c)] |= ball
+      box, ball = _blob(cand[rng.integers(len(cand))], rng.uniform(1.5, 3.0))
+      other[box] |= ball
 
-  # FLAIR contrast relative to white matter.
-  c_gm, c_csf = rng.uniform(1.1, 1.35), rng.uniform(0.05, 0.2)
-  c_wmh = rng.uniform(max(1.45, c_gm + 0.1), 1.9)
-  img = wm * 1.0 + gm * c_gm + csf * c_csf
+  # FLAIR contrasts relative to white matter, drawn per subject (SynthSeg's
+  # idea): the cortex may be as bright as the lesions, and the sulcal CSF is
+  # sometimes not fully suppressed.
+  c_gm, c_csf = rng.uniform(1.05, 1.45), rng.uniform(0.02, 0.25)
+  c_wmh = rng.uniform(1.2, 2.0)
+  c_sulcal = c_csf if rng.uniform() < 0.75 else rng.uniform(0.3, 0.8)
+  img = wm * 1.0 + gm * c_gm + csf * np.where(tpl.vent | vent, c_csf, c_sulcal)
   img *= 1 + 0.04 * fine_noise
+  img = _lookalikes(rng, tpl, img, tpl.vent | vent)
   les_f = ndimage.gaussian_filter(les.astype(np.float32), 0.7)
-  img = img * (1 - les_f) + les_f * c_wmh * (1 + 0.05 * rng.standard_normal())
+  # Lesion brightness varies within and between lesions.
+  img = img * (1 - les_f) + les_f * c_wmh * (1 + 0.1 * fine_noise)
   if other.any():
     rim = ndimage.binary_dilation(other, iterations=1) & ~other
     img = np.where(other, c_csf * 1.5, np.where(rim, np.maximum(img, c_gm * 1.1), img))
-  skull = rng.uniform() < 0.5
-  if skull:   # CSF, skull (dark), scalp fat (bright) outside the brain
-    d = tpl.dist_out
-    img = img + np.where((d > 0) & (d <= 2), c_csf, 0) + np.where(
-        (d > 6) & (d <= 11), rng.uniform(0.6, 1.3), 0)
+  # The head around the brain: stripped, whole or defaced, its own contrasts.
+  coverage = head_lib.COVERAGE[rng.choice(len(head_lib.COVERAGE),
+                                          p=head_lib.COVERAGE_P)]
+  img = img + head_lib.draw(rng, tpl.head, _smooth_noise(rng, wm.shape, 10.0, 8),
+                            fine_noise, c_csf, coverage)
   # Through-plane blur of thick slices (slice profile ~ Gaussian, FWHM = thickness).
   fwhm = spacing[2]
   if fwhm > 1.2:
@@ -353,8 +410,9 @@ def generate_subject(seed: int, index: int, site: str | None = None,
   coarse = tuple(max(2, s // 16) for s in shape)
   warps = [_upsample(rng.standard_normal(coarse).astype(np.float32) * 1.5, shape)
            for _ in range(3)]
-  flair, les_p, oth_p = _resample(to_tpl.astype(np.float32), warps,
-                                  [img, les_f, other.astype(np.float32)])
+  flair, les_p, oth_p, brain_p = _resample(
+      to_tpl.astype(np.float32), warps,
+      [img, les_f, other.astype(np.float32), tpl.brain.astype(np.float32)])
   labels = other_pathology_labels(_mask_keeping_volume(les_p), oth_p >= 0.35)
 
   # Bias field (smooth, multiplicative) and Rician noise.
@@ -373,7 +431,8 @@ def generate_subject(seed: int, index: int, site: str | None = None,
   flair = flair * (top / max(np.percentile(flair[::2, ::2], 99.9), 1e-6))
   if dtype != np.float32:
     flair = np.clip(np.round(flair), 0, np.iinfo(dtype).max)
-  return Subject(flair.astype(dtype), labels, affine, dtype, load_ml)
+  return Subject(flair.astype(dtype), labels, affine, dtype, load_ml,
+                 (brain_p >= 0.5).astype(np.uint8))
 
 
 def subject_id(seed: int, index: int) -> str:
@@ -392,6 +451,7 @@ def write_one(root: str, seed: int, index: int) -> Path:
   folder = subject_folder(root, seed, index)
   s = generate_subject(seed, index, site)
   nifti_io.save(folder / 'pre' / 'FLAIR.nii.gz', s.flair, s.affine, dtype=s.dtype)
+  nifti_io.save(folder / 'brain.nii.gz', s.brain, s.affine, dtype=np.uint8)
   # The mask last: its presence marks a complete subject.
   nifti_io.save(folder / 'wmh.nii.gz', s.labels, s.affine, dtype=np.uint8)
   return folder
