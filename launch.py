@@ -16,6 +16,7 @@ Other modes:
 import difflib
 import importlib.util
 import os
+from pathlib import Path
 import sys
 
 from absl import app
@@ -24,10 +25,12 @@ from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
+ROOT = Path(__file__).resolve().parent   # the project: configs/ and wmh_jax/
 MODES = ('train_and_evaluate', 'train', 'evaluate', 'predict', 'score',
          'synthesize', 'benchmark')
-config_flags.DEFINE_config_file('config', 'configs/default.py',
-                                'Path to a config file.', lock_config=True)
+config_flags.DEFINE_config_file('config', str(ROOT / 'configs' / 'default.py'),
+                                'Path to a config file (configs/NAME.py: the '
+                                "project's own).", lock_config=True)
 flags.DEFINE_string('workdir', 'runs/default', 'Checkpoints, logs and results.')
 flags.DEFINE_enum('mode', 'train_and_evaluate', MODES,
                   'What to do; the default trains, then evaluates.')
@@ -104,22 +107,57 @@ def _config_keys(config, prefix='') -> list[str]:
   return keys
 
 
+def resolve_config_path(value: str) -> str:
+  """``--config``'s PATH[:ARGS] with a relative PATH made absolute.
+
+  ``configs/NAME.py`` is the project's own when it has that file (whatever the
+  current folder holds); another relative PATH is taken from the current folder,
+  else from the project. So every mode runs from any folder.
+  """
+  path, sep, args = value.partition(':')
+  p = Path(path)
+  if not path or p.is_absolute():
+    return value
+  own = [ROOT / p] if p.parts[0] == 'configs' else []
+  for candidate in [*own, Path.cwd() / p, ROOT / p]:
+    if candidate.is_file():
+      return f'{candidate}{sep}{args}'
+  return value
+
+
+def resolve_config_argv(argv: list[str]) -> list[str]:
+  """``argv`` with each ``--config=PATH`` (or ``--config PATH``) resolved."""
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a.startswith('--config='):
+      out[i] = '--config=' + resolve_config_path(a.split('=', 1)[1])
+    elif a == '--config' and i + 1 < len(out):
+      out[i + 1] = resolve_config_path(out[i + 1])
+  return out
+
+
 def check_config_overrides(argv) -> None:
   """Exits with one line naming the nearest valid keys for an unknown --config.KEY.
 
   (ml_collections refuses such keys too, but with a traceback.)
   """
-  path = 'configs/default.py'
-  for a in argv[1:]:
+  path = str(ROOT / 'configs' / 'default.py')
+  for i, a in enumerate(argv[1:], 1):
     if a.startswith('--config='):
       path = a.split('=', 1)[1]
+    elif a == '--config' and i + 1 < len(argv):
+      path = argv[i + 1]
   spec = importlib.util.spec_from_file_location('_config_file', path.split(':')[0])
   if spec is None or not os.path.isfile(path.split(':')[0]):
     print(f'error: --config={path}: no such config file', file=sys.stderr)
     sys.exit(2)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  keys = _config_keys(module.get_config())
+  try:
+    spec.loader.exec_module(module)
+    keys = _config_keys(module.get_config())
+  except Exception as e:  # pylint: disable=broad-except
+    print(error_line(e, f'--config={path}: '), file=sys.stderr)
+    sys.exit(2)
   for a in argv[1:]:
     if a.startswith('--config.'):
       key = a[len('--config.'):].split('=', 1)[0]
@@ -131,22 +169,40 @@ def check_config_overrides(argv) -> None:
         sys.exit(2)
 
 
+def error_line(e: BaseException, prefix: str = '') -> str:
+  """``error: ...``, one line whatever ``e`` holds.
+
+  Our refusals (bad input: NiftiError and CheckpointError are ValueErrors;
+  missing or unwritable paths; a non-finite loss) are one line that names the
+  path; anything else is named by its type, with its message's first line.
+  """
+  lines = str(e).strip().splitlines()
+  text = lines[0] if lines else ''
+  if not isinstance(e, (OSError, ValueError, FloatingPointError)) or not text:
+    text = text if len(text) <= 300 else text[:300] + '...'
+    text = f'{type(e).__name__}: {text}' if text else type(e).__name__
+  if len(lines) > 1:
+    text += ' [...] (--verbosity=1 shows all and the traceback)'
+  return f'error: {prefix}{text}'
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.get_absl_logger().addFilter(_QuietLibraries())
   try:
     _run(FLAGS.config)
-  except (OSError, ValueError, FloatingPointError) as e:
-    # Bad input (NiftiError is a ValueError), missing or unwritable paths, a
-    # non-finite loss: one line for the user, the traceback in the log.
+  except Exception as e:  # pylint: disable=broad-except
+    # Every failure reaches the user as one line; the traceback is logged at
+    # debug level (--verbosity=1 shows it).
     logging.debug('traceback', exc_info=True)
-    print(f'error: {e}', file=sys.stderr, flush=True)
+    print(error_line(e), file=sys.stderr, flush=True)
     sys.exit(1)
 
 
 if __name__ == '__main__':
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, str(ROOT))
+  sys.argv = resolve_config_argv(sys.argv)
   check_config_overrides(sys.argv)
   app.run(main)

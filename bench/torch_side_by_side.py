@@ -231,6 +231,7 @@ def main(_):
   torch.set_num_threads(os.cpu_count())
   config = default.get_config()
   config.loss.name = 'dice'
+  config.model.brain_output = False  # the seed's one-channel head (as the torch twin)
   config.train.patch_size = None
   if FLAGS.grid:
     config.data.grid = tuple(int(n) for n in FLAGS.grid)

@@ -126,3 +126,52 @@ def test_pipeline_carries_the_soft_target_when_asked():
   batch = next(input_pipeline.train_dataset(soft, cfg).as_numpy_iterator())
   assert batch['target'].shape == batch['labels'].shape
   assert 'target' not in next(input_pipeline.train_dataset(hard, cfg).as_numpy_iterator())
+
+
+def test_brain_and_target_follow_the_labels_together():
+  image, labels = _volume()
+  target = (labels == 1).astype(np.float32) * 0.8
+  brain = np.zeros(labels.shape, np.float32)
+  brain[2:14, 1:10, :] = 1.0                        # holds the lesion and label 2
+  m, off = augment.random_affine(tf.constant([5, 0]), tf.shape(image),
+                                 tf.constant([1.0, 1.0, 3.0]))
+  _, l1, t1 = augment.affine_pair(image, labels, m, off, target)
+  i2, l2, t2, b2 = augment.affine_pair(image, labels, m, off, target, brain)
+  np.testing.assert_array_equal(l1.numpy(), l2.numpy())
+  np.testing.assert_array_equal(t1.numpy(), t2.numpy())
+  # The brain went through the same (linear) resampling as the image would.
+  np.testing.assert_allclose(b2.numpy(), augment.sample_linear(brain, m, off).numpy(),
+                             atol=1e-6)
+  assert (b2.numpy()[l2.numpy() > 0] > 0.4).all()  # lesions stay inside the brain
+  crops = augment.random_crop(image, labels, (6, 6, 2), tf.constant([2, 1], tf.int64),
+                              1.0, target, brain)
+  assert len(crops) == 4
+  _, crop_labels, crop_target, crop_brain = (c.numpy() for c in crops)
+  np.testing.assert_allclose(crop_target, (crop_labels == 1) * 0.8)
+  # The lesion voxels of the crop are brain voxels of the same crop.
+  assert (crop_brain[crop_labels == 1] == 1.0).all()
+
+
+def test_pipeline_carries_brain_and_has_brain():
+  image, labels = _volume()
+  brain = np.zeros(labels.shape, np.float32)
+  brain[2:14, 1:10, :] = 1.0
+  base = {'image': image, 'labels': labels, 'native_shape': np.array(image.shape),
+          'spacing': np.ones(3), 'lesion_fraction': (labels == 1) * 0.5}
+  prepared = [{**base, 'brain_fraction': brain}, base]   # the second has no mask
+  arrays = input_pipeline.stack_prepared(prepared, image.shape, True, brain=True)
+  np.testing.assert_array_equal(arrays['has_brain'], [1.0, 0.0])
+  np.testing.assert_array_equal(arrays['brain'][1], 0.0)
+  assert 'brain' not in input_pipeline.stack_prepared(prepared, image.shape)
+  assert 'brain' not in input_pipeline.stack_prepared([base], image.shape, brain=True)
+  cfg = test_config.get_config()
+  cfg.train.batch_size = 2
+  cfg.train.patch_size = (8, 8, 4)
+  batch = next(input_pipeline.train_dataset(arrays, cfg).as_numpy_iterator())
+  assert batch['brain'].shape == batch['labels'].shape == (2, 8, 8, 4)
+  assert sorted(batch['has_brain']) == [0.0, 1.0]   # one of each in the batch
+  for k in range(2):   # each example: its own mask, or zeros without one
+    if batch['has_brain'][k]:
+      assert (batch['brain'][k][batch['labels'][k] == 1] > 0.4).all()
+    else:
+      assert not batch['brain'][k].any()

@@ -4,9 +4,12 @@ The command line runs in-process (``launch.main`` with parsed flags) so that the
 many cases stay fast; ``launch_test.py`` covers real subprocesses.
 """
 
+import functools
 import gzip
+import io
 import logging
 import sys
+import time
 from pathlib import Path
 
 from absl import flags
@@ -66,6 +69,46 @@ def _with(value):
   return img
 
 
+def _singular_affine(p):
+  """Two voxel axes along the same world direction (sform only: nibabel cannot
+  decompose such an affine into a qform)."""
+  axes = AFFINE.copy()
+  axes[:3, 2] = axes[:3, 0]
+  img = nib.Nifti1Image(_image(), AFFINE)
+  img.header.set_sform(axes, code=1)
+  img.header.set_qform(None, code=0)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  nib.save(nib.Nifti1Image(_image(), None, img.header), str(p))
+
+
+def _nib_save(arr):
+  def write(p):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr, AFFINE), str(p))
+  return write
+
+
+HUGE_SHAPE = (1024, 1024, 512)
+
+
+@functools.lru_cache(maxsize=None)
+def huge_nifti_gz() -> bytes:
+  """A complete .nii.gz of 1024x1024x512 uint8 zeros: 512 MiB of voxels in ~0.5 MB."""
+  hdr = nib.Nifti1Header()
+  hdr.set_data_shape(HUGE_SHAPE)
+  hdr.set_data_dtype(np.uint8)
+  hdr.set_sform(AFFINE, code=1)
+  hdr['vox_offset'] = 352
+  buf = io.BytesIO()
+  with gzip.GzipFile(fileobj=buf, mode='wb', compresslevel=6) as f:
+    hdr.write_to(f)
+    f.write(b'\0' * (352 - hdr.sizeof_hdr))    # no extensions
+    chunk = b'\0' * (1 << 24)
+    for _ in range(int(np.prod(HUGE_SHAPE)) // len(chunk)):
+      f.write(chunk)
+  return buf.getvalue()
+
+
 IMAGE_CASES = {
     'not_nifti': (_not_nifti, 'cannot read NIfTI'),
     'gzip_of_garbage': (_not_nifti_gz, 'cannot read NIfTI'),
@@ -76,6 +119,13 @@ IMAGE_CASES = {
     'inf': (_array(_with(np.inf)), 'NaN or infinite'),
     'constant': (_array(np.full(SHAPE, 7.0, np.float32)), 'constant'),
     'too_small': (_array(np.ones((40, 36, 1), np.float32)), 'too small to resample'),
+    'singular_affine': (_singular_affine, 'affine is singular'),
+    'rgb': (_nib_save(np.zeros(SHAPE, [('R', 'u1'), ('G', 'u1'), ('B', 'u1')])),
+            'RGB or structured voxels'),
+    'complex': (_nib_save(_image().astype(np.complex64)), 'complex voxels'),
+    'too_many_voxels': (lambda p: _write_gz_bytes(p, huge_nifti_gz()),
+                        'shape (1024, 1024, 512) is 536,870,912 voxels, more than '
+                        'the limit of 134,217,728'),
 }
 
 
@@ -281,3 +331,49 @@ def test_unknown_config_key_lists_the_nearest_keys(capsys):
   assert len(err) == 1
   assert err[0].startswith('error: --config.train.lerning_rate: no such config key')
   assert 'train.learning_rate' in err[0]
+
+
+def test_a_huge_header_is_refused_before_the_data_are_read(tmp_path, monkeypatch):
+  huge = tmp_path / 'huge.nii.gz'
+  huge.write_bytes(huge_nifti_gz())
+  assert huge.stat().st_size < 2_000_000
+  assert nib.load(str(huge)).shape == HUGE_SHAPE   # a valid file, all data there
+  t = time.perf_counter()
+  with pytest.raises(nifti_io.NiftiError) as e:
+    nifti_io.load_image(huge)
+  assert time.perf_counter() - t < 0.5               # decoding it takes seconds
+  assert str(e.value) == (f'{huge}: shape (1024, 1024, 512) is 536,870,912 voxels, '
+                          'more than the limit of 134,217,728 (WMH_JAX_MAX_VOXELS '
+                          'raises it)')
+  # The limit: the module default (from the environment) or per call.
+  small = tmp_path / 'small.nii.gz'
+  _array(_image())(small)
+  with pytest.raises(nifti_io.NiftiError, match='more than the limit of 1,000'):
+    nifti_io.load_image(small, max_voxels=1000)
+  monkeypatch.setattr(nifti_io, 'MAX_VOXELS', 1000)
+  with pytest.raises(nifti_io.NiftiError, match='more than the limit of 1,000'):
+    nifti_io.load(small)
+  assert nifti_io.load(small, max_voxels=np.prod(SHAPE)).shape == SHAPE
+
+
+@pytest.mark.parametrize('scale', [1e19, 1e36])  # 1e36: near float32's max
+def test_huge_intensities_are_z_scored_exactly(scale, tmp_path):
+  # float32 statistics overflowed: every z-score 0, an empty mask, exit 0.
+  want = None
+  for s in (1.0, scale):
+    folder = tmp_path / str(s) / 'Utrecht' / '0'
+    nifti_io.save(folder / 'pre' / 'FLAIR.nii.gz', (_image() * s).astype(np.float32),
+                  AFFINE)
+    files = subjects.SubjectFiles('Utrecht', '0', folder / 'pre' / 'FLAIR.nii.gz', None)
+    got = subjects.prepare_subject(files, (16, 16, 8))['image']
+    assert np.all(np.isfinite(got)) and got.std() > 0.5
+    if want is None:
+      want = got
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_non_finite_z_scores_are_refused_in_one_line():
+  image = _image().astype(np.float64)
+  image[:20] *= 1e307                      # finite, but its variance is not
+  with pytest.raises(nifti_io.NiftiError, match=r'^scan: intensities out of range'):
+    subjects.preprocess(image, (16, 16, 8), 'scan')

@@ -13,11 +13,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from wmh_jax import nifti_io  # pylint: disable=wrong-import-position
 
 SITES = ('Utrecht', 'Singapore', 'Amsterdam/GE3T')
+NO_BRAIN = 'Amsterdam/GE3T/2'  # the tiny dataset's one subject without brain.nii.gz
 
 
 def write_tiny_subject(folder: Path, rng, shape=(40, 36, 12), affine=None,
-                       with_mask=True, other=True):
-  """An ellipsoid 'brain' with bright blobs (label 1) and a dark one (label 2)."""
+                       with_mask=True, other=True, with_brain=False):
+  """An ellipsoid 'brain' with bright blobs (label 1) and a dark one (label 2);
+  ``with_brain`` also writes the ellipsoid as ``brain.nii.gz``."""
   affine = np.diag([1.2, 1.2, 3.0, 1.0]) if affine is None else affine
   g = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing='ij')
   brain = (g[0] ** 2 + g[1] ** 2 + g[2] ** 2) < 0.8
@@ -34,15 +36,25 @@ def write_tiny_subject(folder: Path, rng, shape=(40, 36, 12), affine=None,
   nifti_io.save(folder / 'pre' / 'FLAIR.nii.gz', img.astype(np.float32), affine)
   if with_mask:
     nifti_io.save(folder / 'wmh.nii.gz', labels, affine, dtype=np.uint8)
+  if with_brain:
+    write_brain(folder, brain, affine)
   return img, labels
+
+
+def write_brain(folder: Path, brain: np.ndarray, affine) -> Path:
+  """``folder/brain.nii.gz``: a 0/1 uint8 brain mask, as the generator writes it."""
+  return nifti_io.save(folder / 'brain.nii.gz', brain.astype(np.uint8), affine,
+                       dtype=np.uint8)
 
 
 @pytest.fixture(scope='session')
 def tiny_dataset(tmp_path_factory) -> Path:
-  """9 subjects, 3 per site, in the challenge layout."""
+  """9 subjects, 3 per site, in the challenge layout; all but the last
+  (``NO_BRAIN``) with a brain mask."""
   root = tmp_path_factory.mktemp('wmh_tiny')
   rng = np.random.default_rng(0)
   for site in SITES:
     for i in range(3):
-      write_tiny_subject(root / site / f'{i}', rng)
+      write_tiny_subject(root / site / f'{i}', rng,
+                         with_brain=f'{site}/{i}' != NO_BRAIN)
   return root

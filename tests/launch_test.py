@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,3 +41,43 @@ def test_unknown_config_key_is_refused(tmp_path):
       f'{ROOT / "configs" / "test.py"}; nearest valid keys: train.num_steps, '
       'refine.num_steps, train.warmup_steps']
   assert not tmp_path.joinpath('checkpoints').exists()
+
+
+def test_config_paths_resolve_to_the_project_from_any_folder(tmp_path, monkeypatch):
+  import launch  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'default.py').write_text('raise SystemExit("not this")\n')
+  (tmp_path / 'configs' / 'mine.py').write_text('')
+  (tmp_path / 'other.py').write_text('')
+  resolve = launch.resolve_config_path
+  # configs/NAME.py: the project's own, even with a configs/ folder here.
+  assert resolve('configs/default.py') == str(ROOT / 'configs' / 'default.py')
+  assert resolve('configs/test.py:arg') == f'{ROOT / "configs" / "test.py"}:arg'
+  # Other relative paths: from the current folder first.
+  assert resolve('configs/mine.py') == str(tmp_path / 'configs' / 'mine.py')
+  assert resolve('other.py') == str(tmp_path / 'other.py')
+  assert resolve('/abs/x.py') == '/abs/x.py' and resolve('none.py') == 'none.py'
+  assert launch.resolve_config_argv(
+      ['launch.py', '--config', 'configs/test.py', '--config.seed=1']) == [
+          'launch.py', '--config', str(ROOT / 'configs' / 'test.py'), '--config.seed=1']
+
+
+def test_launch_runs_from_another_folder(tmp_path):
+  # score: the cheapest mode (no JAX). A configs/default.py in the current folder
+  # is not the project's and must not run.
+  from wmh_jax import nifti_io  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'default.py').write_text('raise SystemExit("not this")\n')
+  labels = np.zeros((8, 8, 4), np.uint8)
+  labels[2:5, 2:5, 1:3] = 1
+  nifti_io.save(tmp_path / 'gt' / 'Utrecht' / '0' / 'wmh.nii.gz', labels, np.eye(4),
+                dtype=np.uint8)
+  nifti_io.save(tmp_path / 'pred' / '0_wmh.nii.gz', labels, np.eye(4), dtype=np.uint8)
+  for k, config in enumerate([[], ['--config=configs/test.py']]):
+    r = subprocess.run([sys.executable, str(ROOT / 'launch.py'), *config, '--mode=score',
+                        '--gt=gt', '--pred=pred', f'--output=out{k}'],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / f'out{k}' / 'scores.csv').exists()

@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -103,3 +104,79 @@ def test_bce_on_a_soft_target_is_lowest_at_that_probability_and_ignores_label_2(
     logit = np.log(p / (1 - p))
     return float(losses.bce_loss(jnp.full(labels.shape, logit), labels, target))
   assert bce(0.3) < bce(0.25) and bce(0.3) < bce(0.35)
+
+
+_CFG = ml_collections.ConfigDict({'name': 'dice_bce', 'smooth': 1.0, 'bce_weight': 1.0,
+                                  'brain_weight': 1.0})
+
+
+def _two_channel(seed=0, shape=(2, 8, 6, 4)):
+  """Random lesion logits, labels with label 2 inside the brain, a brain fraction,
+  and brain logits that are perfect for it."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 3, shape).astype(np.uint8)
+  brain = np.zeros(shape, np.float32)
+  brain[:, 1:7, 1:5, 1:3] = 1.0
+  labels[brain == 0] = 0
+  lesion = jnp.asarray(rng.normal(size=(*shape, 1)), jnp.float32)
+  perfect = _logits(brain)[0][..., None]
+  return lesion, labels, brain, perfect
+
+
+def test_lesion_channel_of_a_two_channel_output_gives_todays_loss():
+  lesion, labels, brain, perfect = _two_channel()
+  two = jnp.concatenate([lesion, perfect], -1)
+  one = float(losses.segmentation_loss(lesion, labels, _CFG))
+  # Without a brain target the brain channel is ignored: exactly the one-channel loss.
+  assert float(losses.segmentation_loss(two, labels, _CFG)) == one
+  # Perfect brain logits: ~0 brain loss on top.
+  with_brain = float(losses.segmentation_loss(two, labels, _CFG, brain=brain,
+                                              has_brain=np.ones(2)))
+  assert with_brain == pytest.approx(one, abs=1e-5)
+  # Wrong where label 2 lies inside the brain: counted (not ignored, unlike lesion).
+  wrong = np.asarray(perfect).copy()
+  wrong[labels == 2] = -BIG
+  assert float(losses.brain_loss(jnp.asarray(wrong), brain)) > 0.1
+  cfg = _CFG.copy_and_resolve_references()
+  cfg.brain_weight = 2.0
+  bad = jnp.concatenate([lesion, jnp.asarray(wrong)], -1)
+  np.testing.assert_allclose(
+      float(losses.segmentation_loss(bad, labels, cfg, brain=brain)),
+      one + 2.0 * float(losses.brain_loss(jnp.asarray(wrong), brain)), rtol=1e-5)
+
+
+def test_examples_without_a_brain_mask_contribute_nothing():
+  lesion, labels, brain, perfect = _two_channel()
+  wrong = jnp.full(perfect.shape, -BIG)          # "no brain anywhere"
+  two = jnp.concatenate([lesion, wrong], -1)
+  one = float(losses.segmentation_loss(lesion, labels, _CFG))
+  none = losses.segmentation_loss(two, labels, _CFG, brain=brain, has_brain=np.zeros(2))
+  assert float(none) == pytest.approx(one, abs=1e-6)
+  # One of two with a mask: half of that example's brain loss (batch mean).
+  first = float(losses.brain_loss(wrong[:1], brain[:1]))
+  assert first > 1.0
+  half = losses.segmentation_loss(two, labels, _CFG, brain=brain,
+                                  has_brain=np.array([1.0, 0.0]))
+  assert float(half) == pytest.approx(one + first / 2, rel=1e-5)
+
+
+def test_brain_gradient_reaches_channel_one_only_from_the_brain_term():
+  lesion, labels, brain, _ = _two_channel()
+  rng = np.random.default_rng(1)
+  two = jnp.concatenate([lesion, jnp.asarray(rng.normal(size=lesion.shape),
+                                             jnp.float32)], -1)
+
+  def grad(has):
+    return jax.grad(lambda x: losses.segmentation_loss(
+        x, labels, _CFG, brain=brain, has_brain=np.asarray(has, np.float32)))(two)
+
+  g = grad([1.0, 1.0])
+  g_lesion = jax.grad(lambda x: losses.segmentation_loss(x, labels, _CFG))(lesion)
+  g_brain = jax.grad(lambda x: losses.brain_loss(x, brain))(two[..., 1:])
+  np.testing.assert_allclose(g[..., :1], g_lesion, rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(g[..., 1:], g_brain, rtol=1e-5, atol=1e-9)
+  assert float(jnp.abs(g[..., 1:]).max()) > 0
+  # No brain mask: no gradient at all on channel 1 (the example's).
+  g = grad([0.0, 1.0])
+  assert float(jnp.abs(g[0, ..., 1]).max()) == 0.0
+  assert float(jnp.abs(g[1, ..., 1]).max()) > 0.0

@@ -1,15 +1,18 @@
 """Predict: masks land where the lesion is, on the input's own grid and header."""
 
 import jax
+import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from configs import test as test_config
 from wmh_jax import models
 from wmh_jax import nifti_io
 from wmh_jax import predict
 from wmh_jax import steps
+from wmh_jax import subjects
 
 
 def _bright(reference=None):
@@ -149,3 +152,123 @@ def test_sliding_window_covers_every_voxel_and_blends_to_the_mean():
   # An identity "network" returns the input: weights are normalised everywhere.
   np.testing.assert_allclose(predict.sliding_window(volume, lambda x: x, (8, 8, 4)),
                              volume, rtol=1e-5, atol=1e-6)
+
+
+def test_brain_output_bounds_the_lesions_is_written_and_scored(tmp_path, capsys):
+  """A bright blob outside the brain (scalp fat) looks like lesion to the stand-in
+  network; the brain probability keeps it out of the mask."""
+  shape, affine = (56, 44, 12), np.diag([1.0, 1.0, 3.0, 1.0])
+  img, truth = _scan(shape, affine, (30.0, 22.0, 6.0), (4, 4, 1.5))
+  g = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing='ij')
+  c = [(n - 1) / 2 for n in shape]
+  brain = sum(((gi - ci) / (0.42 * n)) ** 2 for gi, ci, n in zip(g, c, shape)) < 1
+  fat = np.zeros(shape, bool)
+  fat[0:2, 14:30, 3:9] = True   # a plate on the left, like scalp
+  assert not (fat & ndimage.binary_dilation(brain, iterations=2)).any()
+  img[fat] = 1000.0
+  folder = tmp_path / 'in' / 'Site' / 's1'
+  nifti_io.save(folder / 'pre' / 'FLAIR.nii.gz', img.astype(np.float32), affine)
+  nifti_io.save(folder / 'wmh.nii.gz', truth.astype(np.uint8), affine, dtype=np.uint8)
+  nifti_io.save(folder / 'brain.nii.gz', brain.astype(np.uint8), affine, dtype=np.uint8)
+
+  cfg = test_config.get_config()
+  cfg.predict.overlays = True
+  reference = predict.model_input(*nifti_io.load_image(folder / 'pre' / 'FLAIR.nii.gz'),
+                                  cfg)
+  lesion_fn = _bright(reference)
+  brain_grid = subjects.resize(brain.astype(np.float32), cfg.data.grid)
+  with_brain = lambda v: (lesion_fn(v), brain_grid)
+  results = predict.predict(cfg, None, [str(tmp_path / 'in')], tmp_path / 'out',
+                            probability_fn=with_brain)
+  out = nib.load(str(tmp_path / 'out' / 's1_brain.nii.gz'))
+  assert out.shape == shape and out.get_data_dtype() == np.uint8
+  np.testing.assert_allclose(out.affine, affine, atol=1e-5)
+  written = np.asarray(out.dataobj).astype(bool)
+  mask = np.asarray(nib.load(str(tmp_path / 'out' / 's1_wmh.nii.gz')).dataobj).astype(bool)
+  assert mask.any() and not (mask & ~written).any()   # no lesion outside the brain
+  assert not mask[fat].any()
+  r = results[0]
+  assert r['brain_dice'] > 0.95 and r['dice'] > 0.7
+  assert r['brain_volume_ml'] == pytest.approx(written.sum() * 3.0 / 1000)
+  assert r['brain'] == str(tmp_path / 'out' / 's1_brain.nii.gz')
+  line = [l for l in capsys.readouterr().out.splitlines() if l.startswith('predict 1/1')]
+  assert 'brain volume' in line[0] and f'brain Dice {r["brain_dice"]:.3f}' in line[0]
+  assert (tmp_path / 'out' / 's1_overlay.png').stat().st_size > 1000
+  # Without mask_to_brain the blob is "lesion": the test above can fail.
+  cfg.predict.mask_to_brain = False
+  predict.predict(cfg, None, [str(tmp_path / 'in')], tmp_path / 'out', overwrite=True,
+                  probability_fn=with_brain)
+  mask = np.asarray(nib.load(str(tmp_path / 'out' / 's1_wmh.nii.gz')).dataobj)
+  assert mask[fat].mean() > 0.5
+  # A one-output model writes no brain file and reports no brain.
+  cfg.model.brain_output = False
+  results = predict.predict(cfg, None, [str(tmp_path / 'in')], tmp_path / 'out2',
+                            probability_fn=lesion_fn)
+  assert not (tmp_path / 'out2' / 's1_brain.nii.gz').exists()
+  assert 'brain_volume_ml' not in results[0] and 'brain_dice' not in results[0]
+
+
+def test_brain_mask_keeps_the_largest_component_with_its_holes_filled():
+  prob = np.zeros((20, 20, 10), np.float32)
+  prob[3:17, 3:17, 2:8] = 0.9             # the brain
+  prob[8:12, 8:12, 4:6] = 0.1             # a hole enclosed in 3-D
+  prob[5:7, 10:12, 2:8] = 0.2             # a hole open at both ends: slice-wise only
+  prob[0:2, 0:2, 0:2] = 0.9               # a separate blob (an eye, say)
+  expected = np.zeros(prob.shape, bool)
+  expected[3:17, 3:17, 2:8] = True
+  np.testing.assert_array_equal(predict.brain_mask(prob, 0.5), expected)
+  assert not predict.brain_mask(np.zeros((4, 4, 4)), 0.5).any()
+
+
+def test_native_probability_is_zero_outside_the_brain_only_when_asked():
+  cfg = test_config.get_config()
+  lesion = np.full((8, 8, 4), 0.8, np.float32)
+  brain = np.zeros((8, 8, 4), np.float32)
+  brain[2:6, 2:6, :] = 1.0
+  prob, mask = predict.native_probability((lesion, brain), (16, 16, 8), cfg.predict)
+  assert prob.shape == mask.shape == (16, 16, 8) and mask.any() and not mask.all()
+  np.testing.assert_array_equal(prob[~mask], 0.0)
+  np.testing.assert_allclose(prob[mask], 0.8, rtol=1e-6)
+  cfg.predict.mask_to_brain = False
+  prob, mask2 = predict.native_probability((lesion, brain), (16, 16, 8), cfg.predict)
+  np.testing.assert_array_equal(mask2, mask)
+  np.testing.assert_allclose(prob, 0.8, rtol=1e-6)
+  prob, none = predict.native_probability(lesion, (16, 16, 8), cfg.predict)
+  assert none is None and prob.shape == (16, 16, 8)
+
+
+def test_tta_and_ensemble_average_the_brain_probability_alike():
+  cfg = test_config.get_config()
+  model = models.create_model(cfg.model)
+  state = steps.create_train_state(cfg, jax.random.PRNGKey(0), model,
+                                   steps.create_optimizer(cfg.train))
+  x = np.random.default_rng(0).normal(size=cfg.data.grid).astype(np.float32)
+  # A brain channel never trained (bias still exactly 0) is not used.
+  assert not predict.has_brain_output(model, state)
+  assert isinstance(predict.make_probability_fn([(model, state)])(x), np.ndarray)
+  params = dict(state.params)
+  params['Conv3D_0'] = {**params['Conv3D_0'], 'bias': jnp.array([-4.0, 0.7])}
+  trained = state.replace(params=params)
+  assert predict.has_brain_output(model, trained)
+  plain = predict.make_probability_fn([(model, trained)])
+  lesion, brain = plain(x)
+  assert lesion.shape == brain.shape == x.shape
+  np.testing.assert_allclose(lesion, predict.make_probability_fn([(model, state)])(x),
+                             rtol=1e-6)
+  t_lesion, t_brain = predict.make_probability_fn([(model, trained)], tta_axes=(0,))(x)
+  flipped = plain(np.flip(x, 0).copy())
+  np.testing.assert_allclose(t_brain, (brain + np.flip(flipped[1], 0)) / 2, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(t_lesion, (lesion + np.flip(flipped[0], 0)) / 2, rtol=1e-5,
+                             atol=1e-6)
+  assert not np.allclose(t_brain, brain, atol=1e-6)
+  # An ensemble with a member without a trained brain gives the lesion alone.
+  mixed = predict.make_probability_fn([(model, trained), (model, state)])(x)
+  assert isinstance(mixed, np.ndarray)
+
+
+def test_sliding_window_blends_lesion_and_brain_alike():
+  volume = np.random.default_rng(0).normal(size=(21, 19, 5)).astype(np.float32)
+  lesion, brain = predict.sliding_window(volume, lambda v: (v, 2 * v), (8, 8, 4))
+  np.testing.assert_allclose(lesion, volume, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(brain, 2 * volume, rtol=1e-5, atol=1e-5)

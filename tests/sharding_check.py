@@ -23,6 +23,7 @@ from wmh_jax import steps  # pylint: disable=wrong-import-position
 def main():
   cfg = test_config.get_config()
   cfg.train.batch_size = 2
+  cfg.model.brain_output = False  # the batch has no brain masks: the seed's network
   model = models.create_model(cfg.model)
   tx = steps.create_optimizer(cfg.train)
   state = steps.create_train_state(cfg, jax.random.PRNGKey(0), model, tx)

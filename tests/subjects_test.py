@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from conftest import NO_BRAIN
 from conftest import write_tiny_subject
 from wmh_jax import nifti_io
 from wmh_jax import subjects
@@ -62,3 +63,70 @@ def test_leave_site_out_split(tiny_dataset):
   assert {s.site for s in train} == {'Utrecht', 'Singapore'} and len(train) == 6
   with pytest.raises(ValueError, match='Leiden'):
     subjects.split_subjects(found, 0.34, 0, val_sites=('Leiden',))
+
+
+def test_prepare_loads_the_brain_mask_when_there(tiny_dataset):
+  found = {s.key: s for s in subjects.find_subjects(tiny_dataset)}
+  s = found['Utrecht/0']
+  assert s.brain == tiny_dataset / 'Utrecht' / '0' / 'brain.nii.gz'
+  p = subjects.prepare_subject(s, (32, 32, 8))
+  native = nifti_io.load_brain(s.brain)
+  np.testing.assert_array_equal(p['native_brain'], native)
+  frac = p['brain_fraction']
+  assert frac.shape == (32, 32, 8) and frac.dtype == np.float32
+  assert 0.0 <= frac.min() and frac.max() <= 1.0
+  assert 0.0 < frac.mean() < 1.0
+  assert abs(frac.mean() - native.mean()) < 0.02          # the same share of the volume
+  # Lesions (label 1 on the grid) lie inside the brain.
+  assert (frac[p['labels'] == 1] > 0.5).all()
+  # No brain.nii.gz: no brain keys (the loss ignores the brain channel then).
+  assert found[NO_BRAIN].brain is None
+  p = subjects.prepare_subject(found[NO_BRAIN], (32, 32, 8))
+  assert 'brain_fraction' not in p and 'native_brain' not in p
+
+
+@pytest.mark.parametrize('case', ['shape', 'affine', 'values', 'fraction'])
+def test_bad_brain_mask_is_refused_with_one_line_naming_the_file(case, tmp_path):
+  folder = tmp_path / 'A' / '1'
+  image, _ = write_tiny_subject(folder, np.random.default_rng(0), with_brain=True)
+  affine = np.diag([1.2, 1.2, 3.0, 1.0])
+  brain = np.asarray(nifti_io.load_brain(folder / 'brain.nii.gz'))
+  path = folder / 'brain.nii.gz'
+  data, message = {
+      'shape': (brain[:, :, :-1], 'brain mask shape (40, 36, 11) differs from the '
+                'image shape (40, 36, 12)'),
+      'affine': (brain, 'brain mask affine differs from the image affine'),
+      'values': (brain * 2, 'brain mask must be in {0, 1}, found [2]'),
+      'fraction': (brain * 0.5, 'brain mask must be integers in {0, 1}'),
+  }[case]
+  nifti_io.save(path, data, np.diag([1.0, 1.2, 3.0, 1.0]) if case == 'affine' else affine)
+  s = subjects.find_subjects(tmp_path)[0]
+  with pytest.raises(nifti_io.NiftiError) as e:
+    subjects.prepare_subject(s, (16, 16, 4))
+  assert str(e.value) == f'{path}: {message}'
+  assert '\n' not in str(e.value)
+  assert image.shape == (40, 36, 12)
+
+
+def test_zscore_in_the_brain_ignores_what_lies_outside_it():
+  """With the brain mask, the brain's z-scores are the same whether the scan
+  shows a bright scalp or not; without it, the scalp moves them."""
+  rng = np.random.default_rng(0)
+  brain = np.zeros((24, 24, 8), bool)
+  brain[6:18, 6:18, 2:6] = True
+  stripped = np.where(brain, rng.uniform(0.8, 1.2, brain.shape), 0.0)
+  skull_on = stripped.copy()
+  skull_on[0:5, :, :] = 3.0                      # scalp fat, 3x the brain
+  a = subjects.zscore(stripped, mask=brain)
+  b = subjects.zscore(skull_on, mask=brain)
+  np.testing.assert_allclose(a[brain], b[brain], atol=1e-5)
+  assert abs(a[brain].mean()) < 1e-5 and abs(a[brain].std() - 1) < 1e-4
+  assert not np.allclose(subjects.zscore(stripped)[brain],
+                         subjects.zscore(skull_on)[brain], atol=1e-2)
+
+
+def test_a_subject_folder_given_as_the_root_is_that_subject(tmp_path):
+  # predict --input=ID/: this raised IndexError (the folder has no SITE/ID below it).
+  write_tiny_subject(tmp_path / 'Utrecht' / '7', np.random.default_rng(0))
+  found = subjects.find_subjects(tmp_path / 'Utrecht' / '7', missing_mask='keep')
+  assert [(s.site, s.id, s.key) for s in found] == [('.', '7', './7')]

@@ -14,8 +14,10 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
+from conftest import NO_BRAIN
 from configs import test as test_config
 from wmh_jax import evaluate
+from wmh_jax import predict
 from wmh_jax import train
 
 
@@ -50,11 +52,22 @@ def test_train_loss_goes_down_writes_checkpoints_events_and_evaluates(trained):
   assert summary['refined']
   rows = list(csv.DictReader(open(tmp_path / 'eval' / 'metrics.csv')))
   assert len(rows) == summary['subjects'] == 3
-  assert set(rows[0]) == set(evaluate.FIELDS)
+  assert set(rows[0]) == set(evaluate.FIELDS + evaluate.BRAIN_FIELDS)
   assert all(0.0 <= float(r['dice']) <= 1.0 for r in rows)
   assert all(float(r['true_volume_ml']) > 0 for r in rows)
   assert len(list((tmp_path / 'eval' / 'pred').glob('*_wmh.nii.gz'))) == 3
   assert list((tmp_path / 'eval' / 'overlays').glob('*.png'))
+  # The brain output: a mask a subject, scored where brain.nii.gz exists.
+  brains = sorted((tmp_path / 'eval' / 'pred').glob('*_brain.nii.gz'))
+  assert len(brains) == 3
+  scored = [float(r['brain_dice']) for r in rows
+            if r['subject'] != NO_BRAIN and r['brain_dice']]
+  assert len(scored) == len([r for r in rows if r['subject'] != NO_BRAIN]) >= 2
+  assert summary['brain_dice_mean'] == pytest.approx(np.mean(scored), abs=1e-5)
+  assert summary['brain_dice_mean'] > 0.8
+  for b in brains:  # no lesion outside the brain mask
+    wmh = nib.load(str(b).replace('_brain.nii.gz', '_wmh.nii.gz')).get_fdata() > 0
+    assert not (wmh & (nib.load(str(b)).get_fdata() == 0)).any()
 
 
 def test_resume_continues_where_the_stopped_run_left(tiny_dataset, tmp_path):
@@ -83,10 +96,30 @@ def test_predict_command_line_with_tta_ensemble_and_activations(trained, tiny_da
   assert r.returncode == 0, r.stderr[-3000:]
   lines = [l for l in r.stdout.splitlines() if l.startswith('predict ')]
   assert len(lines) == 4 and 'lesion volume' in lines[0] and 'Dice' in lines[0]
+  # Utrecht's subjects have brain.nii.gz beside wmh.nii.gz: scored; the bare file not.
+  assert all('brain volume' in l for l in lines)
+  assert [('brain Dice' in l) for l in lines] == [True, True, True, False]
   for name in ('0', '1', '2', 'FLAIR'):
     out = nib.load(str(tmp_path / 'out' / f'{name}_wmh.nii.gz'))
     ref = nib.load(str(single))
     assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)
     assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+    brain = nib.load(str(tmp_path / 'out' / f'{name}_brain.nii.gz'))
+    assert brain.shape == ref.shape and np.allclose(brain.affine, ref.affine)
+    assert brain.get_data_dtype() == np.uint8
+    brain = np.asarray(brain.dataobj)
+    assert set(np.unique(brain)) == {0, 1}
+    assert not (np.asarray(out.dataobj).astype(bool) & (brain == 0)).any()
     assert (tmp_path / 'out' / f'{name}_overlay.png').exists()
     assert (tmp_path / 'out' / f'{name}_activations.png').stat().st_size > 5000
+
+
+def test_predict_with_the_other_head_says_which_model_brain_output(trained, tiny_dataset,
+                                                                   tmp_path):
+  cfg, workdir, _ = trained
+  cfg = cfg.copy_and_resolve_references()
+  cfg.model.brain_output = False       # the run was trained with a brain output
+  with pytest.raises(ValueError, match='trained with model.brain_output=True') as e:
+    predict.predict(cfg, workdir, [str(tiny_dataset / 'Utrecht')], tmp_path / 'out')
+  assert '\n' not in str(e.value) and 'stored shape' in str(e.value)
+  assert not list((tmp_path / 'out').glob('*.nii.gz'))

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax import test_util as jtu
 import numpy as np
 import pytest
 
@@ -68,3 +69,63 @@ def test_conv3d_winograd_matches_native_including_fallbacks(shape, kz):
   w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, kz, shape[-1], 5))
   assert _relative_error(models.conv3d(x, w, 'winograd'),
                          models.conv3d(x, w, 'native')) < 2e-5
+
+
+def _bilinear_check_inputs(dtype):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 5), dtype)
+  k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 5, 3), dtype) / 6
+  return x, k
+
+
+@pytest.mark.parametrize('m', [2, 4])
+def test_float64_is_computed_in_float64_and_passes_check_grads(m):
+  # x64 only inside this test: the context restores the global setting.
+  with jax.enable_x64(True):
+    x, k = _bilinear_check_inputs(jnp.float64)
+    y = winograd.conv2d_same(x, k, m)
+    assert y.dtype == jnp.float64
+    assert _relative_error(y, _direct(x, k)) < 1e-12   # float32 rounding: ~1e-7
+    assert winograd.tile_size(8, 8, jnp.float64) == 4
+    jtu.check_grads(lambda a, b: winograd.conv2d_same(a, b, m), (x, k),
+                              order=2, modes=('fwd', 'rev'))
+
+
+@pytest.mark.parametrize('m', [2, 4])
+def test_bfloat16_rounds_about_as_much_as_a_direct_convolution(m):
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 12, 40)).astype(jnp.bfloat16)
+  k = (jax.random.normal(jax.random.PRNGKey(1), (3, 3, 40, 24)) / np.sqrt(360)
+       ).astype(jnp.bfloat16)
+  with jax.enable_x64(True):  # the exact result of the bfloat16 inputs
+    ref = np.asarray(_direct(jnp.asarray(np.asarray(x, np.float64)),
+                             jnp.asarray(np.asarray(k, np.float64))))
+  y = winograd.conv2d_same(x, k, m)
+  assert y.dtype == jnp.bfloat16
+  err = np.abs(np.asarray(y, np.float64) - ref).max()
+  direct_err = np.abs(np.asarray(_direct(x, k), np.float64) - ref).max()
+  # Transforms and products kept in bfloat16 gave 3-5x the direct error.
+  assert err <= 1.5 * direct_err, (err, direct_err)
+
+
+@pytest.mark.parametrize('m', [2, 4])
+def test_forward_mode_jacfwd_and_hessian_match_the_direct_convolution(m):
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 4, 8))
+  k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 8, 2)) / 8
+  dx = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+  dk = jax.random.normal(jax.random.PRNGKey(3), k.shape)
+  ours = lambda a, b: winograd.conv2d_same(a, b, m)
+  y, dy = jax.jvp(ours, (x, k), (dx, dk))
+  ry, rdy = jax.jvp(_direct, (x, k), (dx, dk))
+  assert _relative_error(y, ry) < 2e-5 and _relative_error(dy, rdy) < 2e-5
+  scalar = lambda conv: lambda a: jnp.sum(jnp.sin(conv(a, k)))
+  assert _relative_error(jax.jacfwd(lambda a: ours(a, k))(x),
+                         jax.jacfwd(lambda a: _direct(a, k))(x)) < 2e-5
+  assert _relative_error(jax.hessian(scalar(ours))(x),
+                         jax.hessian(scalar(_direct))(x)) < 2e-4
+
+
+def test_models_im2col_convolution_supports_both_modes_in_float64():
+  with jax.enable_x64(True):
+    x, k = _bilinear_check_inputs(jnp.float64)
+    assert _relative_error(models.conv2d_same(x, k), _direct(x, k)) < 1e-12
+    jtu.check_grads(models.conv2d_same, (x, k), order=2,
+                              modes=('fwd', 'rev'))

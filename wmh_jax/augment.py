@@ -77,21 +77,20 @@ def sample_linear(volume, matrix, offset, out_shape=None):
   return tf.reshape(out, out_shape)
 
 
-def affine_pair(image, labels, matrix, offset, target=None):
+def affine_pair(image, labels, matrix, offset, *soft):
   """Applies one affine to an image (linear) and its {0,1,2} labels.
 
   Labels are resampled through their lesion and other-pathology indicators
-  (threshold 0.5; lesion wins), so a lesion never becomes label 2. A soft
-  ``target`` (lesion fraction) is resampled linearly too; then ``(image,
-  labels, target)`` is returned.
+  (threshold 0.5; lesion wins), so a lesion never becomes label 2. Soft volumes
+  in [0, 1] (the lesion fraction, the brain fraction) are resampled linearly and
+  returned after them: ``(image, labels, *soft)``.
   """
   image = sample_linear(image, matrix, offset)
   lesion = sample_linear(tf.cast(labels == 1, tf.float32), matrix, offset) >= 0.5
   other = sample_linear(tf.cast(labels == 2, tf.float32), matrix, offset) >= 0.5
   labels = tf.cast(tf.where(lesion, 1, tf.where(other, 2, 0)), tf.uint8)
-  if target is None:
-    return image, labels
-  return image, labels, tf.clip_by_value(sample_linear(target, matrix, offset), 0., 1.)
+  return (image, labels, *(tf.clip_by_value(sample_linear(v, matrix, offset), 0., 1.)
+                           for v in soft))
 
 
 def random_intensity(image, seed, amount=0.1):
@@ -102,9 +101,9 @@ def random_intensity(image, seed, amount=0.1):
   return image * gain + bias
 
 
-def random_crop(image, labels, size, seed, lesion_fraction=0.5, target=None):
+def random_crop(image, labels, size, seed, lesion_fraction=0.5, *soft):
   """A ``size`` crop; with probability ``lesion_fraction`` centred on a lesion
-  voxel. ``target``, when given, is cropped alike and returned third."""
+  voxel. Soft volumes are cropped alike: ``(image, labels, *soft)``."""
   seeds = tf.random.experimental.stateless_split(seed, 3)
   shape = tf.shape(image)
   size = tf.constant(size, tf.int32)
@@ -120,5 +119,4 @@ def random_crop(image, labels, size, seed, lesion_fraction=0.5, target=None):
   lesion_start = tf.clip_by_value(centre - size // 2, 0, room)
   use_lesion = (n > 0) & (_uniform(seeds[2], [], 0.0, 1.0) < lesion_fraction)
   start = tf.where(use_lesion, lesion_start, uniform_start)
-  crops = (tf.slice(image, start, size), tf.slice(labels, start, size))
-  return crops if target is None else (*crops, tf.slice(target, start, size))
+  return tuple(tf.slice(v, start, size) for v in (image, labels, *soft))

@@ -17,7 +17,7 @@ import numpy as np
 
 from wmh_jax import subjects as subjects_lib
 
-CACHE_VERSION = 3  # bump when prepare_subject's output changes
+CACHE_VERSION = 4  # bump when prepare_subject's output changes
 
 
 def ensure_synthetic(config) -> Path:
@@ -95,7 +95,7 @@ def _parallel_map(fn, args: list[tuple], what: str) -> None:
 
 def _cache_path(workdir: Path, s: subjects_lib.SubjectFiles, grid) -> Path:
   h = hashlib.sha1(f'{CACHE_VERSION}:{grid!r}'.encode())
-  for f in (s.flair, s.wmh):
+  for f in (s.flair, s.wmh, s.brain):
     if f is not None:
       st = f.stat()
       h.update(f'{f.resolve()}:{st.st_size}:{st.st_mtime_ns}'.encode())
@@ -123,14 +123,27 @@ def _prepare_to_cache(s, grid, workdir) -> None:
 
 
 def load_splits(config, workdir) -> tuple[list[dict], list[dict]]:
-  """Prepared ``(train, val)`` subjects, split by subject within each site."""
+  """Prepared ``(train, val)`` subjects, split by subject within each site (or
+  ``data.val_root``, ``data.val_sites``, ``data.val_ids`` held out)."""
+  val_ids = tuple(config.data.get('val_ids', ()))
+  if val_ids and config.data.val_sites:
+    raise ValueError('data.val_ids and data.val_sites both set: give one of them')
+  if val_ids and config.data.val_root and not config.data.tfds:
+    raise ValueError(f'data.val_ids: the validation set is data.val_root='
+                     f"{config.data.val_root}; set --config.data.val_root='' to "
+                     'hold out subjects of data.root')
   if config.data.tfds:
     from wmh_jax import datasets  # pylint: disable=import-outside-toplevel
     logging.info('Reading %s (prepared once in %s) ...', config.data.tfds,
                  config.data.tfds_dir)
-    return datasets.load_prepared_splits(
+    train, val = datasets.load_prepared_splits(
         config.data.tfds, tuple(config.data.grid), config.data.tfds_dir,
         manual_dir=config.data.root, val_sites=tuple(config.data.val_sites))
+    if val_ids:  # the two splits pooled, as with val_sites
+      train, val = subjects_lib.split_by_ids(train + val, val_ids, lambda d: d['key'])
+    return train, val
+  if not str(config.data.root):
+    raise ValueError('data.root is empty: give --config.data.root=DIR')
   root = ensure_synthetic(config)
   found = subjects_lib.find_subjects(root, config.data.missing_mask)
   if config.data.val_root:  # a separate validation set
@@ -142,6 +155,10 @@ def load_splits(config, workdir) -> tuple[list[dict], list[dict]]:
                        f'must not be trained and validated on): {", ".join(both)}')
     logging.info('Training on %d subjects in %s, validating on %d in %s '
                  '(data.val_root)', len(train), root, len(val), config.data.val_root)
+  elif val_ids:  # named subjects held out (leave-one-out: bench/leave_one_out.py)
+    train, val = subjects_lib.split_by_ids(found, val_ids)
+    logging.info('Validating on %s (data.val_ids), training on the other %d',
+                 ', '.join(s.key for s in val), len(train))
   else:
     train, val = subjects_lib.split_subjects(found, config.data.val_fraction,
                                              config.seed, config.data.val_sites)

@@ -20,6 +20,7 @@ from wmh_jax import tables
 
 FIELDS = ('subject', *challenge_metrics.METRICS, 'dice_unet', 'dice_grid',
           'dice_ceiling', 'true_volume_ml', 'pred_volume_ml')
+BRAIN_FIELDS = ('brain_dice',)  # added when the model and the subjects have brains
 
 
 CEILING_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
@@ -53,13 +54,15 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
 
   The mask is the refiner's (``wmh_jax.refine``) when ``config.refine.enabled``
   and one was fitted on this checkpoint, else the U-Net's probability resized
-  back and thresholded at ``config.evaluate.threshold``. Writes
-  ``WORKDIR/eval/metrics.csv`` (one row a subject: the challenge's five metrics
-  at native resolution, the U-Net's native Dice without refinement, Dice on the
-  grid, the grid's ceiling, volumes), ``summary.json``,
-  native-resolution masks ``WORKDIR/eval/pred/SITE_ID_wmh.nii.gz`` on each
-  input's own grid, and overlay PNGs for the first ``config.evaluate.num_images``
-  subjects. Refuses to replace an earlier evaluation unless ``overwrite``.
+  back and thresholded at ``config.evaluate.threshold``; with a brain output,
+  lesions outside the predicted brain are dropped first
+  (``predict.native_probability``). Writes ``WORKDIR/eval/metrics.csv`` (one row
+  a subject: the challenge's five metrics at native resolution, the U-Net's
+  native Dice without refinement, Dice on the grid, the grid's ceiling, volumes,
+  and ``brain_dice`` for subjects with a ``brain.nii.gz``), ``summary.json``,
+  native-resolution masks ``WORKDIR/eval/pred/SITE_ID_wmh.nii.gz`` (and
+  ``SITE_ID_brain.nii.gz``) on each input's own grid, and overlay PNGs for the
+  first ``config.evaluate.num_images`` subjects. Refuses to replace an earlier evaluation unless ``overwrite``.
   Returns the summary.
   """
   workdir = Path(workdir)
@@ -80,8 +83,10 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
     refiner = None
   rows, preds, truths = [], [], []
   for k, p in enumerate(val):
-    grid_prob = prob_fn(p['image'])
-    prob, unet_mask = predict.to_native(grid_prob, p['native_shape'], threshold)
+    out = prob_fn(p['image'])
+    prob, brain = predict.native_probability(out, p['native_shape'], pc)
+    grid_prob, _ = predict.native_probability(out, p['labels'].shape, pc)
+    unet_mask = prob >= threshold
     labels = p['native_labels']
     mask = unet_mask
     source = p.get('source', '')
@@ -89,8 +94,8 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
     native = (nifti_io.load_image(source)[0]
               if source and (draw or refiner is not None) else None)
     if refiner is not None:
-      mask = refine.refine(refiner, prob, subjects.zscore(native, source), p['spacing'],
-                           config.refine.candidate) >= refiner['threshold']
+      mask = refine.refine(refiner, prob, subjects.zscore(native, source, brain),
+                           p['spacing'], config.refine.candidate) >= refiner['threshold']
     rows.append({
         **score.case_row(p['key'], labels, mask, p['affine']),
         'dice_unet': challenge_metrics.dice(
@@ -98,24 +103,32 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
         'dice_grid': metrics.dice(grid_prob >= threshold, p['labels']),
         'dice_ceiling': grid_ceiling(labels, p['lesion_fraction']),
     })
+    if brain is not None and 'native_brain' in p:
+      rows[-1]['brain_dice'] = challenge_metrics.dice(p['native_brain'] == 1, brain)
     name = p['key'].replace('/', '_')
-    if source:   # the input's own header
-      nifti_io.save_like(out_dir / 'pred' / f'{name}_wmh.nii.gz',
-                         mask.astype(np.uint8), source)
-    else:        # a TFDS example: its affine
-      nifti_io.save(out_dir / 'pred' / f'{name}_wmh.nii.gz', mask.astype(np.uint8),
-                    p['affine'], dtype=np.uint8)
+    written = {f'{name}_wmh.nii.gz': mask}
+    if brain is not None:
+      written[f'{name}_brain.nii.gz'] = brain
+    for filename, volume in written.items():
+      if source:   # the input's own header
+        nifti_io.save_like(out_dir / 'pred' / filename, volume.astype(np.uint8), source)
+      else:        # a TFDS example: its affine
+        nifti_io.save(out_dir / 'pred' / filename, volume.astype(np.uint8),
+                      p['affine'], dtype=np.uint8)
     if draw:
       image = (native if native is not None else
                subjects.resize_back(p['image'], p['native_shape']))
       figures.overlay(out_dir / 'overlays' / f'{name}.png',
                       image, mask, labels,
-                      title=f'{p["key"]} Dice {rows[-1]["dice"]:.3f}')
+                      title=f'{p["key"]} Dice {rows[-1]["dice"]:.3f}', brain=brain)
     preds.append(mask)
     truths.append(labels)
-    logging.info('evaluate %d/%d %s Dice %.3f', k + 1, len(val), p['key'],
-                 rows[-1]['dice'])
-  tables.write_csv(out_dir / 'metrics.csv', rows, FIELDS)
+    logging.info('evaluate %d/%d %s Dice %.3f%s', k + 1, len(val), p['key'],
+                 rows[-1]['dice'], f', brain Dice {rows[-1]["brain_dice"]:.3f}'
+                 if 'brain_dice' in rows[-1] else '')
+  with_brain = any('brain_dice' in r for r in rows)
+  fields = FIELDS + BRAIN_FIELDS if with_brain else FIELDS
+  tables.write_csv(out_dir / 'metrics.csv', rows, fields)
   means = challenge_metrics.summarize(rows)
   summary = {
       'step': step,
@@ -129,13 +142,18 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
       'dice_grid_mean': float(np.mean([r['dice_grid'] for r in rows])),
       'dice_ceiling_mean': float(np.nanmean([r['dice_ceiling'] for r in rows])),
   }
+  if with_brain:
+    summary['brain_dice_mean'] = float(np.nanmean([r.get('brain_dice', np.nan)
+                                                   for r in rows]))
   what = 'U-Net + native refinement' if refiner is not None else 'U-Net'
   line = (f'evaluate ({what}, native resolution): '
           f'{score.summary_line(means, len(rows))}'
           f'  (Dice sd {summary["dice_std"]:.3f}, pooled {summary["dice_pooled"]:.3f};'
           f' U-Net alone {summary["dice_unet_mean"]:.3f}, on the grid '
           f'{summary["dice_grid_mean"]:.3f}; ideal model on the grid: '
-          f'{summary["dice_ceiling_mean"]:.3f})  -> {out_dir / "metrics.csv"}')
+          f'{summary["dice_ceiling_mean"]:.3f}'
+          + (f'; brain Dice {summary["brain_dice_mean"]:.3f}' if with_brain else '')
+          + f')  -> {out_dir / "metrics.csv"}')
   tmp = out_dir / '.summary.json.tmp'
   tmp.write_text(json.dumps(summary, indent=1) + '\n')
   os.replace(tmp, out_dir / 'summary.json')

@@ -27,44 +27,87 @@ def _save(fig, path):
   os.replace(tmp, path)
 
 
-def overlay(path, image, pred=None, truth=None, title='', n_slices=4):
-  """Axial slices of ``image`` (RAS) with ground truth (green) and prediction (red)."""
-  ref = truth == 1 if truth is not None else pred
-  zs = _axial_slices(ref if ref is not None else np.zeros(image.shape), n_slices)
+def overlay_slices(z: int, n: int, extent=None, keep=()) -> list[int]:
+  """``n`` axial slices evenly spaced over ``extent`` (first, last; default the
+  middle 80 % of the ``z`` slices), the slices in ``keep`` replacing the nearest
+  of them. Sorted, without repeats (fewer when the extent is short)."""
+  lo, hi = extent if extent is not None else (round(0.1 * (z - 1)), round(0.9 * (z - 1)))
+  zs = [int(round(v)) for v in np.linspace(lo, hi, n)]
+  for k in dict.fromkeys(int(k) for k in keep):
+    if k in zs:
+      continue
+    free = [i for i, v in enumerate(zs) if v not in keep]
+    if free:
+      zs[min(free, key=lambda i: abs(zs[i] - k))] = k
+  return sorted(set(zs))
+
+
+def _most(mask) -> list[int]:
+  """The slice with the most of ``mask`` (none if empty)."""
+  if mask is None or not mask.any():
+    return []
+  return [int(np.argmax(mask.reshape(-1, mask.shape[2]).sum(0)))]
+
+
+def overlay(path, image, pred=None, truth=None, title='', n_slices=6, brain=None):
+  """Axial slices of ``image`` (RAS) with ground truth (green), prediction (red)
+  and the brain mask's edge (yellow).
+
+  The slices are spread evenly over the brain's z-extent (over the volume's
+  middle without a brain mask); the slices with the most predicted and the most
+  true lesion are always among them.
+  """
+  lesion = truth == 1 if truth is not None else None
+  extent = None
+  if brain is not None and brain.any():
+    zs_brain = np.flatnonzero(brain.reshape(-1, brain.shape[2]).any(0))
+    extent = (int(zs_brain[0]), int(zs_brain[-1]))
+  zs = overlay_slices(image.shape[2], n_slices, extent, _most(pred) + _most(lesion))
   fig, axes = plt.subplots(1, len(zs), figsize=(3 * len(zs), 3.4))
   lo, hi = np.percentile(image, [1, 99.5])
+  drawn = set()
   for ax, z in zip(np.atleast_1d(axes), zs):
     ax.imshow(image[:, :, z].T, cmap='gray', origin='lower', vmin=lo, vmax=hi)
-    if truth is not None and (truth[:, :, z] == 1).any():
-      ax.contour((truth[:, :, z] == 1).T, [0.5], colors='lime', linewidths=0.8)
-    if pred is not None and pred[:, :, z].any():
-      ax.contour(pred[:, :, z].T.astype(float), [0.5], colors='red', linewidths=0.8)
+    for name, mask, color in (('yellow: brain', brain, 'yellow'),
+                              ('green: truth', lesion, 'lime'),
+                              ('red: prediction', pred, 'red')):
+      if mask is not None and mask[:, :, z].any():
+        ax.contour(mask[:, :, z].T.astype(float), [0.5], colors=color,
+                   linewidths=0.6 if color == 'yellow' else 0.8)
+        drawn.add(name)
     ax.set_title(f'z={z}', fontsize=8)
     ax.axis('off')
-  legend = ', '.join(name for name, shown in (('green: truth', truth is not None),
-                                               ('red: prediction', pred is not None))
-                     if shown)
+  legend = ', '.join(n for n in ('green: truth', 'red: prediction', 'yellow: brain')
+                     if n in drawn)
   fig.suptitle(f'{title}  ({legend})' if legend else title, fontsize=9)
   _save(fig, path)
 
 
 def contact_sheet(path, cases, n_slices=4):
-  """One row per ``(title, image, labels)`` case, lesions outlined."""
+  """One row per ``(title, image, labels[, brain])`` case, lesions outlined (and
+  the brain mask's edge when given)."""
   fig, axes = plt.subplots(len(cases), n_slices,
                            figsize=(2.6 * n_slices, 2.6 * len(cases)), squeeze=False)
-  for row, (title, image, labels) in zip(axes, cases):
+  any_brain = False
+  for row, (title, image, labels, *rest) in zip(axes, cases):
+    brain = rest[0] if rest else None
     zs = _axial_slices(labels == 1, n_slices)
     lo, hi = np.percentile(image, [1, 99.5])
     for ax, z in zip(row, zs):
       ax.imshow(image[:, :, z].T, cmap='gray', origin='lower', vmin=lo, vmax=hi,
                 aspect='auto')
+      if brain is not None and brain[:, :, z].any():
+        ax.contour(brain[:, :, z].T.astype(float), [0.5], colors='yellow',
+                   linewidths=0.5)
+        any_brain = True
       for lab, color in ((1, 'red'), (2, 'cyan')):
         if (labels[:, :, z] == lab).any():
           ax.contour((labels[:, :, z] == lab).T, [0.5], colors=color,
                      linewidths=0.6)
       ax.set_title(f'{title} z={z}', fontsize=7)
       ax.axis('off')
-  fig.suptitle('synthetic FLAIR (red: WMH, cyan: other pathology)', fontsize=9)
+  fig.suptitle('synthetic FLAIR (red: WMH, cyan: other pathology'
+               + (', yellow: brain' if any_brain else '') + ')', fontsize=9)
   fig.tight_layout()
   _save(fig, path)
 

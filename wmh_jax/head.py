@@ -134,11 +134,12 @@ def classes(rng, head: Head, noise: np.ndarray, coverage: str) -> np.ndarray:
 def intensities(rng, c_csf: float) -> dict[int, float]:
   """FLAIR intensity of each class relative to white matter, drawn per subject.
 
-  Fat and mucosa range past the brightest lesions; bone and air are dark.
+  Fat and mucosa range past the brightest lesions (on clinical 2-D FLAIR the
+  scalp fat reaches ~3x the brain's median); bone and air are dark.
   """
-  fat = rng.uniform(0.6, 2.4)
-  return {CSF: c_csf, BONE: rng.uniform(0.0, 0.12), DIPLOE: rng.uniform(0.15, 1.2),
-          MUSCLE: rng.uniform(0.3, 0.85), FAT: fat, SKIN: rng.uniform(0.4, 1.2),
+  fat = rng.uniform(0.7, 3.5)
+  return {CSF: c_csf, BONE: rng.uniform(0.0, 0.12), DIPLOE: rng.uniform(0.15, 1.8),
+          MUSCLE: rng.uniform(0.3, 0.85), FAT: fat, SKIN: rng.uniform(0.4, 1.5),
           ORBIT_FAT: fat * rng.uniform(0.8, 1.15), GLOBE: rng.uniform(0.02, 0.35),
           CAVITY: rng.uniform(0.0, 0.03), DEEP: rng.uniform(0.3, 0.85)}
 
@@ -160,5 +161,5 @@ def draw(rng, head: Head, noise: np.ndarray, texture: np.ndarray, c_csf: float,
   deep = cls == DEEP
   img[deep & (noise > rng.uniform(-0.5, 0.8))] = values[FAT]
   img[(cls == CAVITY) & (texture + noise > rng.uniform(0.5, 3.0))] = (
-      rng.uniform(0.5, 2.0))  # mucosa lining the sinuses
+      rng.uniform(0.5, 3.0))  # mucosa lining the sinuses
   return img * (1.0 + 0.08 * texture) * (cls > 0)

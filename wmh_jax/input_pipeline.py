@@ -12,10 +12,18 @@ from wmh_jax import augment
 from wmh_jax import subjects
 
 
-def stack_prepared(prepared: list[dict], grid, soft_targets: bool = False
-                   ) -> dict[str, np.ndarray]:
-  """Stacks prepared subjects; with ``soft_targets`` adds their lesion fraction
-  on the grid as ``target``."""
+SOFT_KEYS = ('target', 'brain')  # soft volumes that follow the labels' geometry
+
+
+def stack_prepared(prepared: list[dict], grid, soft_targets: bool = False,
+                   brain: bool = False) -> dict[str, np.ndarray]:
+  """Stacks prepared subjects.
+
+  With ``soft_targets`` adds their lesion fraction on the grid as ``target``.
+  With ``brain``, when any subject has a brain mask, adds the brain fraction as
+  ``brain`` (zeros for subjects without one) and ``has_brain`` (1 or 0 per
+  subject: the loss's weight for the brain channel).
+  """
   arrays = {
       'image': np.stack([p['image'] for p in prepared]).astype(np.float32),
       'labels': np.stack([p['labels'] for p in prepared]).astype(np.uint8),
@@ -25,15 +33,22 @@ def stack_prepared(prepared: list[dict], grid, soft_targets: bool = False
   if soft_targets:
     arrays['target'] = np.stack([p['lesion_fraction'] for p in prepared]
                                 ).astype(np.float32)
+  if brain and any('brain_fraction' in p for p in prepared):
+    arrays['brain'] = np.stack([p.get('brain_fraction', np.zeros_like(p['image']))
+                                for p in prepared]).astype(np.float32)
+    arrays['has_brain'] = np.array(['brain_fraction' in p for p in prepared],
+                                   np.float32)
   return arrays
 
 
 def augment_example(example, seed, aug_config, patch_size=None,
                     lesion_patch_fraction=0.5):
-  """Augments one ``{'image', 'labels', 'spacing'[, 'target']}`` example; adds a
-  channel axis to the image. A soft ``target`` follows the labels' geometry."""
+  """Augments one ``{'image', 'labels', 'spacing'[, 'target', 'brain',
+  'has_brain']}`` example; adds a channel axis to the image. The soft volumes
+  (``SOFT_KEYS``) follow the labels' geometry; ``has_brain`` passes through."""
   image, labels = example['image'], example['labels']
-  extra = [example['target']] if 'target' in example else []
+  keys = [k for k in SOFT_KEYS if k in example]
+  soft = [example[k] for k in keys]
   seeds = tf.random.experimental.stateless_split(seed, 3)
   if aug_config.enabled:
     matrix, offset = augment.random_affine(
@@ -41,14 +56,14 @@ def augment_example(example, seed, aug_config, patch_size=None,
         rotate_deg=tuple(aug_config.rotate_deg), scale=aug_config.scale,
         shear=aug_config.shear, translate_vox=tuple(aug_config.translate_vox),
         flip_lr=aug_config.flip_lr)
-    image, labels, *extra = augment.affine_pair(image, labels, matrix, offset, *extra)
+    image, labels, *soft = augment.affine_pair(image, labels, matrix, offset, *soft)
     image = augment.random_intensity(image, seeds[1], aug_config.intensity)
   if patch_size is not None:
-    image, labels, *extra = augment.random_crop(
-        image, labels, tuple(patch_size), seeds[2], lesion_patch_fraction, *extra)
-  out = {'image': image[..., None], 'labels': labels}
-  if extra:
-    out['target'] = extra[0]
+    image, labels, *soft = augment.random_crop(
+        image, labels, tuple(patch_size), seeds[2], lesion_patch_fraction, *soft)
+  out = {'image': image[..., None], 'labels': labels, **dict(zip(keys, soft))}
+  if 'has_brain' in example:
+    out['has_brain'] = example['has_brain']
   return out
 
 

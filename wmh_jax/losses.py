@@ -1,7 +1,9 @@
 """Segmentation losses as pure jnp functions with an ignore mask.
 
 Labels are {0 background, 1 WMH, 2 other pathology}; voxels labelled 2 are left
-out of the loss (the seed wrongly counted them as lesion).
+out of the lesion loss (the seed wrongly counted them as lesion). A model with a
+brain output (two channels) adds a brain loss on channel 1, for the examples
+that have a brain mask.
 """
 
 import jax
@@ -62,11 +64,47 @@ def _soft(logits, target):
   return None if target is None else _match(logits, target)
 
 
-def segmentation_loss(logits, labels, loss_config, target=None) -> jax.Array:
-  """The configured loss: 'dice' or 'dice_bce', on ``target`` when given."""
+def split_channels(logits: jax.Array, labels: jax.Array
+                   ) -> tuple[jax.Array, jax.Array | None]:
+  """``(lesion logits, brain logits or None)``: a trailing channel axis of 2
+  (one more axis than ``labels``) holds the lesion and the brain logit."""
+  if logits.ndim == labels.ndim + 1 and logits.shape[-1] == 2:
+    return logits[..., :1], logits[..., 1:]
+  return logits, None
+
+
+def brain_loss(logits: jax.Array, brain: jax.Array, has_brain: jax.Array | None = None,
+               smooth: float = 1.0) -> jax.Array:
+  """Soft Dice + BCE of the brain logits against the brain fraction, per example,
+  weighted by ``has_brain`` (1 or 0 per example) and averaged over the batch:
+  examples without a brain mask contribute nothing. No voxel is ignored (label-2
+  voxels lie inside the brain)."""
+  brain = _match(logits, brain).astype(jnp.float32)
+  axes = tuple(range(1, logits.ndim))
+  prob = jax.nn.sigmoid(logits)
+  dice = 1.0 - (2.0 * jnp.sum(prob * brain, axes) + smooth) / (
+      jnp.sum(prob, axes) + jnp.sum(brain, axes) + smooth)
+  bce = jnp.mean(jnp.maximum(logits, 0) - logits * brain + jnp.log1p(
+      jnp.exp(-jnp.abs(logits))), axes)
+  weight = (jnp.ones(logits.shape[:1]) if has_brain is None
+            else jnp.asarray(has_brain, jnp.float32).reshape(logits.shape[:1]))
+  return jnp.sum(weight * (dice + bce)) / logits.shape[0]
+
+
+def segmentation_loss(logits, labels, loss_config, target=None, brain=None,
+                      has_brain=None) -> jax.Array:
+  """The configured lesion loss, 'dice' or 'dice_bce', on ``target`` when given;
+  for two-channel logits (``split_channels``) with a ``brain`` fraction, plus
+  ``loss.brain_weight`` times :func:`brain_loss` on channel 1."""
+  logits, brain_logits = split_channels(logits, labels)
   dice = soft_dice_loss(logits, labels, loss_config.smooth, target)
   if loss_config.name == 'dice':
-    return dice
-  if loss_config.name == 'dice_bce':
-    return dice + loss_config.bce_weight * bce_loss(logits, labels, target)
-  raise ValueError(f'loss.name must be dice or dice_bce, got {loss_config.name!r}')
+    loss = dice
+  elif loss_config.name == 'dice_bce':
+    loss = dice + loss_config.bce_weight * bce_loss(logits, labels, target)
+  else:
+    raise ValueError(f'loss.name must be dice or dice_bce, got {loss_config.name!r}')
+  if brain_logits is None or brain is None:
+    return loss
+  return loss + loss_config.get('brain_weight', 1.0) * brain_loss(
+      brain_logits, brain, has_brain, loss_config.smooth)

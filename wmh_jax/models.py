@@ -11,6 +11,7 @@ convolution over ``batch * Z`` images (see :class:`Conv3D`).
 """
 
 from collections.abc import Sequence
+import functools
 import math
 from typing import Any
 
@@ -65,30 +66,35 @@ def _patches2d(x: jax.Array, kx: int, ky: int) -> jax.Array:
   return jnp.concatenate(cols, axis=-1).reshape(n * h * w, kx * ky * c)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def conv2d_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """'SAME' 2-D convolution (NHWC, HWIO) with a faster kernel gradient on CPU.
 
   XLA:CPU computes the kernel gradient of a 2-D convolution 3-6x slower than the
   forward pass (measured in bench/conv_layers.py); as one im2col matmul it is 2-3x
-  faster than that. The input gradient stays XLA's own (as fast as the forward).
+  faster than that. A custom JVP (so forward mode works too): the kernel's
+  tangent term is written as that matmul, ``patches(x) @ dk``, whose transpose
+  is the im2col kernel gradient; the input's stays XLA's own convolution.
   """
   return _conv2d(x, kernel)
 
 
-def _conv2d_fwd(x, kernel):
-  return _conv2d(x, kernel), (x, kernel)
-
-
-def _conv2d_bwd(res, dy):
-  x, kernel = res
+@jax.checkpoint  # reverse mode keeps x, not its kx*ky times larger patches
+def _conv2d_by_patches(x, kernel):
   kx, ky, cin, cout = kernel.shape
-  dx = jax.vjp(lambda x_: _conv2d(x_, kernel), x)[1](dy)[0]
-  dk = _patches2d(x, kx, ky).T @ dy.reshape(-1, cout)
-  return dx, dk.reshape(kx, ky, cin, cout).astype(kernel.dtype)
+  y = _patches2d(x, kx, ky) @ kernel.reshape(kx * ky * cin, cout)
+  return y.reshape(*x.shape[:3], cout)
 
 
-conv2d_same.defvjp(_conv2d_fwd, _conv2d_bwd)
+@functools.partial(conv2d_same.defjvp, symbolic_zeros=True)
+def _conv2d_same_jvp(primals, tangents):
+  x, kernel = primals
+  dx, dk = tangents
+  y = conv2d_same(x, kernel)
+  zero = lambda t: isinstance(t, jax.custom_derivatives.SymbolicZero)
+  terms = ([] if zero(dx) else [_conv2d(dx, kernel)]) + (
+      [] if zero(dk) else [_conv2d_by_patches(x, dk)])
+  return y, (functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y))
 
 
 def fold_depth(x: jax.Array, kz: int) -> jax.Array:
@@ -304,10 +310,13 @@ class UNet3D(nn.Module):
   ``pool_sizes[i]``, applies one convolution of ``decoder_filters[i]`` with a
   ``pool_sizes[i]`` kernel (the "up-convolution"), concatenates the skip, and applies
   two more convolutions with ``kernel_sizes[i]``. A 1x1x1 convolution gives one
-  logit per voxel (apply a sigmoid for the lesion probability).
+  logit per voxel (apply a sigmoid for the lesion probability); with
+  ``brain_output`` two: channel 0 the lesion logit (initial bias ``output_bias``),
+  channel 1 the brain logit (initial bias 0).
 
   Input: ``(B, X, Y, Z, C)`` with X, Y, Z divisible by the product of the pool
-  sizes. Output: ``(B, X, Y, Z, 1)`` logits, float32.
+  sizes. Output: ``(B, X, Y, Z, 1)`` logits (``(B, X, Y, Z, 2)`` with
+  ``brain_output``), float32.
   """
   encoder_filters: Sequence[Sequence[int]] = ((32, 64), (64, 128), (128, 256))
   kernel_sizes: Sequence[Sequence[int]] = ((3, 3, 1), (3, 3, 1), (3, 3, 3))
@@ -319,6 +328,7 @@ class UNet3D(nn.Module):
   upsampling: str = 'nearest'
   conv_impl: str = 'auto'
   output_bias: float = 0.0
+  brain_output: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -341,9 +351,26 @@ class UNet3D(nn.Module):
         x = ConvBlock((f,), pool, **block)(upsample(x, pool, self.upsampling), train)
       x = jnp.concatenate([x, skips[level].astype(x.dtype)], axis=-1)
       x = ConvBlock((f, f), self.kernel_sizes[level], **block)(x, train)
-    x = Conv3D(1, (1, 1, 1), impl, self.dtype,
-               nn.initializers.constant(self.output_bias))(x)
-    return jnp.transpose(x, (0, 2, 3, 1, 4)).astype(jnp.float32)  # -> (B,X,Y,Z,1)
+    x = Conv3D(self.num_outputs, (1, 1, 1), impl, self.dtype,
+               _output_bias_init((self.output_bias, 0.0)[:self.num_outputs]))(x)
+    return jnp.transpose(x, (0, 2, 3, 1, 4)).astype(jnp.float32)  # -> (B,X,Y,Z,C)
+
+  @property
+  def num_outputs(self) -> int:
+    """Output channels: the lesion logit, and the brain logit with brain_output."""
+    return 2 if self.brain_output else 1
+
+
+def _output_bias_init(values):
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.asarray(values, dtype).reshape(shape)
+  return init
+
+
+def output_bias(params) -> jax.Array:
+  """The output convolution's bias, one value per output channel."""
+  return params['Conv3D_0']['bias']
 
 
 def create_model(model_config) -> UNet3D:
@@ -360,5 +387,6 @@ def create_model(model_config) -> UNet3D:
       upsampling=model_config.upsampling,
       conv_impl=model_config.conv_impl,
       output_bias=model_config.output_bias,
+      brain_output=model_config.get('brain_output', False),
       dtype=jnp.dtype(model_config.dtype),
   )

@@ -12,16 +12,49 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+# The most voxels a file may declare, checked from its header before any data are
+# read: a 2 MB .nii.gz can decompress to gigabytes, and a volume is decoded into
+# memory as float32 and z-scored in float64. 512^3 (~134 M) is well above any
+# FLAIR; the environment variable raises it for every mode, ``max_voxels`` per call.
+MAX_VOXELS = int(os.environ.get('WMH_JAX_MAX_VOXELS', 512 ** 3))
+
 
 class NiftiError(ValueError):
   """A file that cannot be used, with the path and the reason in the message."""
 
 
-def load(path: str | os.PathLike, canonical: bool = True) -> nib.Nifti1Image:
+def check_header(img, path, max_voxels: int | None = None) -> None:
+  """Refuses, before the data are read, what no loader here can use: too many
+  voxels, RGB (structured) or complex voxels, a singular or non-finite affine."""
+  limit = MAX_VOXELS if max_voxels is None else int(max_voxels)
+  shape = tuple(int(n) for n in img.shape)
+  voxels = int(np.prod(shape, dtype=np.int64))
+  if voxels > limit:
+    raise NiftiError(f'{path}: shape {shape} is {voxels:,} voxels, more than the '
+                     f'limit of {limit:,} (WMH_JAX_MAX_VOXELS raises it)')
+  dtype = img.get_data_dtype()
+  if dtype.names is not None:
+    raise NiftiError(f'{path}: RGB or structured voxels ({", ".join(dtype.names)}); '
+                     'expected one intensity a voxel')
+  if dtype.kind == 'c':
+    raise NiftiError(f'{path}: complex voxels ({dtype}); expected real intensities '
+                     '(e.g. the magnitude image)')
+  axes = None if img.affine is None else np.asarray(img.affine, float)[:3, :3]
+  # Singular: a voxel axis of length 0 or in the plane of the other two.
+  if (axes is None or not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(
+      axes)) <= 1e-6 * np.prod(np.linalg.norm(axes, axis=0))):
+    raise NiftiError(f'{path}: the voxel-to-world affine is singular or not finite '
+                     f'(voxel axes {None if axes is None else axes.T.round(3).tolist()})'
+                     '; cannot orient the image')
+
+
+def load(path: str | os.PathLike, canonical: bool = True,
+         max_voxels: int | None = None) -> nib.Nifti1Image:
   """Reads a 3-D NIfTI (a 4-D file with one volume is accepted).
 
   Raises:
-    NiftiError: naming the file when it is missing, unreadable, or not 3-D.
+    NiftiError: naming the file when it is missing, unreadable, not 3-D, or
+      refused by :func:`check_header` (``max_voxels``: default ``MAX_VOXELS``).
   """
   path = Path(path)
   if not path.is_file():
@@ -30,6 +63,7 @@ def load(path: str | os.PathLike, canonical: bool = True) -> nib.Nifti1Image:
     img = nib.load(str(path))
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
       raise NiftiError(f'{path}: not a NIfTI image')
+    check_header(img, path, max_voxels)
     data = np.asanyarray(img.dataobj)  # decode now, so corrupt files fail here
   except NiftiError:
     raise
@@ -44,9 +78,10 @@ def load(path: str | os.PathLike, canonical: bool = True) -> nib.Nifti1Image:
   return nib.as_closest_canonical(img) if canonical else img
 
 
-def load_image(path, canonical: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def load_image(path, canonical: bool = True, max_voxels: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
   """Returns ``(float32 array, 4x4 affine)``; refuses non-finite voxels."""
-  img = load(path, canonical)
+  img = load(path, canonical, max_voxels)
   data = np.asarray(img.get_fdata(dtype=np.float32))
   if not np.all(np.isfinite(data)):
     raise NiftiError(f'{path}: image has NaN or infinite voxels')
@@ -60,22 +95,35 @@ def load_labels(path, like_affine: np.ndarray | None = None,
   return check_labels(load(path, canonical), path, like_affine, like_shape)
 
 
+def load_brain(path, like_affine: np.ndarray | None = None,
+               like_shape: tuple[int, ...] | None = None,
+               canonical: bool = True) -> np.ndarray:
+  """Returns a uint8 brain mask in {0, 1}, checked against the image grid."""
+  return check_labels(load(path, canonical), path, like_affine, like_shape,
+                      values=(0, 1), what='brain mask')
+
+
 def check_labels(img: nib.Nifti1Image, path, like_affine: np.ndarray | None = None,
-                 like_shape: tuple[int, ...] | None = None) -> np.ndarray:
-  """The labels of an image already :func:`load`-ed from ``path``, checked."""
+                 like_shape: tuple[int, ...] | None = None, values=(0, 1, 2),
+                 what: str = 'labels') -> np.ndarray:
+  """The labels of an image already :func:`load`-ed from ``path``, checked:
+  the image's grid, integers in ``values`` (``what`` names them in errors)."""
   data = np.asarray(img.dataobj)
+  mask = 'mask' if what == 'labels' else what
   if like_shape is not None and tuple(data.shape) != tuple(like_shape):
-    raise NiftiError(f'{path}: mask shape {data.shape} differs from the image '
+    raise NiftiError(f'{path}: {mask} shape {data.shape} differs from the image '
                      f'shape {tuple(like_shape)}')
   if like_affine is not None and not np.allclose(img.affine, like_affine,
                                                  atol=1e-3):
-    raise NiftiError(f'{path}: mask affine differs from the image affine')
+    raise NiftiError(f'{path}: {mask} affine differs from the image affine')
+  allowed = '{' + ', '.join(map(str, values)) + '}'
   if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
-    raise NiftiError(f'{path}: labels must be integers in {{0, 1, 2}}')
-  values = np.unique(data)
-  if values.size and (values.min() < 0 or values.max() > 2):
-    raise NiftiError(f'{path}: labels must be in {{0, 1, 2}}, found '
-                     f'{values[(values < 0) | (values > 2)][:5].tolist()}')
+    raise NiftiError(f'{path}: {what} must be integers in {allowed}')
+  found = np.unique(data)
+  bad = found[~np.isin(found, values)]
+  if bad.size:
+    raise NiftiError(f'{path}: {what} must be in {allowed}, found '
+                     f'{bad[:5].tolist()}')
   return data.astype(np.uint8)
 
 

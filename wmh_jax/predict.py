@@ -13,9 +13,12 @@ with Gaussian weights. The lesion probability (the mean over the ensemble member
 and flip TTA) is resized back to the native grid and thresholded; with a refiner
 fitted on the workdir's checkpoint (``wmh_jax.refine``, ``config.refine``) the
 native voxels are decided again from that probability and the FLAIR around them.
+A model with a brain output (``model.brain_output``) also gives the brain
+probability, averaged alike; its native mask (``native_probability``) bounds the
+lesions: no lesion outside the brain (``predict.mask_to_brain``).
 ``OUT/<name>_wmh.nii.gz`` (uint8 0/1) keeps the input's shape, axis order, affine
-and header; ``<name>_prob.nii.gz``, ``<name>_overlay.png`` and
-``<name>_activations.png`` are optional.
+and header, as does ``<name>_brain.nii.gz``; ``<name>_prob.nii.gz``,
+``<name>_overlay.png`` and ``<name>_activations.png`` are optional.
 """
 
 import dataclasses
@@ -28,11 +31,13 @@ import tempfile
 from absl import logging
 import jax
 import numpy as np
+from scipy import ndimage
 
 from wmh_jax import challenge_metrics
 from wmh_jax import checkpoints
 from wmh_jax import figures
 from wmh_jax import metrics
+from wmh_jax import models
 from wmh_jax import nifti_io
 from wmh_jax import refine
 from wmh_jax import steps
@@ -44,6 +49,7 @@ class Scan:
   name: str
   flair: Path
   wmh: Path | None = None
+  brain: Path | None = None
 
 
 def _stem(path: Path) -> str:
@@ -58,7 +64,8 @@ def collect_inputs(paths) -> list[Scan]:
   """Scans named by ``paths``: NIfTI files, folders of them, or challenge layouts.
 
   A folder holding ``**/pre/FLAIR.nii.gz`` is read as the challenge layout (its
-  ``wmh.nii.gz``, when present, is drawn on the overlays); scans are then named
+  ``wmh.nii.gz`` and ``brain.nii.gz``, when present, are scored and drawn on the
+  overlays); scans are then named
   by subject id (``SITE_ID`` when ids repeat across sites).
   """
   scans = []
@@ -70,7 +77,7 @@ def collect_inputs(paths) -> list[Scan]:
       ids = [s.id for s in found]
       for s in found:
         name = s.id if ids.count(s.id) == 1 else f'{s.site.replace("/", "_")}_{s.id}'
-        scans.append(Scan(name, s.flair, s.wmh))
+        scans.append(Scan(name, s.flair, s.wmh, s.brain))
     elif p.is_dir():
       files = sorted(f for f in p.iterdir() if f.name.endswith(('.nii', '.nii.gz')))
       if not files:
@@ -87,8 +94,13 @@ def collect_inputs(paths) -> list[Scan]:
   return scans
 
 
-def output_paths(out_dir: Path, name: str, pconfig) -> dict[str, Path]:
+def output_paths(out_dir: Path, name: str, pconfig, brain: bool = False
+                 ) -> dict[str, Path]:
+  """The files predict writes for scan ``name``; ``brain``: the model has a brain
+  output."""
   paths = {'mask': out_dir / f'{name}_wmh.nii.gz'}
+  if brain and pconfig.save_brain:
+    paths['brain'] = out_dir / f'{name}_brain.nii.gz'
   if pconfig.save_probabilities:
     paths['prob'] = out_dir / f'{name}_prob.nii.gz'
   if pconfig.overlays:
@@ -123,8 +135,34 @@ def flip_sets(axes) -> list[tuple[int, ...]]:
   return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
+def has_brain_output(model, state) -> bool:
+  """Whether ``model`` has a brain output that training reached.
+
+  A brain channel that never saw a brain mask (no ``brain.nii.gz`` among the
+  training subjects, e.g. a TFDS dataset) keeps its initial bias of exactly 0:
+  without a gradient Adam moves nothing. Its output is noise, so it is not used.
+  """
+  if not getattr(model, 'brain_output', False):
+    return False
+  if float(np.asarray(models.output_bias(state.params))[1]) == 0.0:
+    logging.warning('model.brain_output: the brain channel was never trained (no '
+                    'brain.nii.gz among the training subjects); it is ignored')
+    return False
+  return True
+
+
+def split_probability(out) -> tuple[np.ndarray, np.ndarray | None]:
+  """``(lesion, brain or None)`` from a probability function's output: one
+  array (lesion only) or a ``(lesion, brain)`` pair."""
+  if isinstance(out, tuple):
+    return out[0], out[1]
+  return out, None
+
+
 def make_probability_fn(members, tta_axes=()):
-  """``grid image (X,Y,Z) -> mean lesion probability (X,Y,Z)``.
+  """``grid image (X,Y,Z) -> mean lesion probability (X,Y,Z)``, or the pair
+  ``(lesion, brain)`` of mean probabilities when every member has a trained brain
+  output (:func:`has_brain_output`).
 
   ``members`` are ``(model, state)`` pairs (an ensemble); with ``tta_axes`` each
   member also sees the image flipped along every subset of those axes, and the
@@ -132,18 +170,20 @@ def make_probability_fn(members, tta_axes=()):
   """
   fns = [(jax.jit(functools.partial(steps.predict_logits, model=m)), s)
          for m, s in members]
+  brain = all(has_brain_output(m, s) for m, s in members)
   flips = flip_sets(tuple(tta_axes))
 
-  def probability(grid_image: np.ndarray) -> np.ndarray:
-    total = np.zeros(grid_image.shape, np.float64)
+  def probability(grid_image: np.ndarray):
+    total = np.zeros((2 if brain else 1, *grid_image.shape), np.float64)
     for fn, state in fns:
       for axes in flips:
         x = np.flip(grid_image, axes) if axes else grid_image
         logits = fn(state.params, state.batch_stats,
                     np.ascontiguousarray(x)[None, ..., None])
-        p = np.asarray(jax.nn.sigmoid(logits))[0, ..., 0]
-        total += np.flip(p, axes) if axes else p
-    return (total / (len(fns) * len(flips))).astype(np.float32)
+        p = np.asarray(jax.nn.sigmoid(logits))[0, ..., :len(total)]
+        total += np.moveaxis(np.flip(p, axes) if axes else p, -1, 0)
+    mean = (total / (len(fns) * len(flips))).astype(np.float32)
+    return (mean[0], mean[1]) if brain else mean[0]
 
   return probability
 
@@ -153,6 +193,39 @@ def to_native(grid_prob: np.ndarray, native_shape,
   """``(native probability, native mask)``: the grid probability resized back."""
   native = np.clip(subjects.resize_back(grid_prob, tuple(native_shape)), 0.0, 1.0)
   return native.astype(np.float32), native >= threshold
+
+
+def brain_mask(brain_prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+  """The brain: ``brain_prob >= threshold``, its largest 26-connected component,
+  holes filled in every axial slice (axis 2), then in 3-D."""
+  mask = brain_prob >= threshold
+  cc, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+  if n == 0:
+    return mask
+  mask = cc == np.argmax(np.bincount(cc.ravel())[1:]) + 1
+  for z in range(mask.shape[2]):
+    mask[:, :, z] = ndimage.binary_fill_holes(mask[:, :, z])
+  return ndimage.binary_fill_holes(mask)
+
+
+def native_probability(output, native_shape, pconfig
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
+  """A probability function's output mapped onto the scan's own grid.
+
+  Returns ``(lesion probability, brain mask or None)``. With a brain
+  probability, the brain mask is :func:`brain_mask` of it resized back
+  (``pconfig.brain_threshold``), and with ``pconfig.mask_to_brain`` the lesion
+  probability is 0 outside it, so neither the threshold nor the refiner finds
+  a lesion there. The one place predict, evaluate and the refiner's fit do this.
+  """
+  lesion, brain = split_probability(output)
+  prob, _ = to_native(lesion, native_shape, 0.5)
+  if brain is None:
+    return prob, None
+  mask = brain_mask(to_native(brain, native_shape, 0.5)[0], pconfig.brain_threshold)
+  if pconfig.mask_to_brain:
+    prob = np.where(mask, prob, np.float32(0.0))
+  return prob, mask
 
 
 def window_starts(n: int, window: int, overlap: float) -> list[int]:
@@ -183,22 +256,30 @@ def to_spacing(image: np.ndarray, affine: np.ndarray, spacing,
 
 
 def sliding_window(volume: np.ndarray, probability_fn, window,
-                   overlap: float = 0.5) -> np.ndarray:
-  """Gaussian-weighted mean of ``probability_fn`` over overlapping windows."""
+                   overlap: float = 0.5):
+  """Gaussian-weighted mean of ``probability_fn`` over overlapping windows (each
+  part of a ``(lesion, brain)`` output blended alike)."""
   window = tuple(int(w) for w in window)
   full = tuple(max(n, w) for n, w in zip(volume.shape, window))
   padded = np.pad(volume, [(0, f - n) for f, n in zip(full, volume.shape)],
                   constant_values=float(volume.min()))
   weights = gaussian_weights(window)
-  total = np.zeros(full, np.float64)
+  totals, pair = None, False
   norm = np.zeros(full, np.float64)
   for start in itertools.product(*[window_starts(f, w, overlap)
                                     for f, w in zip(full, window)]):
     region = tuple(slice(a, a + w) for a, w in zip(start, window))
-    total[region] += probability_fn(padded[region]) * weights
+    out = probability_fn(padded[region])
+    pair = isinstance(out, tuple)
+    parts = out if pair else (out,)
+    if totals is None:
+      totals = [np.zeros(full, np.float64) for _ in parts]
+    for total, part in zip(totals, parts):
+      total[region] += part * weights
     norm[region] += weights
-  prob = total / norm
-  return prob[tuple(slice(0, n) for n in volume.shape)].astype(np.float32)
+  crop = tuple(slice(0, n) for n in volume.shape)
+  blended = tuple((total / norm)[crop].astype(np.float32) for total in totals)
+  return blended if pair else blended[0]
 
 
 def model_input(image, affine, config, path='image') -> np.ndarray:
@@ -226,8 +307,9 @@ def center_crop(volume: np.ndarray, window) -> np.ndarray:
   return padded[tuple(slice(c, c + w) for c, w in zip(corner, window))]
 
 
-def probability_on_input(volume, probability_fn, config) -> np.ndarray:
-  """Lesion probability on the model-input volume (grid or fixed spacing)."""
+def probability_on_input(volume, probability_fn, config):
+  """Lesion probability (or ``(lesion, brain)``) on the model-input volume (grid
+  or fixed spacing)."""
   if config.predict.method == 'resize':
     return probability_fn(volume)
   return sliding_window(volume, probability_fn, network_window(config),
@@ -236,8 +318,19 @@ def probability_on_input(volume, probability_fn, config) -> np.ndarray:
 
 def load_members(config, workdir) -> list:
   """The ensemble: ``workdir`` plus ``config.predict.ensemble`` (latest checkpoints)."""
-  dirs = [workdir, *config.predict.ensemble]
-  return [checkpoints.restore_latest(config, d) for d in dirs]
+  members = []
+  for d in [workdir, *config.predict.ensemble]:
+    try:
+      members.append(checkpoints.restore_latest(config, d))
+    except ValueError as e:  # orbax: a stored array of another shape
+      if 'stored shape' not in str(e):
+        raise
+      raise ValueError(
+          f'{Path(d) / "checkpoints"}: the checkpoint does not fit this config\'s '
+          f'model.* (trained with model.brain_output='
+          f'{not config.model.get("brain_output", False)}? pass that): '
+          f'{str(e).split(". ")[0]}') from e
+  return members
 
 
 def load_refiner(config, workdir, step: int):
@@ -281,17 +374,21 @@ def activation_collage(path, members, grid_image, title):
 
 def predict(config, workdir, inputs, output, overwrite: bool = False,
             probability_fn=None) -> list[dict]:
-  """Segments every input; returns one ``{name, mask, volume_ml, lesions}`` a scan.
+  """Segments every input; returns one ``{name, mask, volume_ml, lesions}`` a scan
+  (with a brain output also ``brain``, ``brain_volume_ml``, and ``brain_dice``
+  when the scan has a ``brain.nii.gz``).
 
-  ``probability_fn`` (model input -> probability) replaces the checkpoints of
-  ``workdir`` and ``config.predict.ensemble`` when given.
+  ``probability_fn`` (model input -> probability, or ``(lesion, brain)``)
+  replaces the checkpoints of ``workdir`` and ``config.predict.ensemble`` when
+  given.
   """
   if not output:
     raise FileNotFoundError('predict: pass --output=DIR for the masks')
   pc = config.predict
   scans = collect_inputs(inputs)
   out_dir = Path(output)
-  targets = {s.name: output_paths(out_dir, s.name, pc) for s in scans}
+  brain_out = bool(config.model.get('brain_output', False))
+  targets = {s.name: output_paths(out_dir, s.name, pc, brain_out) for s in scans}
   check_outputs_free([p for t in targets.values() for p in t.values()], overwrite)
   # Read and check every input before the first file is written; keep only the
   # preprocessed volumes (the native images are read again when drawn).
@@ -301,6 +398,8 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
     prepared[s.name] = (model_input(image, affine, config, s.flair), image.shape, affine)
     if s.wmh is not None:
       nifti_io.load_labels(s.wmh, affine, image.shape)
+    if s.brain is not None:
+      nifti_io.load_brain(s.brain, affine, image.shape)
   check_writable(out_dir)
   refiner = None
   if probability_fn is None:
@@ -312,35 +411,51 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
   results = []
   for k, s in enumerate(scans):
     volume, shape, affine = prepared.pop(s.name)
-    prob, mask = to_native(probability_on_input(volume, probability_fn, config),
-                           shape, pc.threshold)
+    prob, brain = native_probability(
+        probability_on_input(volume, probability_fn, config), shape, pc)
+    mask = prob >= pc.threshold
     paths = targets[s.name]
     native = (nifti_io.load_image(s.flair)[0]
               if refiner is not None or 'overlay' in paths else None)
     if refiner is not None:
-      prob = refine.refine(refiner, prob, subjects.zscore(native, s.flair),
+      prob = refine.refine(refiner, prob, subjects.zscore(native, s.flair, brain),
                            subjects.voxel_spacing(affine), config.refine.candidate)
       mask = prob >= refiner['threshold']
     nifti_io.save_like(paths['mask'], mask.astype(np.uint8), s.flair)
     if 'prob' in paths:
       nifti_io.save_like(paths['prob'], prob, s.flair, dtype=np.float32)
+    if brain is not None and 'brain' in paths:
+      nifti_io.save_like(paths['brain'], brain.astype(np.uint8), s.flair)
     truth = None
     if s.wmh is not None:
       truth = nifti_io.load_labels(s.wmh, affine, shape)
+    true_brain = None
+    if s.brain is not None and brain is not None:
+      true_brain = nifti_io.load_brain(s.brain, affine, shape) == 1
     if 'overlay' in paths:
-      figures.overlay(paths['overlay'], native, mask, truth, title=s.name)
+      figures.overlay(paths['overlay'], native, mask, truth, title=s.name,
+                      brain=brain)
     if 'activations' in paths:
       activation_collage(paths['activations'], members,
                          center_crop(volume, network_window(config)), s.name)
     r = {'name': s.name, 'mask': str(paths['mask']),
          'volume_ml': metrics.volume_ml(mask, affine),
          'lesions': challenge_metrics.lesions(mask)[1]}
+    if brain is not None:
+      if 'brain' in paths:
+        r['brain'] = str(paths['brain'])
+      r['brain_volume_ml'] = metrics.volume_ml(brain, affine)
+    if true_brain is not None:
+      r['brain_dice'] = challenge_metrics.dice(true_brain, brain)
     if truth is not None:
       r.update(challenge_metrics.challenge_metrics(truth, mask, affine))
     results.append(r)
     line = (f'predict {k + 1}/{len(scans)} {s.name}: lesion volume '
             f'{r["volume_ml"]:.2f} mL, {r["lesions"]} lesions'
             + (f', Dice {r["dice"]:.3f}' if truth is not None else '')
+            + (f'; brain volume {r["brain_volume_ml"]:.0f} mL' if brain is not None
+               else '')
+            + (f', brain Dice {r["brain_dice"]:.3f}' if true_brain is not None else '')
             + f' -> {paths["mask"]}')
     logging.info(line)
     print(line, flush=True)

@@ -51,7 +51,8 @@ def features(prob: np.ndarray, image: np.ndarray, spacing, candidate: float
 
   Args:
     prob: the U-Net's lesion probability on the native grid.
-    image: the FLAIR on the same grid, z-scored (``subjects.zscore``).
+    image: the FLAIR on the same grid, z-scored (``subjects.zscore``, in the
+      brain when the U-Net gives one).
     spacing: voxel size in mm along each axis.
     candidate: voxels with ``prob >= candidate`` are decided again.
   """
@@ -70,9 +71,10 @@ def features(prob: np.ndarray, image: np.ndarray, spacing, candidate: float
   return cand, f.astype(np.float32)
 
 
-def native_flair(path) -> np.ndarray:
-  """The FLAIR at ``path`` on its own grid (RAS), z-scored as for the U-Net."""
-  return subjects.zscore(nifti_io.load_image(path)[0], path)
+def native_flair(path, brain: np.ndarray | None = None) -> np.ndarray:
+  """The FLAIR at ``path`` on its own grid (RAS), z-scored in ``brain`` (the
+  predicted brain mask; the head when None), as predict and evaluate do."""
+  return subjects.zscore(nifti_io.load_image(path)[0], path, brain)
 
 
 class RefineMLP(nn.Module):

@@ -61,7 +61,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model, tx,
                loss_config) -> tuple[TrainState, dict]:
   """One optimiser step on ``batch = {'image': (B,X,Y,Z,1), 'labels': (B,X,Y,Z)}``
   (plus ``'target'``, a soft lesion fraction of the labels' shape, when trained on
-  soft targets).
+  soft targets; ``'brain'``, the brain fraction, and ``'has_brain'`` (B,) for a
+  model with a brain output).
 
   Pure: the same (state, batch, rng) gives the same result. ``rng`` is folded
   with the step, so a model with stochastic layers sees fresh noise each step.
@@ -80,7 +81,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model, tx,
                            rngs={'dropout': step_rng})
       updates = {'batch_stats': state.batch_stats}
     loss = losses.segmentation_loss(logits, batch['labels'], loss_config,
-                                    batch.get('target'))
+                                    batch.get('target'), batch.get('brain'),
+                                    batch.get('has_brain'))
     return loss, updates['batch_stats']
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -2,9 +2,11 @@
 
 Layout (the MICCAI 2017 WMH challenge): ``ROOT/SITE[/SCANNER]/ID/pre/FLAIR.nii.gz``
 and ``ROOT/SITE[/SCANNER]/ID/wmh.nii.gz`` with labels 0 background, 1 WMH, 2 other
-pathology. Preparation decodes each NIfTI once, reorients it to RAS, z-scores it
-inside a brain (head) mask and resizes it to the config grid with anti-aliasing;
-the training hot path then only sees small fixed-size arrays.
+pathology; optionally ``ROOT/SITE[/SCANNER]/ID/brain.nii.gz``, a 0/1 brain mask
+on the FLAIR's grid (the target of the U-Net's brain output). Preparation decodes
+each NIfTI once, reorients it to RAS, z-scores it inside a brain (head) mask and
+resizes it to the config grid with anti-aliasing; the training hot path then only
+sees small fixed-size arrays.
 """
 
 import dataclasses
@@ -23,6 +25,7 @@ class SubjectFiles:
   id: str
   flair: Path
   wmh: Path | None
+  brain: Path | None = None   # ID/brain.nii.gz, when there
 
   @property
   def key(self) -> str:
@@ -46,10 +49,12 @@ def find_subjects(root, missing_mask: str = 'skip') -> list[SubjectFiles]:
   found, missing = [], []
   for flair in sorted(root.glob('**/pre/FLAIR.nii.gz')):
     folder = flair.parent.parent
-    rel = folder.relative_to(root).parts
+    # root may be one subject's own folder (predict --input=ID/): its name is the ID.
+    rel = folder.relative_to(root.parent if folder == root else root).parts
     site = '/'.join(rel[:-1]) or '.'
-    wmh = folder / 'wmh.nii.gz'
-    s = SubjectFiles(site, rel[-1], flair, wmh if wmh.exists() else None)
+    wmh, brain = folder / 'wmh.nii.gz', folder / 'brain.nii.gz'
+    s = SubjectFiles(site, rel[-1], flair, wmh if wmh.exists() else None,
+                     brain if brain.exists() else None)
     if s.wmh is None and missing_mask != 'keep':
       missing.append(s.key)
       continue
@@ -106,8 +111,37 @@ def split_by_sites(items, val_sites, site_of=lambda s: s.site):
   if unknown:
     raise ValueError(f'data.val_sites: no subjects of site(s) {", ".join(unknown)}'
                      f' (sites found: {", ".join(sorted(sites))})')
-  return ([s for s in items if site_of(s) not in val_sites],
-          [s for s in items if site_of(s) in val_sites])
+  return _hold_out(items, lambda s: site_of(s) in val_sites)
+
+
+def split_by_ids(items, val_ids, key_of=lambda s: s.key):
+  """Holds out the named subjects: ``(train, val)``, ``val`` exactly the items
+  named in ``val_ids``, each by its SITE/ID key or, when unambiguous, its ID.
+
+  Raises:
+    ValueError: a name matches no item, or (a bare ID) several; or every item
+      would be held out.
+  """
+  keys = [key_of(s) for s in items]
+  chosen = set()
+  for name in val_ids:
+    hits = [k for k in keys if str(name) in (k, k.rsplit('/', 1)[-1])]
+    if not hits:
+      raise ValueError(f'data.val_ids: no subject {name} (ids found: '
+                       f'{", ".join(keys)})')
+    if len(hits) > 1:
+      raise ValueError(f'data.val_ids: {name} names {len(hits)} subjects '
+                       f'({", ".join(hits)}); give SITE/ID')
+    chosen.add(hits[0])
+  if len(chosen) == len(keys):
+    raise ValueError(f'data.val_ids: holds out all {len(keys)} subjects; none left '
+                     'to train on')
+  return _hold_out(items, lambda s: key_of(s) in chosen)
+
+
+def _hold_out(items, held_out):
+  """``(train, val)``: the items for which ``held_out(item)`` is false, true."""
+  return ([s for s in items if not held_out(s)], [s for s in items if held_out(s)])
 
 
 def head_mask(image: np.ndarray) -> np.ndarray:
@@ -118,14 +152,30 @@ def head_mask(image: np.ndarray) -> np.ndarray:
   return ndimage.binary_fill_holes(mask) if mask.any() else image > image.min()
 
 
-def zscore(image: np.ndarray, path='image') -> np.ndarray:
-  """Z-scores ``image`` with the mean and std of its foreground mask."""
-  mask = head_mask(image)
+def zscore(image: np.ndarray, path='image', mask: np.ndarray | None = None
+           ) -> np.ndarray:
+  """Z-scores ``image`` with the mean and std of ``mask`` (the brain, when known:
+  the same whether the scan shows the head or not), else of its foreground.
+
+  In float64: float32 squares of intensities above ~1e19 overflow, which made
+  the std infinite and every z-score 0 (an empty mask, silently).
+  """
+  image = np.asarray(image, np.float64)
+  if mask is None or mask.sum() < 64:
+    mask = head_mask(image)
   vals = image[mask]
   std = float(vals.std()) if vals.size else 0.0
   if std <= 1e-6 * max(1.0, abs(float(image.max()))):
     raise nifti_io.NiftiError(f'{path}: image is constant (nothing to segment)')
-  return ((image - vals.mean()) / std).astype(np.float32)
+  return check_finite((image - vals.mean()) / std, path).astype(np.float32)
+
+
+def check_finite(volume: np.ndarray, path='image') -> np.ndarray:
+  """``volume``, refused in one line when a value is NaN or infinite."""
+  if not np.all(np.isfinite(volume)):
+    raise nifti_io.NiftiError(f'{path}: intensities out of range (NaN or infinite '
+                              'after z-scoring)')
+  return volume
 
 
 def resize(volume: np.ndarray, grid, order: int = 1) -> np.ndarray:
@@ -169,7 +219,12 @@ def resize_back(volume: np.ndarray, shape) -> np.ndarray:
 
 def lesion_fraction(labels: np.ndarray, grid) -> np.ndarray:
   """The share of each grid voxel that is lesion (label 1), anti-aliased."""
-  return np.clip(resize((labels == 1).astype(np.float32), grid), 0.0, 1.0
+  return indicator_fraction(labels == 1, grid)
+
+
+def indicator_fraction(indicator: np.ndarray, grid) -> np.ndarray:
+  """The share of each grid voxel where ``indicator`` holds, anti-aliased."""
+  return np.clip(resize(indicator.astype(np.float32), grid), 0.0, 1.0
                  ).astype(np.float32)
 
 
@@ -191,12 +246,17 @@ def preprocess(image: np.ndarray, grid, path='image') -> np.ndarray:
   if image.ndim != 3 or min(image.shape) < 2:
     raise nifti_io.NiftiError(f'{path}: image of shape {image.shape} is too '
                               'small to resample')
-  return resize(zscore(image, path), grid).astype(np.float32)
+  return check_finite(resize(zscore(image, path), grid).astype(np.float32), path)
 
 
-def prepare_subject(s: SubjectFiles, grid) -> dict:
-  """Decodes one subject and returns its grid arrays and native geometry."""
-  image, affine = nifti_io.load_image(s.flair)
+def prepare_subject(s: SubjectFiles, grid, max_voxels: int | None = None) -> dict:
+  """Decodes one subject and returns its grid arrays and native geometry.
+
+  With a brain mask: ``brain_fraction`` (the share of each grid voxel inside the
+  brain) and ``native_brain`` (uint8 0/1); without one neither key is there.
+  ``max_voxels``: the FLAIR's size limit (default ``nifti_io.MAX_VOXELS``).
+  """
+  image, affine = nifti_io.load_image(s.flair, max_voxels=max_voxels)
   out = {
       'key': s.key,
       'source': str(s.flair),
@@ -210,6 +270,10 @@ def prepare_subject(s: SubjectFiles, grid) -> dict:
     out['lesion_fraction'] = lesion_fraction(labels, grid)
     out['labels'] = labels_to_grid(labels, grid, out['lesion_fraction'])
     out['native_labels'] = labels
+  if s.brain is not None:
+    brain = nifti_io.load_brain(s.brain, affine, image.shape)
+    out['brain_fraction'] = indicator_fraction(brain == 1, grid)
+    out['native_brain'] = brain
   return out
 
 

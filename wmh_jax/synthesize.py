@@ -15,7 +15,7 @@ def synthesize(config, output, overwrite: bool = False, sheet_cases: int = 6):
   """Writes ``config.data.num_subjects`` subjects under ``output`` (challenge layout).
 
   Existing complete subjects are kept unless ``overwrite``; ``output/contact_sheet.png``
-  shows the first subjects with their masks outlined.
+  shows the first subjects with their masks (and brain masks) outlined.
   """
   output = Path(output)
   if overwrite and output.exists():
@@ -30,7 +30,9 @@ def synthesize(config, output, overwrite: bool = False, sheet_cases: int = 6):
   for s in subjects.find_subjects(output)[:sheet_cases]:
     image, affine = nifti_io.load_image(s.flair)
     labels = nifti_io.load_labels(s.wmh, affine, image.shape)
-    cases.append((s.key, image, labels))
+    brain = (nifti_io.load_brain(s.brain, affine, image.shape) == 1
+             if s.brain is not None else None)
+    cases.append((s.key, image, labels, brain))
   figures.contact_sheet(output / 'contact_sheet.png', cases)
   logging.info('Wrote %d subjects and %s', config.data.num_subjects,
                output / 'contact_sheet.png')

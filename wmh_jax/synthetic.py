@@ -378,7 +378,7 @@ def generate_subject(seed: int, index: int, site: str | None = None,
   # idea): the cortex may be as bright as the lesions, and the sulcal CSF is
   # sometimes not fully suppressed.
   c_gm, c_csf = rng.uniform(1.05, 1.45), rng.uniform(0.02, 0.25)
-  c_wmh = rng.uniform(1.2, 2.0)
+  c_wmh = rng.uniform(1.3, 2.2)
   c_sulcal = c_csf if rng.uniform() < 0.75 else rng.uniform(0.3, 0.8)
   img = wm * 1.0 + gm * c_gm + csf * np.where(tpl.vent | vent, c_csf, c_sulcal)
   img *= 1 + 0.04 * fine_noise

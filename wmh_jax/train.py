@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from wmh_jax import challenge_metrics
 from wmh_jax import checkpoints
 from wmh_jax import data
 from wmh_jax import input_pipeline
@@ -35,14 +36,26 @@ def flat_hparams(config: ml_collections.ConfigDict) -> dict:
   return out
 
 
-def validation_dice(predict_fn, state, val_arrays, threshold) -> float:
-  """Mean per-subject Dice on the config grid (label 2 ignored)."""
-  scores = []
-  for image, labels in zip(val_arrays['image'], val_arrays['labels']):
+def validation_dice(predict_fn, state, val_arrays, config, brain: bool = False
+                    ) -> dict[str, float]:
+  """Mean per-subject Dice on the config grid (label 2 ignored): ``val/dice_grid``;
+  with a ``brain`` output, lesions outside the predicted brain are dropped
+  (``predict.native_probability`` on the grid) and ``val/brain_dice_grid`` is
+  the brain mask's Dice on the subjects with one."""
+  scores, brain_scores = [], []
+  has_brain = val_arrays.get('has_brain', np.zeros(len(val_arrays['image'])))
+  for i, (image, labels) in enumerate(zip(val_arrays['image'], val_arrays['labels'])):
     logits = predict_fn(state.params, state.batch_stats, image[None, ..., None])
-    prob = np.asarray(jax.nn.sigmoid(logits))[0, ..., 0]
-    scores.append(metrics.dice(prob >= threshold, labels))
-  return float(np.mean(scores)) if scores else float('nan')
+    p = np.asarray(jax.nn.sigmoid(logits))[0]
+    prob, mask = predict.native_probability(
+        (p[..., 0], p[..., 1]) if brain else p[..., 0], labels.shape, config.predict)
+    scores.append(metrics.dice(prob >= config.evaluate.threshold, labels))
+    if mask is not None and has_brain[i]:
+      brain_scores.append(challenge_metrics.dice(val_arrays['brain'][i] >= 0.5, mask))
+  out = {'val/dice_grid': float(np.mean(scores)) if scores else float('nan')}
+  if brain_scores:
+    out['val/brain_dice_grid'] = float(np.nanmean(brain_scores))
+  return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
@@ -56,9 +69,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
                      f'multiple of the {jax.device_count()} devices')
   train_set, val_set = data.load_splits(config, workdir)  # bad data fails here
   workdir.mkdir(parents=True, exist_ok=True)
+  brain = config.model.brain_output
   train_arrays = input_pipeline.stack_prepared(train_set, config.data.grid,
-                                               config.loss.soft_targets)
-  val_arrays = input_pipeline.stack_prepared(val_set, config.data.grid)
+                                               config.loss.soft_targets, brain)
+  val_arrays = input_pipeline.stack_prepared(val_set, config.data.grid, brain=brain)
+  if brain and 'brain' not in train_arrays:
+    logging.warning('model.brain_output: no training subject has brain.nii.gz; the '
+                    'brain channel stays untrained and predict/evaluate ignore it')
 
   model = models.create_model(config.model)
   tx = steps.create_optimizer(config.train)
@@ -69,7 +86,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   logging.info('Model: %s parameters, conv impl %s.', f'{n_params:,}',
                models.resolve_conv_impl(config.model.conv_impl))
   manager = checkpoints.checkpoint_manager(workdir, config)
-  state = checkpoints.restore_or_init(manager, state)
+  # A new run with train.init_from starts from that run's weights (step 0).
+  state = checkpoints.restore_or_init(manager, state, config.train.get('init_from', ''),
+                                     tx)
   start = int(state.step)
 
   mesh = steps.make_mesh()
@@ -123,9 +142,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
                      1 / rate, _eta((num_steps - step) / rate))
         host = []
       if step % config.train.eval_every_steps == 0 or is_last:
-        vd = validation_dice(predict_fn, state, val_arrays, config.evaluate.threshold)
-        writer.write_scalars(step, {'val/dice_grid': vd})
-        logging.info('step %d: validation Dice (grid) %.4f', step, vd)
+        vd = validation_dice(predict_fn, state, val_arrays, config,
+                             predict.has_brain_output(model, state))
+        writer.write_scalars(step, vd)
+        logging.info('step %d: validation Dice (grid) %.4f%s', step, vd['val/dice_grid'],
+                     f', brain Dice (grid) {vd["val/brain_dice_grid"]:.4f}'
+                     if 'val/brain_dice_grid' in vd else '')
       if is_checkpoint:
         manager.save(step, args=ocp.args.StandardSave(state))
   finally:  # a save in flight completes, even when the run stops on an error
@@ -152,9 +174,10 @@ def fit_refiner(config, workdir, train_set, model, state) -> None:
                                            .round().astype(int))]
   prob_fn = predict.make_probability_fn([(model, state)])
   cases, t0 = [], time.time()
-  for k, p in enumerate(picks):
-    prob, _ = predict.to_native(prob_fn(p['image']), p['native_shape'], 0.5)
-    image = refine.native_flair(p['source'])
+  for k, p in enumerate(picks):  # no lesion candidate outside the predicted brain
+    prob, brain = predict.native_probability(prob_fn(p['image']),
+                                             p['native_shape'], config.predict)
+    image = refine.native_flair(p['source'], brain)
     cases.append((prob, image, p['spacing'], p['native_labels']))
     logging.info('refine: U-Net probability of training subject %d/%d %s (%.0f s)',
                  k + 1, len(picks), p['key'], time.time() - t0)

@@ -1,0 +1,34 @@
+r"""Fine-tune a trained run on your own labelled scans (challenge layout).
+
+``data.root`` holds ``SITE/ID/pre/FLAIR.nii.gz`` with ``SITE/ID/wmh.nii.gz`` (0
+background, 1 WMH, 2 other pathology); ``train.init_from`` is a trained workdir
+with the same ``model.*`` (e.g. runs/default). The new run starts from its weights
+at step 0 with a fresh optimiser, holds out 20 % of each site's subjects (or
+``data.val_ids``), trains, fits its own refiner and evaluates:
+
+  python launch.py --config=configs/finetune.py --workdir=runs/finetune \
+      --config.data.root=/path/to/my_scans --config.train.init_from=runs/default
+
+Leave-one-out over every subject of the folder: bench/leave_one_out.py.
+"""
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.data.root = ''                      # required: --config.data.root=DIR
+  c.data.synthetic = False              # real scans: never generate data
+  c.data.val_root = ''                  # hold out within data.root (val_fraction / val_ids)
+  c.train.init_from = ''                # the trained workdir: --config.train.init_from=DIR
+  # model.* stays the default's: init_from's architecture must match (checked).
+  # A few scans: ~120 crops revisit each of 10 subjects ~12 times, enough to adapt
+  # to a scanner's contrast without memorising them (~3 min on a 2-core CPU).
+  c.train.num_steps = 120
+  # 1/3 of training from scratch (3e-4): the pretrained features are adjusted,
+  # not overwritten, by the first updates of a fresh Adam.
+  c.train.learning_rate = 1e-4
+  c.train.warmup_steps = 5              # fresh Adam moments: keep its first steps small
+  c.train.eval_every_steps = 60         # grid Dice on the held-out scans twice a run
+  c.train.checkpoint_every_steps = 40
+  return c
