@@ -49,6 +49,29 @@ def test_label_two_is_ignored_not_lesion():
       == pytest.approx(0.0, abs=1e-6)
 
 
+def test_label_two_is_out_of_the_soft_dice_with_a_soft_target():
+  """A perfect prediction scores 0 although the soft target (lesion fraction)
+  is non-zero on label-2 voxels, whatever is predicted there; the seed's loss
+  kept that target in the denominator (0.147 here)."""
+  labels = np.zeros((1, 8, 8, 4), np.uint8)
+  labels[0, 2:5, 2:5, 1:3] = 1
+  labels[0, 5:7, 5:7, :] = 2
+  target = (labels == 1).astype(np.float32)
+  target[labels == 2] = 0.4            # some lesion in a mostly 'other' grid voxel
+  cfg = ml_collections.ConfigDict({'name': 'dice_bce', 'smooth': 1.0, 'bce_weight': 1.0})
+  for on_other in (False, True):
+    pred = (labels[0] == 1) | (on_other & (labels[0] == 2))
+    assert float(losses.soft_dice_loss(_logits(pred), labels, 1.0, target)) == \
+        pytest.approx(0.0, abs=1e-6)
+    assert float(losses.segmentation_loss(_logits(pred), labels, cfg, target)) == \
+        pytest.approx(0.0, abs=1e-5)
+  # Outside label 2 the soft target still counts: half the lesion missed.
+  half = labels[0] == 1
+  half[2] = False
+  assert float(losses.soft_dice_loss(_logits(half), labels, 1.0, target)) == \
+      pytest.approx(1 - (2 * 12 + 1) / (12 + 18 + 1), abs=1e-6)
+
+
 def test_empty_mask():
   labels = np.zeros((6, 6, 2), np.uint8)
   empty = np.zeros((6, 6, 2), bool)

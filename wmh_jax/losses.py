@@ -1,7 +1,9 @@
 """Segmentation losses as pure jnp functions with an ignore mask.
 
 Labels are {0 background, 1 WMH, 2 other pathology}; voxels labelled 2 are left
-out of the lesion loss (the seed wrongly counted them as lesion). A model with a
+out of the lesion loss entirely (the seed wrongly counted them as lesion): out of
+the prediction and out of the target, hard or soft, so they weigh in neither the
+numerator nor the denominator of the soft Dice. A model with a
 brain output (two channels) adds a brain loss on channel 1, for the examples
 that have a brain mask.
 """
@@ -23,11 +25,13 @@ def _match(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def targets_and_mask(labels: jax.Array, target: jax.Array | None = None
                      ) -> tuple[jax.Array, jax.Array]:
   """``(target, valid mask)`` as float32 from {0, 1, 2} labels: the lesion
-  indicator, or a given soft ``target`` (the lesion fraction of each voxel)."""
+  indicator, or a given soft ``target`` (the lesion fraction of each voxel), zero
+  where the label is 2 (a grid voxel mostly 'other pathology' may still hold some
+  lesion fraction: it must not count in a loss that ignores the voxel)."""
   mask = (labels != 2).astype(jnp.float32)
   if target is None:
     return (labels == 1).astype(jnp.float32), mask
-  return target.astype(jnp.float32), mask
+  return target.astype(jnp.float32) * mask, mask
 
 
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, smooth: float = 1.0,
@@ -42,6 +46,9 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, smooth: float = 1.0,
       gives loss 0.
     target: optional soft target in [0, 1] of the labels' shape (the lesion
       fraction); label-2 voxels stay ignored.
+
+  Label-2 voxels count in neither ``P`` nor ``G``: a prediction equal to the
+  target outside them scores 0 whatever it and the target hold on them.
   """
   target, mask = targets_and_mask(_match(logits, labels), _soft(logits, target))
   prob = jax.nn.sigmoid(logits) * mask
