@@ -135,8 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
   # per-voxel MLPs are fitted on `num_subjects` training subjects to decide every
   # native voxel the U-Net gives >= `candidate` again, from that probability and
   # the FLAIR around the voxel; the threshold is the best of `thresholds` on
-  # those subjects. The grid alone caps native Dice at ~0.71 on the held-out
-  # synthetic subjects (evaluate's dice_ceiling). Evaluate reports both the
+  # those subjects. The grid alone costs native Dice: an oracle on the grid
+  # scores ~0.71 on the held-out synthetic subjects (evaluate's
+  # dice_grid_oracle, an estimate, not an upper bound). Evaluate reports both the
   # refined mask and the U-Net's (dice_unet). Measured on the 12 held-out
   # subjects: native Dice 0.552 -> 0.715, AVD 42 -> 28 %, lesion recall 0.43 ->
   # 0.51, HD95 26.1 -> 28.1 mm (worse), for ~1 min of fitting. candidate 0.02

@@ -111,11 +111,61 @@ def test_shape_mismatch_is_refused():
     cm.challenge_metrics(_vol(), _vol((12, 12, 5)), EYE)
 
 
-def test_summary_skips_undefined_cases():
-  rows = [{'dice': 0.5, 'hd95_mm': float('nan'), 'avd_percent': 10.0,
-           'lesion_recall': 1.0, 'lesion_f1': 0.5},
-          {'dice': float('nan'), 'hd95_mm': 4.0, 'avd_percent': 30.0,
-           'lesion_recall': 0.0, 'lesion_f1': 0.0}]
+def test_known_prediction_gives_hand_computed_metrics():
+  """Two 2x2x2 true lesions, A found exactly and B missed, and a 2x2x1 false
+  positive C: every metric worked out by hand."""
+  labels, pred = _vol((26, 16, 6)), _vol((26, 16, 6))
+  labels[2:4, 2:4, 2:4] = 1        # A: 8 voxels
+  labels[22:24, 2:4, 2:4] = 1      # B: 8 voxels, 19-20 mm from A along x
+  labels[10, 10, 5] = 2            # other pathology, predicted: masked out
+  pred[2:4, 2:4, 2:4] = 1          # A exactly
+  pred[2:4, 12:14, 2] = 1          # C: 4 voxels, 9-10 mm from A along y
+  pred[10, 10, 5] = 1
+  m = cm.case_metrics(labels, pred, EYE)
+  assert m['dice'] == pytest.approx(2 * 8 / (16 + 12))
+  assert m['avd_percent'] == pytest.approx(abs(16 - 12) / 16 * 100)
+  assert m['lesion_recall'] == pytest.approx(1 / 2)      # A of A, B
+  assert m['lesion_f1'] == pytest.approx(1 / 2)          # precision: A of A, C
+  # A 2x2 square erodes to nothing in plane: every voxel is boundary.
+  # truth->pred: A 8 x 0, B 4 x 19 and 4 x 20 -> 95th percentile 20;
+  # pred->truth: A 8 x 0, C 2 x 9 and 2 x 10 -> 10. HD95 = max = 20.
+  assert m['hd95_mm'] == pytest.approx(20.0)
+  assert m['true_volume_ml'] == pytest.approx(0.016)
+  assert m['pred_volume_ml'] == pytest.approx(0.012)
+  # Voxels 0.5 mm along x: B is 9.5-10 mm from A, C still 9-10 mm.
+  half = cm.case_metrics(labels, pred, np.diag([0.5, 1.0, 1.0, 1.0]))
+  assert half['hd95_mm'] == pytest.approx(10.0)
+  assert half['true_volume_ml'] == pytest.approx(0.008)
+
+
+def _summary_row(**kw):
+  row = {'dice': 0.5, 'hd95_mm': 4.0, 'avd_percent': 10.0, 'lesion_recall': 1.0,
+         'lesion_f1': 0.5, 'true_volume_ml': 1.0, 'pred_volume_ml': 1.0}
+  row.update(kw)
+  return row
+
+
+def test_summary_skips_undefined_cases_and_counts_them():
+  rows = [_summary_row(hd95_mm=float('nan'), pred_volume_ml=0.0),
+          _summary_row(dice=float('nan'), avd_percent=float('nan'), hd95_mm=float('nan'),
+                       lesion_f1=1.0, true_volume_ml=0.0, pred_volume_ml=0.0),
+          _summary_row(dice=0.7, hd95_mm=8.0, avd_percent=30.0, lesion_recall=0.0,
+                       lesion_f1=0.0)]
   s = cm.summarize(rows)
-  assert s == {'dice': 0.5, 'hd95_mm': 4.0, 'avd_percent': 20.0,
-               'lesion_recall': 0.5, 'lesion_f1': 0.25}
+  assert s['dice'] == pytest.approx(0.6) and s['dice_n'] == 2
+  assert s['dice_left_out'] == {'empty truth and prediction': 1}
+  assert s['hd95_mm'] == pytest.approx(8.0) and s['hd95_mm_n'] == 1
+  assert s['hd95_mm_left_out'] == {'empty prediction': 1,
+                                   'empty truth and prediction': 1}
+  assert s['avd_percent'] == pytest.approx(20.0) and s['avd_percent_n'] == 2
+  assert s['lesion_recall_n'] == s['lesion_f1_n'] == 3
+  assert s['lesion_f1_left_out'] == {}
+  line = cm.summary_line(s, 3)
+  assert line.startswith('3 cases  Dice 0.600 (n=2 of 3; 1 empty truth and prediction)'
+                         '  HD95 8.00 mm (n=1 of 3; 1 empty prediction; 1 empty truth '
+                         'and prediction)  AVD 20.0 % (n=2 of 3; 1 empty truth and '
+                         'prediction)  lesion recall 0.667  lesion F1 0.500')
+  # Without volumes the reason is unknown, but the count is still given.
+  bare = cm.summarize([{m: float('nan') for m in cm.METRICS}])
+  assert bare['hd95_mm_n'] == 0 and math.isnan(bare['hd95_mm'])
+  assert bare['hd95_mm_left_out'] == {'undefined': 1}

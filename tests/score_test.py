@@ -72,6 +72,51 @@ def test_prediction_on_another_grid_is_refused(gt_pred):
   assert not (pred / 'scores.csv').exists()
 
 
+def test_an_id_shared_by_two_sites_is_matched_by_site_only(tmp_path):
+  gt, pred = tmp_path / 'gt', tmp_path / 'pred'
+  labels = _labels()
+  for site in ('Utrecht', 'Singapore'):
+    nifti_io.save(gt / site / '0' / 'wmh.nii.gz', labels, AFFINE, dtype=np.uint8)
+  perfect = (labels == 1).astype(np.uint8)
+  empty = np.zeros_like(perfect)
+  # One flat name for two cases: refused in one line naming the file and both cases.
+  nifti_io.save(pred / '0_wmh.nii.gz', perfect, AFFINE, dtype=np.uint8)
+  with pytest.raises(score.AmbiguousPredictionError,
+                     match=r'0_wmh.nii.gz: ID 0 belongs to 2 cases \(Singapore/0, '
+                           r'Utrecht/0\); name it Singapore_0_wmh.nii.gz') as e:
+    score.score(gt, pred)
+  assert '\n' not in str(e.value) and not (pred / 'scores.csv').exists()
+  # One site named, the other only by the flat name: still refused.
+  nifti_io.save(pred / 'Utrecht_0_wmh.nii.gz', perfect, AFFINE, dtype=np.uint8)
+  with pytest.raises(score.AmbiguousPredictionError, match='Singapore'):
+    score.score(gt, pred)
+  # Both named by site: each case gets its own, and a flat ID/result.nii.gz
+  # (which used to win over SITE_ID_wmh.nii.gz) is not used.
+  nifti_io.save(pred / 'Singapore_0_wmh.nii.gz', empty, AFFINE, dtype=np.uint8)
+  nifti_io.save(pred / '0' / 'result.nii.gz', empty, AFFINE, dtype=np.uint8)
+  pairs = {k: p.name for k, _, p in score.find_pairs(gt, pred)}
+  assert pairs == {'Utrecht/0': 'Utrecht_0_wmh.nii.gz',
+                   'Singapore/0': 'Singapore_0_wmh.nii.gz'}
+  summary = score.score(gt, pred)
+  assert summary['cases'] == 2 and summary['dice'] == pytest.approx(0.5)
+  # The empty prediction has no HD95: the mean says it holds one case of two.
+  assert summary['hd95_mm'] == 0.0 and summary['hd95_mm_n'] == 1
+  assert summary['hd95_mm_left_out'] == {'empty prediction': 1}
+
+
+def test_score_prints_each_mean_with_its_count(gt_pred, capsys):
+  gt, pred = gt_pred
+  nifti_io.save(pred / '100_wmh.nii.gz', np.zeros((10, 10, 4), np.uint8), AFFINE,
+                dtype=np.uint8)
+  score.score(gt, pred)
+  out = capsys.readouterr().out
+  assert ('score: 2 cases  Dice 0.500  HD95 0.00 mm (n=1 of 2; 1 empty prediction)'
+          '  AVD 50.0 %  lesion recall 0.500  lesion F1 0.500') in out
+  rows = {r['subject']: r for r in csv.DictReader(open(pred / 'scores.csv'))}
+  assert rows['Amsterdam/GE3T/100']['hd95_mm'] == 'nan'
+  assert float(rows['Amsterdam/GE3T/100']['pred_volume_ml']) == 0.0
+
+
 def test_score_command_line(gt_pred, tmp_path):
   gt, pred = gt_pred
   r = subprocess.run([sys.executable, str(ROOT / 'launch.py'), '--mode=score',

@@ -16,8 +16,10 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import NO_BRAIN
 from configs import test as test_config
+from wmh_jax import challenge_metrics
 from wmh_jax import evaluate
 from wmh_jax import predict
+from wmh_jax import score
 from wmh_jax import train
 
 
@@ -37,7 +39,38 @@ def trained(tiny_dataset, tmp_path_factory):
   return cfg, workdir, train.train_and_evaluate(cfg, workdir)
 
 
-def test_train_loss_goes_down_writes_checkpoints_events_and_evaluates(trained):
+def _check_against_score(rows, summary, dataset, workdir):
+  """evaluate's rows equal --mode=score's on the masks it wrote (the same numbers,
+  to 1e-9), its Dice equals one computed here from the files, and each summary
+  mean is over the cases its count says."""
+  gt = workdir / 'gt'
+  for r in rows:  # the validation subjects' ground truth, in the challenge layout
+    (gt / r['subject']).mkdir(parents=True)
+    shutil.copy(dataset / r['subject'] / 'wmh.nii.gz', gt / r['subject'])
+  scored = score.score(gt, workdir / 'eval' / 'pred', output=workdir / 'score')
+  by_score = {r['subject']: r for r in csv.DictReader(open(workdir / 'score' /
+                                                           'scores.csv'))}
+  assert sorted(by_score) == sorted(r['subject'] for r in rows)
+  for r in rows:
+    for field in score.FIELDS[1:]:
+      np.testing.assert_allclose(float(r[field]), float(by_score[r['subject']][field]),
+                                 rtol=0, atol=1e-9, err_msg=f'{r["subject"]} {field}')
+    pred = np.asarray(nib.load(workdir / 'eval' / 'pred' / (
+        r['subject'].replace('/', '_') + '_wmh.nii.gz')).dataobj) > 0
+    labels = np.asarray(nib.load(dataset / r['subject'] / 'wmh.nii.gz').dataobj)
+    truth, found = labels == 1, pred & (labels != 2)
+    assert float(r['dice']) == pytest.approx(
+        2 * (truth & found).sum() / (truth.sum() + found.sum()), abs=1e-12)
+  for m in challenge_metrics.METRICS:
+    finite = [float(r[m]) for r in rows if np.isfinite(float(r[m]))]
+    assert summary[f'{m}_n'] == scored[f'{m}_n'] == len(finite)
+    np.testing.assert_allclose(summary[m], np.mean(finite) if finite else np.nan,
+                               atol=1e-12)
+    np.testing.assert_allclose(scored[m], summary[m], atol=1e-12)
+
+
+def test_train_loss_goes_down_writes_checkpoints_events_and_evaluates(trained,
+                                                                       tiny_dataset):
   cfg, tmp_path, state = trained
   assert int(state.step) == 24
   loss = _scalars(tmp_path, 'train/loss')
@@ -53,9 +86,9 @@ def test_train_loss_goes_down_writes_checkpoints_events_and_evaluates(trained):
   rows = list(csv.DictReader(open(tmp_path / 'eval' / 'metrics.csv')))
   assert len(rows) == summary['subjects'] == 3
   assert set(rows[0]) == set(evaluate.FIELDS + evaluate.BRAIN_FIELDS)
-  assert all(0.0 <= float(r['dice']) <= 1.0 for r in rows)
   assert all(float(r['true_volume_ml']) > 0 for r in rows)
   assert len(list((tmp_path / 'eval' / 'pred').glob('*_wmh.nii.gz'))) == 3
+  _check_against_score(rows, summary, tiny_dataset, tmp_path)
   assert list((tmp_path / 'eval' / 'overlays').glob('*.png'))
   # The brain output: a mask a subject, scored where brain.nii.gz exists.
   brains = sorted((tmp_path / 'eval' / 'pred').glob('*_brain.nii.gz'))

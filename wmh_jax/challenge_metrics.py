@@ -9,7 +9,8 @@ numpy/scipy instead of SimpleITK:
 * Dice of the two binary volumes (NaN when both are empty: the organisers'
   ``scipy.spatial.distance.dice`` gives 0/0 there);
 * HD95 (mm): boundary = mask minus its in-plane 3x3x1 erosion (voxels on the
-  image border are not eroded by the outside, as SimpleITK's default), voxel
+  image border are not eroded by the outside, as SimpleITK's default), in-plane
+  meaning the FILE's first two axes (the challenge erodes the image as stored), voxel
   centres taken to world coordinates with the image affine, nearest-neighbour
   distances both ways, the larger of the two 95th percentiles; NaN when the
   prediction (or the ground truth) is empty;
@@ -18,13 +19,22 @@ numpy/scipy instead of SimpleITK:
   lesions touched by the prediction / all of them (1 when there are none);
   precision = predicted lesions touching the ground truth / all of them (1 when
   there are none); F1 their harmonic mean (0 when both are 0).
+
+:func:`case_metrics` is the one implementation ``evaluate``, ``score`` and
+``bench`` use: arrays on the file's own axes with the file's affine (never the
+canonical RAS copy: the in-plane erosion would run along other axes on a
+sagittal or coronal scan). :func:`summarize` gives each mean with the number of
+cases it holds and why the others are undefined.
 """
 
 import numpy as np
 from scipy import ndimage
 from scipy import spatial
 
+from wmh_jax import metrics as metrics_lib
+
 METRICS = ('dice', 'hd95_mm', 'avd_percent', 'lesion_recall', 'lesion_f1')
+VOLUMES = ('true_volume_ml', 'pred_volume_ml')
 _ERODE_2D = np.ones((3, 3, 1), bool)
 _CONNECT_26 = np.ones((3, 3, 3), bool)
 
@@ -96,17 +106,76 @@ def lesion_detection(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]
 
 def challenge_metrics(labels: np.ndarray, pred: np.ndarray,
                       affine: np.ndarray) -> dict[str, float]:
-  """All five metrics for one case. ``labels`` in {0,1,2}; ``pred`` any dtype."""
+  """All five metrics for one case. ``labels`` in {0,1,2}; ``pred`` any dtype;
+  both on the axes of the file ``affine`` belongs to."""
   truth, p = masked_pair(labels, pred)
   recall, f1 = lesion_detection(truth, p)
   return {'dice': dice(truth, p), 'hd95_mm': hd95(truth, p, affine),
           'avd_percent': avd(truth, p), 'lesion_recall': recall, 'lesion_f1': f1}
 
 
-def summarize(rows: list[dict]) -> dict[str, float]:
-  """Mean of each metric over cases, NaNs (undefined cases) left out."""
+def case_metrics(labels: np.ndarray, pred: np.ndarray,
+                 affine: np.ndarray) -> dict[str, float]:
+  """The five metrics (``METRICS``) and the true and predicted lesion volumes in
+  mL (``VOLUMES``) of one case: ``labels`` ({0,1,2}) and ``pred`` on the FILE's
+  own axes, ``affine`` that file's voxel-to-world matrix."""
+  truth, p = masked_pair(labels, pred)
+  return {**challenge_metrics(labels, pred, affine),
+          'true_volume_ml': metrics_lib.volume_ml(truth, affine),
+          'pred_volume_ml': metrics_lib.volume_ml(p, affine)}
+
+
+def undefined_reason(row: dict) -> str:
+  """Why a case's metric is NaN: an empty truth and/or prediction (read from the
+  row's volumes), else 'undefined'."""
+  true_v, pred_v = row.get('true_volume_ml'), row.get('pred_volume_ml')
+  if true_v is None or pred_v is None:
+    return 'undefined'
+  empty = [w for w, v in (('truth', true_v), ('prediction', pred_v)) if float(v) == 0]
+  return f'empty {" and ".join(empty)}' if empty else 'undefined'
+
+
+def mean_and_count(rows: list[dict], key: str) -> tuple[float, int, dict[str, int]]:
+  """``(mean, n, left_out)`` of ``row[key]`` over the rows where it is finite;
+  ``left_out`` counts the others by :func:`undefined_reason` (a missing key is
+  'not scored'). The mean is NaN when n is 0."""
+  vals, left_out = [], {}
+  for r in rows:
+    v = r.get(key)
+    if v is not None and np.isfinite(float(v)):
+      vals.append(float(v))
+    else:
+      why = 'not scored' if v is None else undefined_reason(r)
+      left_out[why] = left_out.get(why, 0) + 1
+  return (float(np.mean(vals)) if vals else float('nan')), len(vals), left_out
+
+
+def summarize(rows: list[dict]) -> dict:
+  """Mean of each metric over the cases where it is defined (NaNs left out), with
+  ``{metric}_n`` (how many cases that mean has) and ``{metric}_left_out`` (the
+  others, counted by reason: ``{'empty prediction': 1}``)."""
   out = {}
   for m in METRICS:
-    vals = np.array([r[m] for r in rows], np.float64)
-    out[m] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float('nan')
+    out[m], out[f'{m}_n'], out[f'{m}_left_out'] = mean_and_count(rows, m)
   return out
+
+
+def count_note(n: int, total: int, left_out: dict[str, int] | None = None) -> str:
+  """`` (n=4 of 5; 1 empty prediction)`` when a mean leaves cases out, else ''."""
+  if n == total:
+    return ''
+  why = '; '.join(f'{k} {w}' for w, k in sorted((left_out or {}).items()))
+  return f' (n={n} of {total}{"; " + why if why else ""})'
+
+
+def summary_line(summary: dict, total: int) -> str:
+  """``5 cases  Dice 0.700  HD95 18.10 mm (n=4 of 5; 1 empty prediction)  ...``:
+  each mean with its count where it leaves cases out."""
+  def part(name, key, fmt, unit=''):
+    note = count_note(summary.get(f'{key}_n', total), total,
+                      summary.get(f'{key}_left_out'))
+    return f'  {name} {summary[key]:{fmt}}{unit}{note}'
+  return (f'{total} cases' + part('Dice', 'dice', '.3f')
+          + part('HD95', 'hd95_mm', '.2f', ' mm') + part('AVD', 'avd_percent', '.1f', ' %')
+          + part('lesion recall', 'lesion_recall', '.3f')
+          + part('lesion F1', 'lesion_f1', '.3f'))

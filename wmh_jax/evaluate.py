@@ -14,31 +14,95 @@ from wmh_jax import metrics
 from wmh_jax import nifti_io
 from wmh_jax import predict
 from wmh_jax import refine
-from wmh_jax import score
 from wmh_jax import subjects
 from wmh_jax import tables
 
 FIELDS = ('subject', *challenge_metrics.METRICS, 'dice_unet', 'dice_grid',
-          'dice_ceiling', 'true_volume_ml', 'pred_volume_ml')
+          'dice_grid_oracle', *challenge_metrics.VOLUMES)
 BRAIN_FIELDS = ('brain_dice',)  # added when the model and the subjects have brains
 
 
-CEILING_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
+ORACLE_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
 
 
-def grid_ceiling(labels: np.ndarray, fraction: np.ndarray) -> float:
-  """Native Dice of an ideal model on the grid: ``fraction``, the true lesion
-  fraction of each grid voxel (``subjects.lesion_fraction``, the best probability
-  a model could give there), mapped back onto ``labels``' grid like a prediction
-  and thresholded at the best of ``CEILING_THRESHOLDS``.
+def grid_oracle_dice(labels: np.ndarray, fraction: np.ndarray) -> float:
+  """An oracle's native Dice through the grid: ``fraction``, the true lesion
+  fraction of each grid voxel (``subjects.lesion_fraction``, a blurred copy of
+  the truth), mapped back onto ``labels``' grid like a prediction and thresholded
+  at whichever of ``ORACLE_THRESHOLDS`` scores best against this subject's own
+  truth.
 
-  It estimates what working on the grid costs at native resolution (thin rims
-  and small lesions fall between grid voxels); the gap between it and a model's
-  Dice is the model's. NaN when there is no lesion.
+  A rough estimate of what working on the grid costs at native resolution (thin
+  rims and small lesions fall between grid voxels). It is NOT an upper bound:
+  the fraction is anti-aliased (blurred), and only 4 thresholds are tried, so a
+  model whose grid output is sharper than the blurred fraction can beat it (0.808
+  against 0.783 on one synthetic subject); and it peeks at the truth to pick the
+  threshold. NaN when there is no lesion.
   """
   native, _ = predict.to_native(fraction, labels.shape, 0.5)
   return max((challenge_metrics.dice(*challenge_metrics.masked_pair(labels, native >= t))
-              for t in CEILING_THRESHOLDS), default=float('nan'))
+              for t in ORACLE_THRESHOLDS), default=float('nan'))
+
+
+def file_axes(p: dict, *canonical: np.ndarray) -> tuple:
+  """``(*arrays, affine)``: a prepared subject's canonical (RAS) arrays put back
+  on its FLAIR file's own axes, and that file's affine, as ``score`` reads the
+  saved masks. A TFDS example (no ``source`` file) keeps its canonical arrays
+  and affine, with which its masks are saved."""
+  if not p.get('source'):
+    return (*canonical, np.asarray(p['affine'], np.float64))
+  affine = nifti_io.file_affine(p['source'])
+  return (*(nifti_io.from_canonical(a, affine) for a in canonical), affine)
+
+
+def case_row(p: dict, mask: np.ndarray) -> dict:
+  """The subject's key, the challenge's five metrics and the volumes of a
+  canonical ``mask`` against its native labels, computed on the file's own axes
+  by ``challenge_metrics.case_metrics`` (the function ``score`` uses)."""
+  return {'subject': p['key'], **challenge_metrics.case_metrics(
+      *file_axes(p, p['native_labels'], mask))}
+
+
+EXTRA_MEANS = ('dice_unet', 'dice_grid', 'dice_grid_oracle', 'brain_dice')
+
+
+def summarize(rows: list[dict], preds, truths, step: int, refined: bool) -> dict:
+  """``summary.json``: the challenge metrics' means (``challenge_metrics.summarize``:
+  each with ``{metric}_n`` and ``{metric}_left_out``), and ``{name}_mean`` with
+  ``{name}_n`` for each of ``EXTRA_MEANS`` the rows hold (``brain_dice`` only
+  where a subject has a brain mask); NaNs (undefined cases) left out."""
+  means = challenge_metrics.summarize(rows)
+  summary = {
+      'step': step,
+      'refined': refined,
+      'subjects': len(rows),
+      **means,
+      'dice_mean': means['dice'],
+      'dice_std': float(np.nanstd([r['dice'] for r in rows])),
+      'dice_pooled': metrics.pooled_dice(preds, truths),
+  }
+  for name in EXTRA_MEANS:
+    if name == 'brain_dice' and not any(name in r for r in rows):
+      continue
+    mean, n, left_out = challenge_metrics.mean_and_count(rows, name)
+    summary.update({f'{name}_mean': mean, f'{name}_n': n,
+                    f'{name}_left_out': left_out})
+  return summary
+
+
+def summary_line(summary: dict) -> str:
+  """The printed summary; a mean over fewer than all subjects says so
+  (``HD95 18.10 mm (n=4 of 5; 1 empty prediction)``)."""
+  total = summary['subjects']
+  def extra(name):
+    return f'{summary[f"{name}_mean"]:.3f}' + challenge_metrics.count_note(
+        summary[f'{name}_n'], total, summary[f'{name}_left_out'])
+  return (f'{challenge_metrics.summary_line(summary, total)}'
+          f'  (Dice sd {summary["dice_std"]:.3f}, pooled {summary["dice_pooled"]:.3f};'
+          f' U-Net alone {extra("dice_unet")}, on the grid {extra("dice_grid")}; '
+          f'grid oracle (an estimate, not a bound) {extra("dice_grid_oracle")}'
+          + (f'; brain Dice {extra("brain_dice")}' if 'brain_dice_n' in summary else '')
+          + ')')
 
 
 def evaluated_step(workdir) -> int | None:
@@ -57,9 +121,12 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
   back and thresholded at ``config.evaluate.threshold``; with a brain output,
   lesions outside the predicted brain are dropped first
   (``predict.native_probability``). Writes ``WORKDIR/eval/metrics.csv`` (one row
-  a subject: the challenge's five metrics at native resolution, the U-Net's
-  native Dice without refinement, Dice on the grid, the grid's ceiling, volumes,
-  and ``brain_dice`` for subjects with a ``brain.nii.gz``), ``summary.json``,
+  a subject: the challenge's five metrics at native resolution on the file's own
+  axes (:func:`case_row`, as ``--mode=score`` on ``eval/pred`` gives them), the
+  U-Net's native Dice without refinement, Dice on the grid, the grid oracle's
+  Dice (:func:`grid_oracle_dice`, an estimate, not a bound), volumes, and
+  ``brain_dice`` for subjects with a ``brain.nii.gz``), ``summary.json`` (each
+  mean with ``*_n``, the number of subjects it holds),
   native-resolution masks ``WORKDIR/eval/pred/SITE_ID_wmh.nii.gz`` (and
   ``SITE_ID_brain.nii.gz``) on each input's own grid, and overlay PNGs for the
   first ``config.evaluate.num_images`` subjects. Refuses to replace an earlier evaluation unless ``overwrite``.
@@ -97,11 +164,11 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
       mask = refine.refine(refiner, prob, subjects.zscore(native, source, brain),
                            p['spacing'], config.refine.candidate) >= refiner['threshold']
     rows.append({
-        **score.case_row(p['key'], labels, mask, p['affine']),
+        **case_row(p, mask),
         'dice_unet': challenge_metrics.dice(
             *challenge_metrics.masked_pair(labels, unet_mask)),
         'dice_grid': metrics.dice(grid_prob >= threshold, p['labels']),
-        'dice_ceiling': grid_ceiling(labels, p['lesion_fraction']),
+        'dice_grid_oracle': grid_oracle_dice(labels, p['lesion_fraction']),
     })
     if brain is not None and 'native_brain' in p:
       rows[-1]['brain_dice'] = challenge_metrics.dice(p['native_brain'] == 1, brain)
@@ -129,31 +196,10 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
   with_brain = any('brain_dice' in r for r in rows)
   fields = FIELDS + BRAIN_FIELDS if with_brain else FIELDS
   tables.write_csv(out_dir / 'metrics.csv', rows, fields)
-  means = challenge_metrics.summarize(rows)
-  summary = {
-      'step': step,
-      'refined': refiner is not None,
-      'subjects': len(rows),
-      **means,
-      'dice_mean': means['dice'],
-      'dice_std': float(np.nanstd([r['dice'] for r in rows])),
-      'dice_pooled': metrics.pooled_dice(preds, truths),
-      'dice_unet_mean': float(np.nanmean([r['dice_unet'] for r in rows])),
-      'dice_grid_mean': float(np.mean([r['dice_grid'] for r in rows])),
-      'dice_ceiling_mean': float(np.nanmean([r['dice_ceiling'] for r in rows])),
-  }
-  if with_brain:
-    summary['brain_dice_mean'] = float(np.nanmean([r.get('brain_dice', np.nan)
-                                                   for r in rows]))
+  summary = summarize(rows, preds, truths, step, refiner is not None)
   what = 'U-Net + native refinement' if refiner is not None else 'U-Net'
-  line = (f'evaluate ({what}, native resolution): '
-          f'{score.summary_line(means, len(rows))}'
-          f'  (Dice sd {summary["dice_std"]:.3f}, pooled {summary["dice_pooled"]:.3f};'
-          f' U-Net alone {summary["dice_unet_mean"]:.3f}, on the grid '
-          f'{summary["dice_grid_mean"]:.3f}; ideal model on the grid: '
-          f'{summary["dice_ceiling_mean"]:.3f}'
-          + (f'; brain Dice {summary["brain_dice_mean"]:.3f}' if with_brain else '')
-          + f')  -> {out_dir / "metrics.csv"}')
+  line = (f'evaluate ({what}, native resolution): {summary_line(summary)}'
+          f'  -> {out_dir / "metrics.csv"}')
   tmp = out_dir / '.summary.json.tmp'
   tmp.write_text(json.dumps(summary, indent=1) + '\n')
   os.replace(tmp, out_dir / 'summary.json')

@@ -154,6 +154,22 @@ def save(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
   return path
 
 
+def from_canonical(canonical_data: np.ndarray, file_affine: np.ndarray) -> np.ndarray:
+  """An array in canonical RAS orientation (as from :func:`load`) on the axes of
+  the file whose own affine is ``file_affine``: :func:`load`'s reorientation undone."""
+  back = nib.orientations.ornt_transform(
+      nib.orientations.axcodes2ornt('RAS'), nib.io_orientation(file_affine))
+  return nib.orientations.apply_orientation(canonical_data, back)
+
+
+def file_affine(path) -> np.ndarray:
+  """The voxel-to-world affine of ``path`` as stored (header only, no data read)."""
+  try:
+    return np.asarray(nib.load(str(path)).affine, np.float64)
+  except Exception as e:  # nibabel raises many types for broken files.
+    raise NiftiError(f'{path}: cannot read NIfTI header ({type(e).__name__}: {e})') from e
+
+
 def save_like(path, canonical_data: np.ndarray, reference, dtype=np.uint8,
               overwrite: bool = True) -> Path:
   """Writes ``canonical_data`` (RAS, as from :func:`load`) on ``reference``'s grid.
@@ -164,9 +180,7 @@ def save_like(path, canonical_data: np.ndarray, reference, dtype=np.uint8,
   """
   ref = nib.load(str(reference))
   shape = ref.shape[:3]
-  back = nib.orientations.ornt_transform(
-      nib.orientations.axcodes2ornt('RAS'), nib.io_orientation(ref.affine))
-  data = nib.orientations.apply_orientation(canonical_data, back)
+  data = from_canonical(canonical_data, ref.affine)
   if tuple(data.shape) != tuple(shape):
     raise ValueError(f'{reference}: output shape {data.shape} does not match '
                      f'the reference shape {shape}')

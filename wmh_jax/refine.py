@@ -3,8 +3,9 @@
 The U-Net works on ``config.data.grid`` (128x128x16 by default: 1.5-4 mm
 in-plane and 3-10 mm through-plane on the challenge's scans), so the probability
 it gives, resized back to the scan, cannot follow a lesion's edge finer than a
-grid voxel: on the synthetic validation subjects even a perfect grid model
-scores native Dice ~0.71 (``evaluate``'s ``dice_ceiling``). The refiner decides
+grid voxel: on the synthetic validation subjects an oracle on the grid scores
+native Dice ~0.71 (``evaluate``'s ``dice_grid_oracle``, an estimate, not a
+bound). The refiner decides
 each native voxel again from the U-Net's probability there and the FLAIR around
 it, as intensity-driven lesion growing does (LST's LGA, for one), but learnt:
 a small per-voxel MLP fitted on training subjects only (``fit``), applied where
