@@ -16,6 +16,7 @@ from wmh_jax import atomic_write
 from wmh_jax import data
 from wmh_jax import figures
 from wmh_jax import nifti_io
+from wmh_jax import refine
 from wmh_jax import subjects
 from wmh_jax import tables
 
@@ -153,3 +154,25 @@ def test_two_processes_writing_the_same_files_both_succeed(tmp_path):
   data = nib.load(str(tmp_path / 's_wmh.nii.gz')).get_fdata()
   assert any(np.allclose(data, _image(seed)) for seed in (1, 2))
   assert json.loads((tmp_path / 's.json').read_text())['i'] == 19
+
+
+def test_without_overwrite_a_file_created_meanwhile_is_kept(tmp_path):
+  target = tmp_path / 'a.txt'
+
+  def racing(f):
+    target.write_text('the other process')  # appears while this one writes
+    f.write(b'mine')
+
+  with pytest.raises(FileExistsError, match='already exists'):
+    atomic_write.write(target, racing, overwrite=False)
+  assert target.read_text() == 'the other process'
+  assert os.listdir(tmp_path) == ['a.txt']
+
+
+def test_the_refiner_is_saved_through_a_private_folder_and_left_alone(tmp_path):
+  refiner = {'params': {'w': np.arange(3.0)}, 'threshold': np.float32(0.5),
+             'unet_step': np.int32(7)}
+  path = refine.save(tmp_path, refiner)
+  assert path == tmp_path / 'refine' / 'step_7'
+  assert os.listdir(tmp_path / 'refine') == ['step_7']  # no staging folder left
+  np.testing.assert_array_equal(refine.load(tmp_path, 7)['params']['w'], np.arange(3.0))

@@ -42,6 +42,23 @@ def _prefix(name: str) -> str:
   return '.' + name + '.'
 
 
+def _link_new(tmp: str, path: Path) -> None:
+  """Puts ``tmp`` at ``path`` only if nothing is there, in one step (``link``
+  fails on an existing name, a link included), then drops the ``tmp`` name."""
+  try:
+    os.link(tmp, path, follow_symlinks=False)
+  except FileExistsError:
+    raise FileExistsError(f'{path}: already exists (pass --overwrite to '
+                          'replace)') from None
+  except OSError:  # a file system without hard links: check, then rename
+    if path.exists() or path.is_symlink():
+      raise FileExistsError(f'{path}: already exists (pass --overwrite to '
+                            'replace)') from None
+    os.replace(tmp, path)
+    return
+  os.unlink(tmp)
+
+
 def write(path: str | os.PathLike, content: bytes | str | Callable[[BinaryIO], None],
           overwrite: bool = True, durable: bool = True) -> Path:
   """Writes ``content`` to ``path`` atomically (see the module docstring).
@@ -50,7 +67,8 @@ def write(path: str | os.PathLike, content: bytes | str | Callable[[BinaryIO], N
     path: the target; its folder is created when missing.
     content: bytes, text (UTF-8), or a function writing into the binary file
       object it is given (``fig.savefig(f, format='png')``, ``np.savez(f, ...)``).
-    overwrite: replace an existing ``path`` (else ``FileExistsError``).
+    overwrite: replace an existing ``path``; else ``FileExistsError``, also when
+      another process creates ``path`` while this one writes.
     durable: ``fsync`` the file before the rename (a crash leaves the old file
       or the new one, not an empty one).
 
@@ -72,7 +90,10 @@ def write(path: str | os.PathLike, content: bytes | str | Callable[[BinaryIO], N
       if durable:
         os.fsync(f.fileno())
       os.fchmod(f.fileno(), FILE_MODE & ~umask())
-    os.replace(tmp, path)
+    if overwrite:
+      os.replace(tmp, path)
+    else:
+      _link_new(tmp, path)
   except BaseException:
     try:
       os.unlink(tmp)
