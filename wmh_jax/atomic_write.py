@@ -39,7 +39,7 @@ def umask() -> int:
 
 def _prefix(name: str) -> str:
   """A hidden temporary-name prefix from the target's name (``.NAME.``)."""
-  return '.' + name + '.'
+  return '.' + name[:200] + '.'  # the temporary name stays within NAME_MAX
 
 
 def _link_new(tmp: str, path: Path) -> None:
