@@ -66,3 +66,18 @@ def test_save_refuses_existing_without_overwrite(tmp_path):
     nifti_io.save(p, np.zeros((3, 3, 3), np.float32), np.eye(4), overwrite=False)
   assert np.asarray(nib.load(str(p)).dataobj).sum() == 27
   assert [f.name for f in tmp_path.iterdir()] == ['a.nii.gz']  # no temp left
+
+
+def test_predict_mark_tells_predict_outputs_from_scans(tmp_path):
+  data = np.zeros((6, 5, 4), np.uint8)
+  ref = nifti_io.save(tmp_path / 'scan.nii.gz', data.astype(np.int16), np.eye(4))
+  assert not nifti_io.written_by_predict(ref)
+  out = nifti_io.save_like(tmp_path / 'scan_wmh.nii.gz', data, ref,
+                           descrip=f'{nifti_io.PREDICT_MARK}: lesion mask')
+  assert nib.load(str(out)).header['descrip'].item() == b'wmh_jax predict: lesion mask'
+  assert nifti_io.written_by_predict(out)
+  assert not nifti_io.written_by_predict(nifti_io.save_like(tmp_path / 'b.nii.gz', data,
+                                                            ref))
+  (tmp_path / 'junk.nii.gz').write_bytes(b'not a nifti')
+  assert not nifti_io.written_by_predict(tmp_path / 'junk.nii.gz')
+  assert not nifti_io.written_by_predict(tmp_path / 'missing.nii.gz')

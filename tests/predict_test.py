@@ -1,4 +1,8 @@
-"""Predict: masks land where the lesion is, on the input's own grid and header."""
+"""Predict: masks land where the lesion is, on the input's own grid and header;
+outputs never replace an input; volumes.csv."""
+
+import csv
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +12,7 @@ import pytest
 from scipy import ndimage
 
 from configs import test as test_config
+from wmh_jax import atomic_write
 from wmh_jax import models
 from wmh_jax import nifti_io
 from wmh_jax import predict
@@ -272,3 +277,153 @@ def test_sliding_window_blends_lesion_and_brain_alike():
   lesion, brain = predict.sliding_window(volume, lambda v: (v, 2 * v), (8, 8, 4))
   np.testing.assert_allclose(lesion, volume, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(brain, 2 * volume, rtol=1e-5, atol=1e-5)
+
+
+def _flair(path, shape=(48, 40, 10), lesion=(24, 20, 5)):
+  """A FLAIR with one bright lesion, written with nifti_io (a scan, no predict mark)."""
+  img, truth = _scan(shape, None, lesion, (4, 4, 1.5))
+  nifti_io.save(path, img.astype(np.float32), np.diag([1.0, 1.0, 3.0, 1.0]))
+  return truth
+
+
+def _no_overlays():
+  cfg = test_config.get_config()
+  cfg.predict.overlays = False
+  return cfg
+
+
+def test_an_input_named_like_an_output_is_refused_and_never_replaced(tmp_path):
+  """--input=DIR --output=DIR --overwrite with DIR/scan.nii.gz and a FLAIR named
+  scan_wmh.nii.gz: the mask of scan would replace that FLAIR."""
+  _flair(tmp_path / 'scan.nii.gz')
+  _flair(tmp_path / 'scan_wmh.nii.gz', lesion=(10, 10, 5))
+  before = (tmp_path / 'scan_wmh.nii.gz').read_bytes()
+  with pytest.raises(predict.InputError,
+                     match=f'{tmp_path / "scan_wmh.nii.gz"}: named like predict\'s '
+                           f'output for the input {tmp_path / "scan.nii.gz"}'):
+    predict.predict(_no_overlays(), None, [str(tmp_path)], tmp_path, overwrite=True,
+                    probability_fn=_bright())
+  assert (tmp_path / 'scan_wmh.nii.gz').read_bytes() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['scan.nii.gz', 'scan_wmh.nii.gz']
+
+
+def test_an_output_path_that_is_an_input_file_is_refused(tmp_path):
+  _flair(tmp_path / 'in' / 'scan.nii.gz')
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'scan_prob.nii.gz').symlink_to(tmp_path / 'in' / 'scan.nii.gz')
+  with pytest.raises(predict.InputError, match=f'{tmp_path / "in" / "scan.nii.gz"}: '
+                     f'the output {out / "scan_prob.nii.gz"} would replace this input'):
+    predict.predict(_no_overlays(), None, [str(tmp_path / 'in')], out, overwrite=True,
+                    probability_fn=_bright())
+  assert [p.name for p in out.iterdir()] == ['scan_prob.nii.gz']
+
+
+def test_a_rerun_into_the_input_folder_skips_its_own_outputs(tmp_path, caplog):
+  _flair(tmp_path / 'scan.nii.gz')
+  cfg = _no_overlays()
+  cfg.predict.save_probabilities = True
+  first = predict.predict(cfg, None, [str(tmp_path)], tmp_path, probability_fn=_bright())
+  assert nifti_io.written_by_predict(tmp_path / 'scan_wmh.nii.gz')
+  assert nifti_io.written_by_predict(tmp_path / 'scan_prob.nii.gz')
+  assert not nifti_io.written_by_predict(tmp_path / 'scan.nii.gz')
+  with caplog.at_level(logging.WARNING):
+    again = predict.predict(cfg, None, [str(tmp_path)], tmp_path, overwrite=True,
+                            probability_fn=_bright())
+  assert [r['name'] for r in again] == [r['name'] for r in first] == ['scan']
+  assert (f'skipping 2 earlier output(s) of predict: {tmp_path / "scan_prob.nii.gz"}, '
+          f'{tmp_path / "scan_wmh.nii.gz"}') in caplog.text
+  with pytest.raises(FileNotFoundError, match='scan_wmh.nii.gz: an output of predict'):
+    predict.predict(cfg, None, [str(tmp_path / 'scan_wmh.nii.gz')], tmp_path / 'o',
+                    probability_fn=_bright())
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      'scan.nii.gz', 'scan_prob.nii.gz', 'scan_wmh.nii.gz', 'volumes.csv']
+
+
+def test_overwrite_removes_the_stale_outputs_of_the_same_scan(tmp_path):
+  _flair(tmp_path / 'in' / 'scan.nii.gz')
+  _flair(tmp_path / 'in' / 'other.nii.gz')
+  cfg = test_config.get_config()
+  cfg.predict.save_probabilities = True
+  cfg.predict.overlays = True
+  out = tmp_path / 'out'
+  predict.predict(cfg, None, [str(tmp_path / 'in')], out, probability_fn=_bright())
+  assert (out / 'scan_prob.nii.gz').is_file() and (out / 'scan_overlay.png').is_file()
+  (out / 'unrelated_prob.nii.gz').write_bytes(b'not ours to remove')
+  cfg.predict.save_probabilities = False
+  cfg.predict.overlays = False
+  with pytest.raises(FileExistsError, match='already exists'):  # kept unless asked
+    predict.predict(cfg, None, [str(tmp_path / 'in' / 'scan.nii.gz')], out,
+                    probability_fn=_bright())
+  predict.predict(cfg, None, [str(tmp_path / 'in' / 'scan.nii.gz')], out, overwrite=True,
+                  probability_fn=_bright())
+  assert sorted(p.name for p in out.iterdir()) == [
+      'other_overlay.png', 'other_prob.nii.gz', 'other_wmh.nii.gz', 'scan_wmh.nii.gz',
+      'unrelated_prob.nii.gz', 'volumes.csv']
+
+
+def test_nothing_is_created_before_the_model_loads(tmp_path):
+  _flair(tmp_path / 'scan.nii.gz')
+  empty = tmp_path / 'not_trained'
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match='no checkpoint'):
+    predict.predict(_no_overlays(), empty, [str(tmp_path / 'scan.nii.gz')],
+                    tmp_path / 'out' / 'deeper')
+  assert not (tmp_path / 'out').exists()
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('x')
+  with pytest.raises(PermissionError, match='output folder is not writable'):
+    predict.predict(_no_overlays(), None, [str(tmp_path / 'scan.nii.gz')],
+                    blocker / 'out', probability_fn=_bright())
+
+
+def _read_csv(path):
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def test_volumes_csv_has_one_row_a_scan_with_metrics_when_there_is_truth(tmp_path):
+  """A challenge-layout folder (one subject with wmh.nii.gz and brain.nii.gz, one
+  without) and a lone scan, through the stand-in network with a brain output."""
+  shape, affine = (48, 40, 10), np.diag([1.0, 1.0, 3.0, 1.0])
+  truth = _flair(tmp_path / 'in' / 'Site' / 's1' / 'pre' / 'FLAIR.nii.gz')
+  labels = truth.astype(np.uint8)
+  labels[0, 0, 0] = 2  # label 2 is masked out of the scoring
+  nifti_io.save(tmp_path / 'in' / 'Site' / 's1' / 'wmh.nii.gz', labels, affine,
+                dtype=np.uint8)
+  _flair(tmp_path / 'in' / 'Site' / 's2' / 'pre' / 'FLAIR.nii.gz', lesion=(14, 14, 4))
+  _flair(tmp_path / 'lone.nii.gz', lesion=(30, 12, 6))
+  cfg = _no_overlays()
+  g = np.meshgrid(*[np.linspace(-1, 1, n) for n in cfg.data.grid], indexing='ij')
+  brain_grid = (sum(x * x for x in g) < 0.7).astype(np.float32)
+  fn = _bright()
+  out = tmp_path / 'out'
+  results = predict.predict(cfg, None, [str(tmp_path / 'in'), str(tmp_path / 'lone.nii.gz')],
+                            out, probability_fn=lambda v: (fn(v), brain_grid))
+  rows = _read_csv(out / 'volumes.csv')
+  assert [r['id'] for r in rows] == ['s1', 's2', 'lone']
+  assert rows[0]['file'] == str(tmp_path / 'in' / 'Site' / 's1' / 'pre' / 'FLAIR.nii.gz')
+  assert rows[2]['file'] == str(tmp_path / 'lone.nii.gz')
+  for row, r in zip(rows, results):
+    mask = np.asarray(nib.load(r['mask']).dataobj).astype(bool)
+    brain = np.asarray(nib.load(r['brain']).dataobj).astype(bool)
+    assert int(row['lesion_count']) == ndimage.label(mask, np.ones((3, 3, 3)))[1] == 1
+    assert float(row['lesion_volume_ml']) == pytest.approx(mask.sum() * 3e-3, rel=1e-5)
+    assert float(row['brain_volume_ml']) == pytest.approx(brain.sum() * 3e-3, rel=1e-5)
+  s1 = np.asarray(nib.load(results[0]['mask']).dataobj).astype(bool)
+  expected = 2 * (s1 & truth).sum() / (s1.sum() + truth.sum())  # label 2 not truth
+  assert float(rows[0]['dice']) == pytest.approx(expected, abs=1e-5) and expected > 0.7
+  for k in ('hd95_mm', 'avd_percent', 'lesion_recall', 'lesion_f1'):
+    assert float(rows[0][k]) == pytest.approx(results[0][k], rel=1e-5)
+  assert float(rows[0]['lesion_recall']) == 1.0
+  assert all(rows[i][k] == '' for i in (1, 2) for k in ('dice', 'hd95_mm', 'brain_dice'))
+  # Another run into the folder adds its rows; a rerun of a scan replaces its row.
+  _flair(tmp_path / 'later.nii.gz', lesion=(20, 30, 5))
+  predict.predict(cfg, None, [str(tmp_path / 'later.nii.gz')], out,
+                  probability_fn=fn)
+  predict.predict(cfg, None, [str(tmp_path / 'lone.nii.gz')], out, overwrite=True,
+                  probability_fn=fn)
+  rows = _read_csv(out / 'volumes.csv')
+  assert [r['id'] for r in rows] == ['s1', 's2', 'later', 'lone']
+  assert rows[3]['brain_volume_ml'] == ''  # this time without a brain output
+  assert (out / 'volumes.csv').stat().st_mode & 0o777 == 0o644 & ~atomic_write.umask()

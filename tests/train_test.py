@@ -145,6 +145,15 @@ def test_predict_command_line_with_tta_ensemble_and_activations(trained, tiny_da
     assert not (np.asarray(out.dataobj).astype(bool) & (brain == 0)).any()
     assert (tmp_path / 'out' / f'{name}_overlay.png').exists()
     assert (tmp_path / 'out' / f'{name}_activations.png').stat().st_size > 5000
+  # OUT/volumes.csv: the printed figures, one row a scan; Dice where there is truth.
+  with open(tmp_path / 'out' / 'volumes.csv', newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert [r['id'] for r in rows] == ['0', '1', '2', 'FLAIR']
+  for line, row in zip(lines, rows):
+    assert f'{float(row["lesion_volume_ml"]):.2f} mL, {row["lesion_count"]} lesions' in line
+    if row['dice']:
+      assert f', Dice {float(row["dice"]):.3f}' in line
+  assert rows[3]['dice'] == '' and float(rows[3]['brain_volume_ml']) > 0
 
 
 def test_predict_with_the_other_head_says_which_model_brain_output(trained, tiny_dataset,

@@ -15,6 +15,7 @@ from pathlib import Path
 from absl import logging
 import numpy as np
 
+from wmh_jax import atomic_write
 from wmh_jax import subjects as subjects_lib
 
 CACHE_VERSION = 4  # bump when prepare_subject's output changes
@@ -65,9 +66,7 @@ def _check_marker(folder: Path, seed: int, version: str) -> None:
     raise ValueError(f'{folder}: holds subjects but no synthetic.json (made by an '
                      'older version?); delete the folder or point the config elsewhere')
   folder.mkdir(parents=True, exist_ok=True)
-  tmp = marker.with_suffix('.tmp')
-  tmp.write_text(json.dumps(want) + '\n')
-  os.replace(tmp, marker)
+  atomic_write.write(marker, json.dumps(want) + '\n')
 
 
 def _parallel_map(fn, args: list[tuple], what: str) -> None:
@@ -112,9 +111,7 @@ def prepare_cached(s: subjects_lib.SubjectFiles, grid, workdir) -> dict:
     return out
   out = subjects_lib.prepare_subject(s, grid)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix('.tmp.npz')
-  np.savez(tmp, **out)
-  os.replace(tmp, path)
+  atomic_write.write(path, lambda f: np.savez(f, **out))
   return out
 
 

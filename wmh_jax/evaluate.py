@@ -1,12 +1,12 @@
 """Evaluate mode: segment every validation subject at native resolution and score."""
 
 import json
-import os
 from pathlib import Path
 
 from absl import logging
 import numpy as np
 
+from wmh_jax import atomic_write
 from wmh_jax import challenge_metrics
 from wmh_jax import data
 from wmh_jax import figures
@@ -200,9 +200,7 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
   what = 'U-Net + native refinement' if refiner is not None else 'U-Net'
   line = (f'evaluate ({what}, native resolution): {summary_line(summary)}'
           f'  -> {out_dir / "metrics.csv"}')
-  tmp = out_dir / '.summary.json.tmp'
-  tmp.write_text(json.dumps(summary, indent=1) + '\n')
-  os.replace(tmp, out_dir / 'summary.json')
+  atomic_write.write(out_dir / 'summary.json', json.dumps(summary, indent=1) + '\n')
   logging.info(line)
   print(line, flush=True)
   return summary

@@ -1,12 +1,11 @@
 """Pictures for people: segmentation overlays and the synthetic contact sheet."""
 
-import os
-from pathlib import Path
-
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
+
+from wmh_jax import atomic_write
 
 
 def _axial_slices(mask_like: np.ndarray, n: int) -> list[int]:
@@ -19,12 +18,11 @@ def _axial_slices(mask_like: np.ndarray, n: int) -> list[int]:
 
 
 def _save(fig, path):
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name('.' + path.name)
-  fig.savefig(tmp, dpi=80, format='png')
-  plt.close(fig)
-  os.replace(tmp, path)
+  """Writes ``fig`` as a PNG at ``path`` (atomically) and closes it."""
+  try:
+    atomic_write.write(path, lambda f: fig.savefig(f, dpi=80, format='png'))
+  finally:
+    plt.close(fig)
 
 
 def overlay_slices(z: int, n: int, extent=None, keep=()) -> list[int]:

@@ -5,12 +5,14 @@ axis 0 runs left->right, axis 1 posterior->anterior and axis 2 inferior->superio
 (the slice axis of an axial acquisition) whatever the file's own orientation.
 """
 
+import gzip
 import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from wmh_jax import atomic_write
 
 # The most voxels a file may declare, checked from its header before any data are
 # read: a 2 MB .nii.gz can decompress to gigabytes, and a volume is decoded into
@@ -127,13 +129,29 @@ def check_labels(img: nib.Nifti1Image, path, like_affine: np.ndarray | None = No
   return data.astype(np.uint8)
 
 
+# The start of the header description of every file predict writes: how a rerun
+# into the input folder tells its own earlier outputs from scans.
+PREDICT_MARK = 'wmh_jax predict'
+
+
+def written_by_predict(path) -> bool:
+  """Whether ``path``'s header description starts with :data:`PREDICT_MARK`
+  (only the header is read; False for anything unreadable)."""
+  try:
+    descrip = nib.load(str(path)).header['descrip']
+    return bytes(np.asarray(descrip).item()).startswith(PREDICT_MARK.encode())
+  except (OSError, ValueError, KeyError, EOFError,
+          nib.filebasedimages.ImageFileError):  # refused when read as a scan
+    return False
+
+
 def save(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
          header=None, dtype=None, overwrite: bool = True) -> Path:
-  """Writes a NIfTI atomically: to a temporary name, then renamed into place."""
+  """Writes a NIfTI (gzipped for ``.gz``) atomically (``atomic_write``: a unique
+  temporary file renamed into place, mode 0644 less the umask)."""
   path = Path(path)
   if path.exists() and not overwrite:
     raise FileExistsError(f'{path}: already exists (pass --overwrite to replace)')
-  path.parent.mkdir(parents=True, exist_ok=True)
   img = nib.Nifti1Image(data, affine, header)
   if dtype is not None:
     img.set_data_dtype(dtype)
@@ -142,16 +160,15 @@ def save(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
            for k in ('qform_code', 'sform_code')]
   img.set_qform(affine, code=codes[0])
   img.set_sform(affine, code=codes[1])
-  fd, tmp = tempfile.mkstemp(prefix='.' + path.name.split('.')[0],
-                             suffix='.nii.gz', dir=path.parent)
-  os.close(fd)
-  try:
-    nib.save(img, tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+
+  def write_to(f):
+    if path.name.endswith('.gz'):  # nibabel's own level for .nii.gz
+      with gzip.GzipFile(fileobj=f, mode='wb', compresslevel=1) as gz:
+        img.to_stream(gz)
+    else:
+      img.to_stream(f)
+
+  return atomic_write.write(path, write_to, overwrite=overwrite)
 
 
 def from_canonical(canonical_data: np.ndarray, file_affine: np.ndarray) -> np.ndarray:
@@ -171,12 +188,13 @@ def file_affine(path) -> np.ndarray:
 
 
 def save_like(path, canonical_data: np.ndarray, reference, dtype=np.uint8,
-              overwrite: bool = True) -> Path:
+              overwrite: bool = True, descrip: str | None = None) -> Path:
   """Writes ``canonical_data`` (RAS, as from :func:`load`) on ``reference``'s grid.
 
   The array is reoriented back to the reference file's own axis order, and the
   reference affine and header are kept, so the output overlays the input voxel
-  for voxel in any viewer.
+  for voxel in any viewer. ``descrip`` replaces the header's description (at
+  most 80 characters; predict marks its outputs with :data:`PREDICT_MARK`).
   """
   ref = nib.load(str(reference))
   shape = ref.shape[:3]
@@ -190,5 +208,7 @@ def save_like(path, canonical_data: np.ndarray, reference, dtype=np.uint8,
   header.set_data_shape(data.shape)
   header.set_data_dtype(dtype)
   header.set_slope_inter(1.0, 0.0)
+  if descrip is not None:
+    header['descrip'] = descrip.encode()[:80]
   return save(path, np.asarray(data).astype(dtype), ref.affine, header,
               dtype=dtype, overwrite=overwrite)

@@ -19,14 +19,26 @@ lesions: no lesion outside the brain (``predict.mask_to_brain``).
 ``OUT/<name>_wmh.nii.gz`` (uint8 0/1) keeps the input's shape, axis order, affine
 and header, as does ``<name>_brain.nii.gz``; ``<name>_prob.nii.gz``,
 ``<name>_overlay.png`` and ``<name>_activations.png`` are optional.
+``OUT/volumes.csv`` has one row a scan (:data:`VOLUME_FIELDS`): lesion volume and
+count, brain volume, and the challenge metrics where the scan has a ``wmh.nii.gz``.
+
+Outputs never replace an input, and a rerun does not read them as scans: the
+NIfTI outputs carry ``nifti_io.PREDICT_MARK`` in their header description, and
+an input with that mark is skipped with a warning; an input without it but named
+like another input's output (``NAME_wmh``, ``NAME_brain``, ``NAME_prob``) is
+refused, as is an output path that is an input file. Every input is read and
+checked, and the model loaded, before anything is created (the output folder
+included); each file is written atomically (``atomic_write``). ``--overwrite``
+replaces a scan's outputs and removes those of its outputs this run does not
+write (a probability map or overlay from an earlier run).
 """
 
+import csv
 import dataclasses
 import functools
 import itertools
 import os
 from pathlib import Path
-import tempfile
 
 from absl import logging
 import jax
@@ -42,6 +54,22 @@ from wmh_jax import nifti_io
 from wmh_jax import refine
 from wmh_jax import steps
 from wmh_jax import subjects
+from wmh_jax import tables
+
+# What predict writes for scan NAME: NAME + suffix, in the output folder.
+OUTPUT_SUFFIXES = {'mask': '_wmh.nii.gz', 'brain': '_brain.nii.gz',
+                   'prob': '_prob.nii.gz', 'overlay': '_overlay.png',
+                   'activations': '_activations.png'}
+# The outputs a scan could be mistaken for (NIfTI, so read as scans).
+_NIFTI_OUTPUTS = ('mask', 'brain', 'prob')
+_DESCRIP = {'mask': 'lesion mask', 'brain': 'brain mask', 'prob': 'lesion probability'}
+VOLUMES = 'volumes.csv'
+VOLUME_FIELDS = ('id', 'file', 'lesion_volume_ml', 'lesion_count', 'brain_volume_ml',
+                 'brain_dice', *challenge_metrics.METRICS)
+
+
+class InputError(ValueError):
+  """An input predict must not read or must not overwrite (named in the message)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,24 +122,79 @@ def collect_inputs(paths) -> list[Scan]:
   return scans
 
 
-def output_paths(out_dir: Path, name: str, pconfig, brain: bool = False
+def _mark(kind: str) -> str:
+  """The header description of a NIfTI output (how a rerun recognises it)."""
+  return f'{nifti_io.PREDICT_MARK}: {_DESCRIP[kind]}'
+
+
+def _output_of(name: str, names) -> str | None:
+  """The name among ``names`` whose NIfTI output ``name`` would be (``NAME_wmh``,
+  ``NAME_brain``, ``NAME_prob``), or None."""
+  for kind in _NIFTI_OUTPUTS:
+    tail = OUTPUT_SUFFIXES[kind].removesuffix('.nii.gz')
+    if name.endswith(tail) and name[:-len(tail)] in names:
+      return name[:-len(tail)]
+  return None
+
+
+def skip_own_outputs(scans: list[Scan]) -> list[Scan]:
+  """``scans`` less this tool's own outputs; refuses look-alikes.
+
+  A file whose header carries ``nifti_io.PREDICT_MARK`` was written by predict
+  (a rerun into the input folder): skipped with a warning. A file without the
+  mark named like the output of another input of the run (``NAME_wmh``,
+  ``NAME_brain``, ``NAME_prob`` of an input ``NAME``) may be a scan that an
+  output would replace, or an older version's output: refused (``InputError``,
+  one line naming them).
+  """
+  own = [s for s in scans if nifti_io.written_by_predict(s.flair)]
+  if own:
+    logging.warning('predict: skipping %d earlier output(s) of predict: %s',
+                    len(own), ', '.join(str(s.flair) for s in own))
+  scans = [s for s in scans if s not in own]
+  by_name = {s.name: s for s in scans}
+  alike = [(s, by_name[_output_of(s.name, by_name)]) for s in scans
+           if _output_of(s.name, by_name)]
+  if alike:
+    (s, other), more = alike[0], [str(a.flair) for a, _ in alike[1:]]
+    raise InputError(
+        f'{s.flair}: named like predict\'s output for the input {other.flair}'
+        + (f' (also {", ".join(more)})' if more else '')
+        + '; rename it, or move it out of the input')
+  if not scans:
+    raise FileNotFoundError(f'{own[0].flair}: an output of predict, not a scan (so '
+                            'is every input)')
+  return scans
+
+
+def output_paths(out_dir: Path, name: str, pconfig=None, brain: bool = False
                  ) -> dict[str, Path]:
   """The files predict writes for scan ``name``; ``brain``: the model has a brain
-  output."""
-  paths = {'mask': out_dir / f'{name}_wmh.nii.gz'}
-  if brain and pconfig.save_brain:
-    paths['brain'] = out_dir / f'{name}_brain.nii.gz'
-  if pconfig.save_probabilities:
-    paths['prob'] = out_dir / f'{name}_prob.nii.gz'
-  if pconfig.overlays:
-    paths['overlay'] = out_dir / f'{name}_overlay.png'
-  if pconfig.activations:
-    paths['activations'] = out_dir / f'{name}_activations.png'
-  return paths
+  output. Without ``pconfig`` every file it could write."""
+  every = {k: out_dir / f'{name}{suffix}' for k, suffix in OUTPUT_SUFFIXES.items()}
+  if pconfig is None:
+    return every
+  wanted = {'mask': True, 'brain': brain and pconfig.save_brain,
+            'prob': pconfig.save_probabilities, 'overlay': pconfig.overlays,
+            'activations': pconfig.activations}
+  return {k: p for k, p in every.items() if wanted[k]}
+
+
+def check_inputs_kept(scans: list[Scan], out_dir: Path) -> None:
+  """Refuses a run where any output path (of any kind) is an input file."""
+  inputs = [f for s in scans for f in (s.flair, s.wmh, s.brain) if f is not None]
+  for s in scans:
+    for target in output_paths(out_dir, s.name).values():
+      if not target.exists():
+        continue
+      hit = [f for f in inputs if os.path.samefile(target, f)]
+      if hit:
+        raise InputError(f'{hit[0]}: the output {target} would replace this input '
+                         '(pass another --output)')
 
 
 def check_outputs_free(targets: list[Path], overwrite: bool) -> None:
-  existing = [t for t in targets if t.exists()]
+  existing = [t for t in targets if t.exists() or t.is_symlink()]
   if existing and not overwrite:
     more = f'; {len(existing)} outputs exist' if len(existing) > 1 else ''
     raise FileExistsError(f'{existing[0]}: already exists (pass --overwrite to '
@@ -119,15 +202,66 @@ def check_outputs_free(targets: list[Path], overwrite: bool) -> None:
 
 
 def check_writable(out_dir: Path) -> None:
-  """Creates ``out_dir`` and proves a file can be written there."""
+  """Refuses an output folder that cannot be created or written, creating nothing:
+  its nearest existing folder must be a writable folder."""
+  probe = out_dir.absolute()
+  while not probe.exists() and probe != probe.parent:
+    probe = probe.parent
+  reason = None
+  if not probe.is_dir():
+    reason = f'{probe} is not a folder'
+  elif not os.access(probe, os.W_OK | os.X_OK):
+    reason = f'no permission to write in {probe}'
+  if reason:
+    raise PermissionError(f'{out_dir}: output folder is not writable ({reason})')
+
+
+def make_output_folder(out_dir: Path) -> None:
   try:
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix='.write_test', dir=out_dir)
-    os.close(fd)
-    os.remove(probe)
   except OSError as e:
     raise PermissionError(f'{out_dir}: output folder is not writable '
                           f'({e.strerror or e})') from e
+
+
+def remove_stale(out_dir: Path, name: str, written: dict[str, Path]) -> list[Path]:
+  """Removes the outputs of scan ``name`` that this run did not write (``--overwrite``:
+  nothing of an earlier run is left beside the new outputs as if current)."""
+  stale = [p for k, p in output_paths(out_dir, name).items()
+           if k not in written and (p.exists() or p.is_symlink())]
+  for p in stale:
+    p.unlink()
+  return stale
+
+
+def earlier_volumes(path: Path, names, overwrite: bool) -> list[dict]:
+  """The rows of an existing ``volumes.csv`` for scans other than ``names`` (a
+  table kept across runs into one folder); refuses a file that is not one."""
+  if not (path.exists() or path.is_symlink()):
+    return []
+  try:
+    with open(path, newline='', encoding='utf-8') as f:
+      rows = list(csv.DictReader(f))
+      fields = rows[0].keys() if rows else ()
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    rows, fields = None, str(e)
+  if rows is None or (rows and 'id' not in fields):
+    if overwrite:
+      logging.warning('%s: not a table of predict; replaced', path)
+      return []
+    raise InputError(f'{path}: not a table of predict (no id column); move it or '
+                     'pass --overwrite to replace it')
+  return [r for r in rows if r['id'] not in set(names)]
+
+
+def volume_row(scan: Scan, r: dict) -> dict:
+  """A ``volumes.csv`` row from a result of :func:`predict`."""
+  row = {'id': scan.name, 'file': str(scan.flair), 'lesion_volume_ml': r['volume_ml'],
+         'lesion_count': r['lesions']}
+  for k in ('brain_volume_ml', 'brain_dice', *challenge_metrics.METRICS):
+    if k in r:
+      row[k] = r[k]
+  return row
 
 
 def flip_sets(axes) -> list[tuple[int, ...]]:
@@ -376,20 +510,26 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
             probability_fn=None) -> list[dict]:
   """Segments every input; returns one ``{name, mask, volume_ml, lesions}`` a scan
   (with a brain output also ``brain``, ``brain_volume_ml``, and ``brain_dice``
-  when the scan has a ``brain.nii.gz``).
+  when the scan has a ``brain.nii.gz``) and writes them to ``OUT/volumes.csv``.
 
   ``probability_fn`` (model input -> probability, or ``(lesion, brain)``)
   replaces the checkpoints of ``workdir`` and ``config.predict.ensemble`` when
-  given.
+  given. Inputs that are predict's own outputs are skipped, look-alikes refused
+  (:func:`skip_own_outputs`); nothing is created before every input is read
+  and the model is loaded.
   """
   if not output:
     raise FileNotFoundError('predict: pass --output=DIR for the masks')
   pc = config.predict
-  scans = collect_inputs(inputs)
+  scans = skip_own_outputs(collect_inputs(inputs))
   out_dir = Path(output)
   brain_out = bool(config.model.get('brain_output', False))
+  check_inputs_kept(scans, out_dir)
   targets = {s.name: output_paths(out_dir, s.name, pc, brain_out) for s in scans}
-  check_outputs_free([p for t in targets.values() for p in t.values()], overwrite)
+  check_outputs_free([p for s in scans for p in output_paths(out_dir, s.name).values()],
+                     overwrite)
+  table = out_dir / VOLUMES
+  rows = earlier_volumes(table, targets, overwrite)
   # Read and check every input before the first file is written; keep only the
   # preprocessed volumes (the native images are read again when drawn).
   prepared = {}
@@ -408,6 +548,7 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
     refiner = load_refiner(config, workdir, int(members[0][1].step))
   elif pc.activations:
     raise ValueError('predict.activations needs a trained model (workdir)')
+  make_output_folder(out_dir)
   results = []
   for k, s in enumerate(scans):
     volume, shape, affine = prepared.pop(s.name)
@@ -421,11 +562,17 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
       prob = refine.refine(refiner, prob, subjects.zscore(native, s.flair, brain),
                            subjects.voxel_spacing(affine), config.refine.candidate)
       mask = prob >= refiner['threshold']
-    nifti_io.save_like(paths['mask'], mask.astype(np.uint8), s.flair)
+    nifti_io.save_like(paths['mask'], mask.astype(np.uint8), s.flair,
+                       descrip=_mark('mask'))
     if 'prob' in paths:
-      nifti_io.save_like(paths['prob'], prob, s.flair, dtype=np.float32)
-    if brain is not None and 'brain' in paths:
-      nifti_io.save_like(paths['brain'], brain.astype(np.uint8), s.flair)
+      nifti_io.save_like(paths['prob'], prob, s.flair, dtype=np.float32,
+                         descrip=_mark('prob'))
+    if brain is None:
+      paths.pop('brain', None)
+    else:
+      if 'brain' in paths:
+        nifti_io.save_like(paths['brain'], brain.astype(np.uint8), s.flair,
+                           descrip=_mark('brain'))
     truth = None
     if s.wmh is not None:
       truth = nifti_io.load_labels(s.wmh, affine, shape)
@@ -438,6 +585,8 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
     if 'activations' in paths:
       activation_collage(paths['activations'], members,
                          center_crop(volume, network_window(config)), s.name)
+    if overwrite:
+      remove_stale(out_dir, s.name, paths)
     r = {'name': s.name, 'mask': str(paths['mask']),
          'volume_ml': metrics.volume_ml(mask, affine),
          'lesions': challenge_metrics.lesions(mask)[1]}
@@ -447,9 +596,15 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
       r['brain_volume_ml'] = metrics.volume_ml(brain, affine)
     if true_brain is not None:
       r['brain_dice'] = challenge_metrics.dice(true_brain, brain)
-    if truth is not None:
-      r.update(challenge_metrics.challenge_metrics(truth, mask, affine))
+    if truth is not None:  # on the file's own axes, as --mode=score reads them
+      on_file = nifti_io.file_affine(s.flair)
+      r.update(challenge_metrics.challenge_metrics(
+          nifti_io.from_canonical(truth, on_file), nifti_io.from_canonical(mask, on_file),
+          on_file))
     results.append(r)
+    rows.append(volume_row(s, r))
+    tables.write_csv(table, rows, VOLUME_FIELDS)  # after each scan: a table of
+    # the masks written so far, if the run stops
     line = (f'predict {k + 1}/{len(scans)} {s.name}: lesion volume '
             f'{r["volume_ml"]:.2f} mL, {r["lesions"]} lesions'
             + (f', Dice {r["dice"]:.3f}' if truth is not None else '')

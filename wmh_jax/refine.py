@@ -23,6 +23,8 @@ U-Net checkpoint it was fitted on.
 
 from collections.abc import Sequence
 from pathlib import Path
+import shutil
+import tempfile
 
 from absl import logging
 import flax.linen as nn
@@ -204,10 +206,19 @@ def path_for(workdir, unet_step: int) -> Path:
 
 
 def save(workdir, refiner) -> Path:
-  """Writes the refiner (orbax: a temporary folder renamed when complete)."""
+  """Writes the refiner: orbax saves it inside a private folder made by
+  ``tempfile.mkdtemp`` (no pre-placed link can redirect orbax's own temporary
+  names), renamed into place when complete."""
   path = path_for(workdir, refiner['unet_step'])
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(path, refiner)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', dir=path.parent))
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(staging / path.name, refiner)
+      ckpt.wait_until_finished()
+    (staging / path.name).rename(path)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   return path
 
 

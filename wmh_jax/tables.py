@@ -1,9 +1,10 @@
-"""CSV tables written atomically (temporary name, then renamed into place)."""
+"""CSV tables written atomically (``atomic_write``)."""
 
 import csv
 import io
-import os
 from pathlib import Path
+
+from wmh_jax import atomic_write
 
 
 def cell(value):
@@ -18,17 +19,9 @@ def write_csv(path, rows: list[dict], fields, overwrite: bool = True) -> Path:
   path = Path(path)
   if path.exists() and not overwrite:
     raise FileExistsError(f'{path}: already exists (pass --overwrite to replace)')
-  path.parent.mkdir(parents=True, exist_ok=True)
   buf = io.StringIO()
   w = csv.DictWriter(buf, fields, extrasaction='ignore')
   w.writeheader()
   for r in rows:
     w.writerow({k: cell(v) for k, v in r.items()})
-  tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-  try:
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  return path
+  return atomic_write.write(path, buf.getvalue(), overwrite=overwrite)
