@@ -41,15 +41,19 @@ def grid_ceiling(labels: np.ndarray, fraction: np.ndarray) -> float:
               for t in CEILING_THRESHOLDS), default=float('nan'))
 
 
-def evaluated_step(workdir) -> int | None:
-  """The checkpoint step that ``WORKDIR/eval`` holds the results of, if any."""
-  path = Path(workdir) / 'eval' / 'summary.json'
+# The split evaluated -> (its folder in WORKDIR, its label). [issue 16: splits]
+SPLITS = {'val': ('eval', 'development (validation)'), 'test': ('eval_test', 'test')}
+
+
+def evaluated_step(workdir, split: str = 'val') -> int | None:
+  """The checkpoint step that ``WORKDIR/eval`` (``eval_test``) holds the results of."""
+  path = Path(workdir) / SPLITS[split][0] / 'summary.json'
   if not path.exists() or not (path.parent / 'metrics.csv').exists():
     return None
   return json.loads(path.read_text()).get('step')
 
 
-def evaluate(config, workdir, overwrite: bool = False) -> dict:
+def evaluate(config, workdir, overwrite: bool = False, split: str = 'val') -> dict:
   """Restores the latest checkpoint and scores the validation subjects.
 
   The mask is the refiner's (``wmh_jax.refine``) when ``config.refine.enabled``
@@ -63,14 +67,15 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
   native-resolution masks ``WORKDIR/eval/pred/SITE_ID_wmh.nii.gz`` (and
   ``SITE_ID_brain.nii.gz``) on each input's own grid, and overlay PNGs for the
   first ``config.evaluate.num_images`` subjects. Refuses to replace an earlier evaluation unless ``overwrite``.
-  Returns the summary.
+  Returns the summary. ``split='test'``: the test subjects, into
+  ``WORKDIR/eval_test`` instead.
   """
   workdir = Path(workdir)
-  out_dir = workdir / 'eval'
+  out_dir = workdir / SPLITS[split][0]
   if (out_dir / 'metrics.csv').exists() and not overwrite:
     raise FileExistsError(f'{out_dir / "metrics.csv"}: already exists (pass '
                           '--overwrite to evaluate again)')
-  _, val = data.load_splits(config, workdir)  # bad data fails first
+  val = data.load_split(config, workdir, split)  # bad data fails first
   members = predict.load_members(config, workdir)
   pc = config.predict
   prob_fn = predict.make_probability_fn(members, pc.tta_axes if pc.tta else ())
@@ -146,7 +151,7 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
     summary['brain_dice_mean'] = float(np.nanmean([r.get('brain_dice', np.nan)
                                                    for r in rows]))
   what = 'U-Net + native refinement' if refiner is not None else 'U-Net'
-  line = (f'evaluate ({what}, native resolution): '
+  line = (f'evaluate {SPLITS[split][1]} ({what}, native resolution): '
           f'{score.summary_line(means, len(rows))}'
           f'  (Dice sd {summary["dice_std"]:.3f}, pooled {summary["dice_pooled"]:.3f};'
           f' U-Net alone {summary["dice_unet_mean"]:.3f}, on the grid '
