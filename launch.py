@@ -9,12 +9,12 @@ Other modes:
   python launch.py --config=configs/default.py --workdir=runs/default --mode=evaluate
   python launch.py --config=configs/default.py --mode=synthesize --output=data/synth
   python launch.py --mode=predict --workdir=runs/default --input=scan.nii.gz --output=out
+  python launch.py --mode=score --gt=data/synthetic --pred=runs/default/eval/pred
+  python launch.py --config=configs/default.py --workdir=runs/x --config.train.num_steps=20
 
 predict and evaluate read the workdir's own config (WORKDIR/config.json, written
 by training) when no --config is given; --config.KEY=VALUE still overrides it,
 except keys that would change the trained network (model.*, data.grid).
-  python launch.py --mode=score --gt=data/synthetic --pred=runs/default/eval/pred
-  python launch.py --config=configs/default.py --workdir=runs/x --config.train.num_steps=20
 """
 
 import difflib

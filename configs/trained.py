@@ -9,9 +9,14 @@ still apply (those that would change the trained network are refused):
       --workdir=runs/x
 """
 
+import os
+
 from wmh_jax import run_record
 
 
 def get_config(path):
+  """The config in ``path`` (WORKDIR/config.json), its relative data folders
+  taken from where the run was trained."""
   with open(path, encoding='utf-8') as f:
-    return run_record.config_from_json(f.read(), path)
+    config = run_record.config_from_json(f.read(), path)
+  return run_record.with_absolute_data_paths(config, os.path.dirname(path))

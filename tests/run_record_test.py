@@ -132,3 +132,18 @@ def test_resume_with_another_architecture_is_refused_naming_the_key(tiny_dataset
                      match=r'^--config.model.decoder_filters: .* was trained with '
                      r'\(4, 8\), not \(8, 8\)'):
     _record_only(cfg, tmp_path / 'run')
+
+
+def test_the_saved_config_finds_relative_data_folders_from_any_folder(
+    tiny_dataset, tmp_path, monkeypatch):
+  from configs import trained  # pylint: disable=g-import-not-at-top
+  shutil.copytree(tiny_dataset, tmp_path / 'here' / 'data')
+  monkeypatch.chdir(tmp_path / 'here')
+  cfg = test_config.for_dataset('data')
+  _record_only(cfg, 'run')
+  monkeypatch.chdir(tmp_path)
+  back = trained.get_config(str(tmp_path / 'here' / 'run' / 'config.json'))
+  assert back.data.root == str(tmp_path / 'here' / 'data')
+  assert back.data.tfds_dir == str(tmp_path / 'here' / 'data' / 'tfds') or (
+      back.data.tfds_dir == str(tmp_path / 'here' / cfg.data.tfds_dir))
+  data.load_split(back, tmp_path / 'here' / 'run', 'val')  # the recorded split

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 import tempfile
 
+from absl import logging
 import ml_collections
 
 CONFIG = 'config.json'
@@ -60,6 +61,24 @@ def load_config(workdir) -> ml_collections.ConfigDict | None:
   if not path.is_file():
     return None
   return config_from_json(path.read_text(), path)
+
+
+DATA_PATHS = ('root', 'val_root', 'test_root', 'tfds_dir')
+
+
+def with_absolute_data_paths(config, workdir) -> ml_collections.ConfigDict:
+  """``config`` with its relative ``data.*`` folders taken from the folder the
+  run was trained in (``split.json``'s ``cwd``), so that evaluate runs from any
+  folder."""
+  path = Path(workdir) / SPLIT
+  cwd = json.loads(path.read_text()).get('cwd') if path.is_file() else None
+  if not cwd:
+    return config
+  for key in DATA_PATHS:
+    value = str(config.data.get(key, '') or '')
+    if value and not Path(value).is_absolute():
+      config.data[key] = str(Path(cwd) / value)
+  return config
 
 
 def flat(config, prefix='') -> dict:
@@ -132,6 +151,7 @@ def split_record(config, splits: dict) -> dict:
       'val_root': str(d.val_root), 'test_root': str(d.get('test_root', '')),
       'val_sites': list(d.val_sites), 'val_ids': list(d.get('val_ids', ())),
       'tfds': str(d.tfds),
+      'cwd': os.getcwd(),   # where the config's relative data paths start
       **{name: [_entry(s) for s in splits.get(name, [])] for name in SPLITS},
   }
 
@@ -204,6 +224,11 @@ def record(workdir, config, split: dict) -> None:
     write_atomic(workdir / CONFIG, config_to_json(config))
   else:
     check_same_network(trained, config, workdir)
+    a, b = flat(trained), flat(config)
+    changed = [k for k in sorted(set(a) | set(b)) if _tuples(a.get(k)) != _tuples(b.get(k))]
+    if changed:  # allowed (e.g. more steps), but said: config.json keeps the first
+      logging.warning('%s: resumed with other values of %s than %s records', workdir,
+                      ', '.join(changed), CONFIG)
   check_split(workdir, split)
   if not (workdir / SPLIT).is_file():
     write_atomic(workdir / SPLIT, json.dumps(split, indent=1) + '\n')

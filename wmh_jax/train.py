@@ -75,9 +75,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   sets, split = data.load_run_data(config, workdir, ('train', 'val'))
   train_set, val_set = sets['train'], sets['val']
   init_from = config.train.get('init_from', '')
-  source = init_from and run_record.load_config(init_from)
-  if source:  # the weights must fit: refused in one line, naming the key
-    run_record.check_same_network(source, config, init_from, '--config.')
   # WORKDIR/config.json and split.json before the first step (a resumed run's
   # are kept; its network and split were checked against them).
   run_record.record(workdir, config, split)
