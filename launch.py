@@ -11,6 +11,10 @@ Other modes:
   python launch.py --mode=predict --workdir=runs/default --input=scan.nii.gz --output=out
   python launch.py --mode=score --gt=data/synthetic --pred=runs/default/eval/pred
   python launch.py --config=configs/default.py --workdir=runs/x --config.train.num_steps=20
+
+predict and evaluate read the workdir's own config (WORKDIR/config.json, written
+by training) when no --config is given; --config.KEY=VALUE still overrides it,
+except keys that would change the trained network (model.*, data.grid).
 """
 
 import difflib
@@ -26,19 +30,51 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 ROOT = Path(__file__).resolve().parent   # the project: configs/ and wmh_jax/
+DEFAULT_WORKDIR = 'runs/default'
 MODES = ('train_and_evaluate', 'train', 'evaluate', 'predict', 'score',
          'synthesize', 'benchmark')
-config_flags.DEFINE_config_file('config', str(ROOT / 'configs' / 'default.py'),
-                                'Path to a config file (configs/NAME.py: the '
-                                "project's own).", lock_config=True)
-flags.DEFINE_string('workdir', 'runs/default', 'Checkpoints, logs and results.')
-flags.DEFINE_enum('mode', 'train_and_evaluate', MODES,
-                  'What to do; the default trains, then evaluates.')
-flags.DEFINE_string('output', None, 'Output folder (synthesize, predict, score).')
-flags.DEFINE_multi_string('input', [], 'Input NIfTI files or folders (predict).')
-flags.DEFINE_string('gt', None, 'Ground truth in the challenge layout (score).')
-flags.DEFINE_string('pred', None, 'Predictions: ID/result.nii.gz or ID_wmh.nii.gz (score).')
-flags.DEFINE_bool('overwrite', False, 'Replace existing output files.')
+
+
+def evaluate_splits(config, workdir, overwrite: bool, trained_step=None) -> dict:
+  """Evaluates the validation subjects (``WORKDIR/eval``) and, when the run has
+  test subjects, the test subjects (``WORKDIR/eval_test``); returns the summaries.
+
+  ``trained_step`` (after training): a split already evaluated on that step is
+  kept unless ``overwrite``; one of an older step is replaced.
+  """
+  from wmh_jax import data  # pylint: disable=g-import-not-at-top
+  from wmh_jax import evaluate  # pylint: disable=g-import-not-at-top
+  _, split = data.load_run_data(config, workdir, ())  # checks the recorded split
+  summaries = {}
+  for name in ('val', 'test'):
+    if name == 'test' and not split['test']:
+      continue
+    if trained_step is None:
+      summaries[name] = evaluate.evaluate(config, workdir, overwrite, split=name)
+      continue
+    done = evaluate.evaluated_step(workdir, name)
+    if done == trained_step and not overwrite:
+      print(f'evaluate: {workdir}/{evaluate.SPLITS[name][0]} already holds the '
+            f'results of step {done} (pass --overwrite to evaluate again)', flush=True)
+    else:  # the model is new since the last evaluation: replace it
+      summaries[name] = evaluate.evaluate(config, workdir, True, split=name)
+  return summaries
+
+
+def check_trained_network(config, workdir, argv) -> None:
+  """Refuses a config whose network is not the one trained in ``workdir``
+  (``WORKDIR/config.json``; a run made before it existed is not checked)."""
+  from wmh_jax import run_record  # pylint: disable=g-import-not-at-top
+  trained = run_record.load_config(workdir)
+  if trained is None:
+    return
+  change = run_record.first_frozen_change(trained, config)
+  if change is None:
+    return
+  overridden = any(a.startswith(f'--config.{change[0]}=') or a == f'--config.{change[0]}'
+                   for a in argv)
+  source = '--config.' if overridden else f'--config={config_file(argv)}: '
+  run_record.check_same_network(trained, config, workdir, source)
 
 
 def _run(config):
@@ -49,6 +85,8 @@ def _run(config):
       raise FileNotFoundError('--mode=score needs --gt=DIR and --pred=DIR')
     score.score(FLAGS.gt, FLAGS.pred, FLAGS.output, overwrite=FLAGS.overwrite)
     return
+  if FLAGS.mode in ('predict', 'evaluate'):  # before JAX starts: refused at once
+    check_trained_network(config, FLAGS.workdir, sys.argv)
   if config.get('keep_freed_memory', False):  # before JAX and TF start threads
     from wmh_jax import host_memory  # pylint: disable=g-import-not-at-top
     if not host_memory.keep_freed_memory():
@@ -72,16 +110,9 @@ def _run(config):
     from wmh_jax import train  # pylint: disable=g-import-not-at-top
     state = train.train_and_evaluate(config, FLAGS.workdir)
   if FLAGS.mode == 'evaluate':
-    from wmh_jax import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.evaluate(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+    evaluate_splits(config, FLAGS.workdir, FLAGS.overwrite)
   if FLAGS.mode == 'train_and_evaluate':
-    from wmh_jax import evaluate  # pylint: disable=g-import-not-at-top
-    done = evaluate.evaluated_step(FLAGS.workdir)
-    if done == int(state.step) and not FLAGS.overwrite:
-      print(f'evaluate: {FLAGS.workdir}/eval already holds the results of step '
-            f'{done} (pass --overwrite to evaluate again)', flush=True)
-    else:  # the model is new since the last evaluation: replace it
-      evaluate.evaluate(config, FLAGS.workdir, overwrite=True)
+    evaluate_splits(config, FLAGS.workdir, FLAGS.overwrite, int(state.step))
   if FLAGS.mode == 'predict':
     from wmh_jax import predict  # pylint: disable=g-import-not-at-top
     predict.predict(config, FLAGS.workdir, FLAGS.input, FLAGS.output,
@@ -136,25 +167,67 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
   return out
 
 
+def _flag(argv, name: str, default=None):
+  """The last value of ``--name=V`` or ``--name V`` in ``argv``, else ``default``."""
+  value = default
+  for i, a in enumerate(argv[1:], 1):
+    if a.startswith(f'--{name}='):
+      value = a.split('=', 1)[1]
+    elif a == f'--{name}' and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def config_file(argv) -> str:
+  """``--config``'s value in ``argv`` (the default file when none)."""
+  return _flag(argv, 'config', str(ROOT / 'configs' / 'default.py'))
+
+
+def trained_config_argv(argv: list[str]) -> list[str]:
+  """``argv`` with ``--config=configs/trained.py:WORKDIR/config.json`` added for
+  predict and evaluate without ``--config`` on a workdir that has one: the run's
+  own config is the base, ``--config.KEY=VALUE`` overrides apply to it."""
+  if _flag(argv, 'mode') not in ('predict', 'evaluate') or _flag(argv, 'config'):
+    return list(argv)
+  saved = Path(_flag(argv, 'workdir', DEFAULT_WORKDIR)) / 'config.json'
+  if not saved.is_file():
+    return list(argv)  # a run made before config.json: the default config file
+  return [argv[0], f'--config={ROOT / "configs" / "trained.py"}:{saved.resolve()}',
+          *argv[1:]]
+
+
+if __name__ == '__main__':
+  # Before the config flag is defined: without --config in argv it would load
+  # the default file (and register its overrides) at definition.
+  sys.argv = trained_config_argv(resolve_config_argv(sys.argv))
+config_flags.DEFINE_config_file('config', str(ROOT / 'configs' / 'default.py'),
+                                'Path to a config file (configs/NAME.py: the '
+                                "project's own).", lock_config=True)
+flags.DEFINE_string('workdir', DEFAULT_WORKDIR, 'Checkpoints, logs and results.')
+flags.DEFINE_enum('mode', 'train_and_evaluate', MODES,
+                  'What to do; the default trains, then evaluates.')
+flags.DEFINE_string('output', None, 'Output folder (synthesize, predict, score).')
+flags.DEFINE_multi_string('input', [], 'Input NIfTI files or folders (predict).')
+flags.DEFINE_string('gt', None, 'Ground truth in the challenge layout (score).')
+flags.DEFINE_string('pred', None, 'Predictions: ID/result.nii.gz or ID_wmh.nii.gz (score).')
+flags.DEFINE_bool('overwrite', False, 'Replace existing output files.')
+
+
 def check_config_overrides(argv) -> None:
   """Exits with one line naming the nearest valid keys for an unknown --config.KEY.
 
   (ml_collections refuses such keys too, but with a traceback.)
   """
-  path = str(ROOT / 'configs' / 'default.py')
-  for i, a in enumerate(argv[1:], 1):
-    if a.startswith('--config='):
-      path = a.split('=', 1)[1]
-    elif a == '--config' and i + 1 < len(argv):
-      path = argv[i + 1]
-  spec = importlib.util.spec_from_file_location('_config_file', path.split(':')[0])
-  if spec is None or not os.path.isfile(path.split(':')[0]):
+  path = config_file(argv)
+  file, _, arg = path.partition(':')
+  spec = importlib.util.spec_from_file_location('_config_file', file)
+  if spec is None or not os.path.isfile(file):
     print(f'error: --config={path}: no such config file', file=sys.stderr)
     sys.exit(2)
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
-    keys = _config_keys(module.get_config())
+    keys = _config_keys(module.get_config(arg) if arg else module.get_config())
   except Exception as e:  # pylint: disable=broad-except
     print(error_line(e, f'--config={path}: '), file=sys.stderr)
     sys.exit(2)
@@ -203,6 +276,5 @@ def main(argv):
 if __name__ == '__main__':
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   sys.path.insert(0, str(ROOT))
-  sys.argv = resolve_config_argv(sys.argv)
   check_config_overrides(sys.argv)
   app.run(main)

@@ -43,8 +43,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.val_root = 'data/synthetic_val'  # '' : split data.root by subject instead
   c.data.num_val_subjects = 12
   c.data.val_synthetic_seed = 2018
+  # 12 test subjects of a third seed: never trained on, nothing chosen on them
+  # (evaluate reports them beside validation, in WORKDIR/eval_test). '' : none.
+  c.data.test_root = 'data/synthetic_test'
+  c.data.num_test_subjects = 12
+  c.data.test_synthetic_seed = 2019
   c.data.grid = (128, 128, 16)          # (X, Y, Z) after canonical (RAS) reorientation
-  c.data.val_fraction = 0.2             # without val_root: share of each site held out
+  # Without val_root, data.root is split by subject: each subject's place is a
+  # hash of (split_seed, SITE/ID), so adding or losing one moves no other. The
+  # split has its own seed: `seed` changes initialisation and augmentation only.
+  c.data.split_seed = 0
+  c.data.val_fraction = 0.2             # without val_root: share held out (about, per site)
+  c.data.test_fraction = 0.0            # share of data.root held out as test (by the hash)
   c.data.val_sites = ()                 # without val_root: leave these sites out instead
   # without val_root: hold out exactly these subjects (ID or SITE/ID), train on
   # all others (bench/leave_one_out.py runs one fold a subject this way)

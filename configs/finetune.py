@@ -3,7 +3,7 @@ r"""Fine-tune a trained run on your own labelled scans (challenge layout).
 ``data.root`` holds ``SITE/ID/pre/FLAIR.nii.gz`` with ``SITE/ID/wmh.nii.gz`` (0
 background, 1 WMH, 2 other pathology); ``train.init_from`` is a trained workdir
 with the same ``model.*`` (e.g. runs/default). The new run starts from its weights
-at step 0 with a fresh optimiser, holds out 20 % of each site's subjects (or
+at step 0 with a fresh optimiser, holds out about 20 % of the subjects (or
 ``data.val_ids``), trains, fits its own refiner and evaluates:
 
   python launch.py --config=configs/finetune.py --workdir=runs/finetune \
@@ -20,6 +20,7 @@ def get_config():
   c.data.root = ''                      # required: --config.data.root=DIR
   c.data.synthetic = False              # real scans: never generate data
   c.data.val_root = ''                  # hold out within data.root (val_fraction / val_ids)
+  c.data.test_root = ''
   c.train.init_from = ''                # the trained workdir: --config.train.init_from=DIR
   # model.* stays the default's: init_from's architecture must match (checked).
   # A few scans: ~120 crops revisit each of 10 subjects ~12 times, enough to adapt

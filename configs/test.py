@@ -15,6 +15,7 @@ def get_config():
   c.data.root = '/tmp/wmh_jax_test_data'
   c.data.num_subjects = 6
   c.data.val_root = ''                  # split data.root by subject
+  c.data.test_root = ''                 # no test set: the tests stay fast
   c.data.grid = (32, 32, 8)
   c.data.val_fraction = 0.34
   c.data.shuffle_buffer = 8

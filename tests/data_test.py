@@ -39,3 +39,33 @@ def test_synthetic_folder_of_another_seed_or_version_is_refused(tmp_path):
   (old / 'Synth2D' / '000' / 'wmh.nii.gz').write_bytes(b'')
   with pytest.raises(ValueError, match='no synthetic.json'):
     data._check_marker(old, 3, synthetic.GENERATOR_VERSION)
+
+
+def test_a_file_in_two_splits_is_refused_by_its_resolved_path(tiny_dataset, tmp_path):
+  root = tmp_path / 'data'
+  shutil.copytree(tiny_dataset, root)
+  cfg = test_config.for_dataset(root)
+  cfg.data.val_root = str(root / 'Utrecht')   # inside data.root: other names, same files
+  flair = root / 'Utrecht' / '0' / 'pre' / 'FLAIR.nii.gz'
+  with pytest.raises(ValueError) as e:
+    data.find_splits(cfg)
+  assert str(e.value) == (f'{flair}: in train (as Utrecht/0) and in val (as ./0); a '
+                          'subject must be in one split only')
+  (tmp_path / 'val').mkdir()
+  (tmp_path / 'val' / 'Leiden').symlink_to(root / 'Singapore')   # a link
+  cfg.data.val_root = str(tmp_path / 'val')
+  with pytest.raises(ValueError, match=r'Singapore/0/pre/FLAIR.nii.gz: in train \(as '
+                     r'Singapore/0\) and in val \(as Leiden/0\)'):
+    data.find_splits(cfg)
+
+
+def test_test_fraction_holds_out_a_third_split_of_the_folder(tiny_dataset, tmp_path):
+  cfg = test_config.for_dataset(tiny_dataset)
+  cfg.data.test_fraction = 0.25
+  sets, record = data.load_run_data(cfg, tmp_path / 'run')
+  keys = {n: [p['key'] for p in sets[n]] for n in ('train', 'val', 'test')}
+  assert keys['test'] and keys['val'] and keys['train']
+  assert sum(map(len, keys.values())) == 9 == len(set(sum(keys.values(), [])))
+  assert [e['key'] for e in record['test']] == keys['test']
+  train, val = data.load_splits(cfg, tmp_path / 'run')
+  assert [p['key'] for p in train] == keys['train'] and [p['key'] for p in val] == keys['val']

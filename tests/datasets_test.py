@@ -23,7 +23,9 @@ def test_challenge_builder_splits_by_subject_and_keeps_site_and_spacing(
   found = subjects.find_subjects(tiny_dataset)
   assert sorted(_keys(train) + _keys(val)) == sorted(s.key for s in found)
   assert not set(_keys(train)) & set(_keys(val))
-  assert {d['site'] for d in val} == {s.site for s in found}  # each site held out
+  # The default builder config's split: subjects.split_subjects(0.2, seed 0).
+  _, want_val, _ = subjects.split_subjects(found, 0.2, 0)
+  assert _keys(val) == [s.key for s in want_val]
   files = {s.key: s for s in found}
   for d in train + val:
     assert d['image'].shape == GRID and d['image'].dtype == np.float32
@@ -109,11 +111,33 @@ def test_main_job_trains_and_evaluates_from_the_tfds_builder(tiny_dataset, tmp_p
   assert int(state.step) == 6
   assert not (tmp_path / 'run' / 'prepared').exists()  # TFDS did the decoding
   summary = evaluate.evaluate(cfg, tmp_path / 'run')
-  _, val = datasets.load_prepared_splits('wmh_challenge', cfg.data.grid,
-                                         cfg.data.tfds_dir, manual_dir=tiny_dataset)
-  assert summary['subjects'] == len(val) == 3
+  _, val = datasets.load_prepared_splits(
+      'wmh_challenge', cfg.data.grid, cfg.data.tfds_dir, manual_dir=tiny_dataset,
+      split_seed=0, val_fraction=cfg.data.val_fraction, test_fraction=0.0)
+  assert summary['subjects'] == len(val) >= 2
   for d in val:
     pred = nib.load(str(tmp_path / 'run' / 'eval' / 'pred' /
                         f'{d["key"].replace("/", "_")}_wmh.nii.gz'))
     assert pred.shape == tuple(d['native_shape'])
     np.testing.assert_allclose(pred.affine, d['affine'], atol=1e-5)
+
+
+@pytest.mark.parametrize('split_seed,test_fraction', [(0, 0.0), (3, 0.25)])
+def test_tfds_and_folder_splits_agree(tiny_dataset, tmp_path, split_seed, test_fraction):
+  from configs import test as test_config  # pylint: disable=import-outside-toplevel
+  from wmh_jax import data  # pylint: disable=import-outside-toplevel
+  cfg = test_config.for_dataset(tiny_dataset)
+  cfg.data.split_seed, cfg.data.test_fraction = split_seed, test_fraction
+  cfg.data.grid = GRID
+  folder = data.find_splits(cfg)
+  cfg.data.tfds, cfg.data.tfds_dir = 'wmh_challenge', str(tmp_path / 'tfds')
+  tfds_sets, record = data.load_run_data(cfg, tmp_path / 'run')
+  for name in ('train', 'val', 'test'):
+    assert _keys(tfds_sets[name]) == [s.key for s in folder[name]], name
+    assert [e['key'] for e in record[name]] == [s.key for s in folder[name]]
+  assert bool(folder['test']) == (test_fraction > 0)
+  # The split is in the prepared dataset's name: other values, another dataset.
+  built = sorted(p.name for p in (tmp_path / 'tfds' / 'wmh_challenge').iterdir()
+                 if not p.name.startswith('.'))
+  assert len(built) == 1 and f'split_seed{split_seed}' in built[0]
+  assert f'test_fraction{test_fraction}' in built[0] and 'val_fraction0.34' in built[0]

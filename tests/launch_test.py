@@ -1,10 +1,15 @@
 """The command line: exit codes and one-line errors."""
 
+import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from configs import test as test_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,3 +86,72 @@ def test_launch_runs_from_another_folder(tmp_path):
                        check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / f'out{k}' / 'scores.csv').exists()
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tiny_dataset, tmp_path_factory):
+  """``(config, workdir)`` of a 2-step run of configs/test.py with a test split."""
+  from wmh_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('tiny_run')
+  cfg = test_config.for_dataset(tiny_dataset, num_steps=2, eval_every_steps=100)
+  cfg.data.test_fraction = 0.25
+  cfg.refine.enabled = False
+  train.train_and_evaluate(cfg, workdir)
+  return cfg, workdir
+
+
+def _launch_here(cwd, *args):
+  return subprocess.run([sys.executable, str(ROOT / 'launch.py'), *args],
+                        capture_output=True, text=True, cwd=cwd, timeout=300,
+                        check=False)
+
+
+def test_predict_needs_only_the_workdir_from_any_folder(tiny_run, tiny_dataset,
+                                                        tmp_path):
+  # Trained with configs/test.py; no --config here: the run's own config.json
+  # (the default config's network would not fit its checkpoint).
+  _, workdir = tiny_run
+  flair = tiny_dataset / 'Utrecht' / '1' / 'pre' / 'FLAIR.nii.gz'
+  r = _launch_here(tmp_path, '--mode=predict', f'--workdir={workdir}',
+                   f'--input={flair}', '--output=out', '--config.predict.overlays=False',
+                   '--config.predict.threshold=0.3')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (tmp_path / 'out' / 'FLAIR_wmh.nii.gz').is_file()
+  assert not (tmp_path / 'out' / 'FLAIR_overlay.png').exists()  # the override applied
+
+
+def test_a_trained_network_cannot_change_refused_naming_the_key(tiny_run, tiny_dataset,
+                                                                tmp_path):
+  _, workdir = tiny_run
+  flair = tiny_dataset / 'Utrecht' / '1' / 'pre' / 'FLAIR.nii.gz'
+  common = ['--mode=predict', f'--workdir={workdir}', f'--input={flair}',
+            f'--output={tmp_path / "out"}']
+  r = _launch_here(tmp_path, *common, '--config.model.decoder_filters=(8,8)')
+  assert r.returncode == 1
+  assert r.stderr.strip().splitlines()[-1] == (
+      f'error: --config.model.decoder_filters: {workdir} was trained with (4, 8), '
+      "not (8, 8); a trained model's architecture and preprocessing cannot change")
+  r = _launch_here(tmp_path, *common, '--config=configs/default.py')
+  assert r.returncode == 1
+  assert r.stderr.strip().splitlines()[-1].startswith(
+      f'error: --config={ROOT / "configs" / "default.py"}: data.grid: {workdir} was '
+      'trained with (32, 32, 8), not (128, 128, 16)')
+  assert not (tmp_path / 'out').exists()
+
+
+def test_evaluate_reports_validation_and_test_apart(tiny_run, tmp_path):
+  _, workdir = tiny_run
+  split = json.loads((workdir / 'split.json').read_text())
+  assert split['test'] and split['val'] and split['test_fraction'] == 0.25
+  r = _launch_here(tmp_path, '--mode=evaluate', f'--workdir={workdir}')
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = [l for l in r.stdout.splitlines() if l.startswith('evaluate ')]
+  assert [l.split(' (')[0] for l in lines] == ['evaluate development', 'evaluate test']
+  for folder, name in (('eval', 'val'), ('eval_test', 'test')):
+    rows = list(csv.DictReader(open(workdir / folder / 'metrics.csv')))
+    assert [r['subject'] for r in rows] == [e['key'] for e in split[name]]
+  # The same run evaluated on another split: refused, naming the subject.
+  r = _launch_here(tmp_path, '--mode=evaluate', f'--workdir={workdir}', '--overwrite',
+                   '--config.data.split_seed=3')
+  assert r.returncode == 1
+  assert 'not the split this run was trained on: subject ' in r.stderr.splitlines()[-1]

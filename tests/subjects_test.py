@@ -1,3 +1,5 @@
+import types
+
 import numpy as np
 import pytest
 
@@ -16,13 +18,81 @@ def test_find_subjects_nested_sites(tiny_dataset):
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_split_is_by_subject(tiny_dataset, seed):
   found = subjects.find_subjects(tiny_dataset)
-  train, val = subjects.split_subjects(found, 0.34, seed)
+  train, val, test = subjects.split_subjects(found, 0.34, seed)
   keys_t, keys_v = {s.key for s in train}, {s.key for s in val}
-  assert not keys_t & keys_v
+  assert not keys_t & keys_v and not test
   assert keys_t | keys_v == {s.key for s in found}
-  assert {s.site for s in val} == {s.site for s in found}  # every site held out
+  assert val and train
   again = subjects.split_subjects(found, 0.34, seed)
   assert [s.key for s in again[1]] == [s.key for s in val]  # deterministic
+  # Each subject is placed by the hash of (split seed, key) alone (none below
+  # 0.34 for seed 1: the smallest then).
+  u = {s.key: subjects.split_unit(seed, s.key) for s in found}
+  assert keys_v == ({k for k in u if u[k] < 0.34} or {min(u, key=u.get)})
+
+
+def _items(keys):
+  return [types.SimpleNamespace(key=k, site=k.rsplit('/', 1)[0]) for k in keys]
+
+
+def test_adding_or_losing_a_subject_moves_no_other():
+  keys = [f'{site}/{i}' for site in ('A', 'B', 'C/x') for i in range(20)]
+  def placed(items, **kw):
+    return {s.key: name for name, split in zip(('train', 'val', 'test'),
+                                               subjects.split_subjects(items, 0.2, 5, **kw))
+            for s in split}
+  full = placed(_items(keys), test_fraction=0.2)
+  assert set(full.values()) == {'train', 'val', 'test'}
+  for gone in ('A/3', 'B/0', 'C/x/19'):
+    fewer = placed(_items([k for k in keys if k != gone]), test_fraction=0.2)
+    assert fewer == {k: v for k, v in full.items() if k != gone}
+  more = placed(_items(keys + ['A/new']), test_fraction=0.2)
+  assert {k: v for k, v in more.items() if k != 'A/new'} == full
+  # Another split seed is another split; the test set does not depend on
+  # how validation is chosen.
+  assert placed(_items(keys), test_fraction=0.2) != {
+      s.key: n for n, split in zip(('train', 'val', 'test'), subjects.split_subjects(
+          _items(keys), 0.2, 6, test_fraction=0.2)) for s in split}
+  by_site = placed(_items(keys), test_fraction=0.2, val_sites=('B',))
+  assert {k for k, v in by_site.items() if v == 'test'} == {
+      k for k, v in full.items() if v == 'test'}
+  assert {k for k, v in by_site.items() if v == 'val'} == {
+      k for k, v in full.items() if v != 'test' and k.startswith('B/')}
+
+
+def test_tiny_split_still_has_a_validation_and_a_test_subject():
+  items = _items(['A/0', 'A/1', 'A/2'])
+  u = {s.key: subjects.split_unit(0, s.key) for s in items}
+  train, val, test = subjects.split_subjects(items, 0.01, 0, test_fraction=0.01)
+  assert [s.key for s in val] == [min(u, key=u.get)]
+  assert [s.key for s in test] == [max(u, key=u.get)]
+  assert len(train) == 1
+  train, val, test = subjects.split_subjects(items, 0.0, 0)  # none asked: none
+  assert len(train) == 3 and not val and not test
+  with pytest.raises(ValueError, match='test_fraction=0.6'):
+    subjects.split_subjects(items, 0.5, 0, test_fraction=0.6)
+
+
+def test_val_ids_naming_a_test_subject_is_refused():
+  items = _items([f'A/{i}' for i in range(30)])
+  *_, test = subjects.split_subjects(items, 0.2, 0, test_fraction=0.2)
+  with pytest.raises(ValueError, match=f'data.val_ids: {test[0].key} is a test subject'):
+    subjects.split_subjects(items, 0.2, 0, test_fraction=0.2, val_ids=(test[0].key,))
+
+
+def test_find_subjects_follows_symlinked_site_and_root_folders(tiny_dataset, tmp_path):
+  (tmp_path / 'data').mkdir()
+  (tmp_path / 'data' / 'Utrecht').symlink_to(tiny_dataset / 'Utrecht')
+  (tmp_path / 'data' / 'Singapore').symlink_to(tiny_dataset / 'Singapore')
+  (tmp_path / 'data' / 'Singapore' / 'loop').symlink_to(tmp_path / 'data')
+  found = subjects.find_subjects(tmp_path / 'data')
+  assert [s.key for s in found] == [f'{site}/{i}' for site in ('Singapore', 'Utrecht')
+                                    for i in range(3)]
+  assert found[0].flair == tmp_path / 'data' / 'Singapore' / '0' / 'pre' / 'FLAIR.nii.gz'
+  (tmp_path / 'data' / 'Singapore' / 'loop').unlink()
+  (tmp_path / 'link').symlink_to(tiny_dataset)
+  assert [s.key for s in subjects.find_subjects(tmp_path / 'link')] == [
+      s.key for s in subjects.find_subjects(tiny_dataset)]
 
 
 def test_missing_mask_skipped_or_refused(tmp_path):
@@ -58,7 +128,7 @@ def test_resize_back_inverts_geometry():
 
 def test_leave_site_out_split(tiny_dataset):
   found = subjects.find_subjects(tiny_dataset)
-  train, val = subjects.split_subjects(found, 0.34, 0, val_sites=('Amsterdam/GE3T',))
+  train, val, _ = subjects.split_subjects(found, 0.34, 0, val_sites=('Amsterdam/GE3T',))
   assert {s.site for s in val} == {'Amsterdam/GE3T'} and len(val) == 3
   assert {s.site for s in train} == {'Utrecht', 'Singapore'} and len(train) == 6
   with pytest.raises(ValueError, match='Leiden'):

@@ -165,3 +165,24 @@ def test_predict_with_the_other_head_says_which_model_brain_output(trained, tiny
     predict.predict(cfg, workdir, [str(tiny_dataset / 'Utrecht')], tmp_path / 'out')
   assert '\n' not in str(e.value) and 'stored shape' in str(e.value)
   assert not list((tmp_path / 'out').glob('*.nii.gz'))
+
+
+def test_another_seed_changes_the_initial_weights_not_the_split(tiny_dataset):
+  from wmh_jax import data  # pylint: disable=g-import-not-at-top
+  from wmh_jax import models  # pylint: disable=g-import-not-at-top
+  from wmh_jax import steps  # pylint: disable=g-import-not-at-top
+  splits, params = [], []
+  for seed in (0, 1):
+    cfg = test_config.for_dataset(tiny_dataset)
+    cfg.seed = seed                     # data.split_seed stays 0
+    _, split = data.load_run_data(cfg, '/nonexistent', ())
+    splits.append(split)
+    init_rng, _ = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    state = steps.create_train_state(cfg, init_rng, models.create_model(cfg.model),
+                                     steps.create_optimizer(cfg.train))
+    params.append(jax.tree.leaves(state.params))
+  assert splits[0] == splits[1] and splits[0]['val']
+  assert any(not np.array_equal(a, b) for a, b in zip(*params))
+  cfg.data.split_seed = 1              # the split's own seed moves subjects
+  _, split = data.load_run_data(cfg, '/nonexistent', ())
+  assert [e['key'] for e in split['val']] != [e['key'] for e in splits[0]['val']]

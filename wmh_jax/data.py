@@ -1,5 +1,8 @@
 """The dataset of a run: make the synthetic data if needed, split, prepare, cache.
 
+The split (train, val, test) is checked against ``WORKDIR/split.json`` when the
+run has one (``wmh_jax.run_record``).
+
 Prepared subjects (grid arrays plus native labels and geometry) are cached in
 ``WORKDIR/prepared`` as ``.npz`` files (read with ``allow_pickle=False``), keyed by
 the source files' size and mtime and by the grid, so reruns skip the decoding.
@@ -16,6 +19,7 @@ from absl import logging
 import numpy as np
 
 from wmh_jax import atomic_write
+from wmh_jax import run_record
 from wmh_jax import subjects as subjects_lib
 
 CACHE_VERSION = 4  # bump when prepare_subject's output changes
@@ -26,7 +30,9 @@ def ensure_synthetic(config) -> Path:
 
   ``data.root`` gets ``data.num_subjects`` subjects of ``data.synthetic_seed``;
   ``data.val_root``, when set, ``data.num_val_subjects`` of ``data.val_synthetic_seed``
-  (validation subjects from a seed training never sees). Returns ``data.root``.
+  (validation subjects from a seed training never sees); ``data.test_root``,
+  when set, ``data.num_test_subjects`` of ``data.test_synthetic_seed`` (test
+  subjects of a third seed). Returns ``data.root``.
   """
   root = Path(config.data.root)
   if not config.data.synthetic:
@@ -36,6 +42,9 @@ def ensure_synthetic(config) -> Path:
   if config.data.val_root:
     sets.append((Path(config.data.val_root), config.data.val_synthetic_seed,
                  config.data.num_val_subjects))
+  if config.data.get('test_root', ''):
+    sets.append((Path(config.data.test_root), config.data.test_synthetic_seed,
+                 config.data.num_test_subjects))
   for folder, seed, _ in sets:
     _check_marker(folder, seed, synthetic.GENERATOR_VERSION)
   args = [(str(folder), seed, i) for folder, seed, n in sets for i in range(n)
@@ -119,9 +128,63 @@ def _prepare_to_cache(s, grid, workdir) -> None:
   prepare_cached(s, grid, workdir)  # a worker: the arrays stay on disk
 
 
-def load_splits(config, workdir) -> tuple[list[dict], list[dict]]:
-  """Prepared ``(train, val)`` subjects, split by subject within each site (or
-  ``data.val_root``, ``data.val_sites``, ``data.val_ids`` held out)."""
+def find_splits(config) -> dict[str, list[subjects_lib.SubjectFiles]]:
+  """The subjects' files of ``train``, ``val`` and ``test`` (folders, not TFDS).
+
+  Without ``data.val_root`` the subjects of ``data.root`` are split by
+  ``subjects.split_subjects`` (a hash of ``data.split_seed`` and each key;
+  ``data.val_sites`` or ``data.val_ids`` instead choose validation). With it,
+  ``data.val_root`` is the validation set. ``data.test_fraction`` of
+  ``data.root`` (by the same hash) and the subjects of ``data.test_root`` are
+  the test set: never trained on, nothing chosen on them. A file in two splits
+  (compared resolved, so a folder inside another or a symlink counts) is refused.
+  """
+  d = config.data
+  if not str(d.root):
+    raise ValueError('data.root is empty: give --config.data.root=DIR')
+  root = ensure_synthetic(config)
+  found = subjects_lib.find_subjects(root, d.missing_mask)
+  split_seed, test_fraction = d.get('split_seed', 0), d.get('test_fraction', 0.0)
+  val_ids = tuple(d.get('val_ids', ()))
+  if d.val_root:  # a separate validation set
+    train, _, test = subjects_lib.split_subjects(found, 0.0, split_seed,
+                                                 test_fraction=test_fraction)
+    val = subjects_lib.find_subjects(d.val_root, d.missing_mask)
+    _check_no_shared_keys(train, val, d.val_root, root)
+  else:
+    train, val, test = subjects_lib.split_subjects(
+        found, d.val_fraction, split_seed, tuple(d.val_sites), test_fraction, val_ids)
+  if d.get('test_root', ''):  # a separate test set
+    extra = subjects_lib.find_subjects(d.test_root, d.missing_mask)
+    _check_no_shared_keys(train + val, extra, d.test_root, root)
+    test = sorted(test + extra, key=lambda s: s.key)
+  splits = {'train': train, 'val': val, 'test': test}
+  check_no_shared_files(splits)
+  return splits
+
+
+def _check_no_shared_keys(train, other, other_root, root) -> None:
+  both = sorted({s.key for s in train} & {s.key for s in other})
+  if both:
+    raise ValueError(f'{other_root}: subjects also in {root} (a subject must not be '
+                     f'trained and validated or tested on): {", ".join(both)}')
+
+
+def check_no_shared_files(splits: dict) -> None:
+  """Refuses, naming the file, a FLAIR (resolved: links and nested folders
+  followed) that is in two splits."""
+  seen = {}
+  for name, items in splits.items():
+    for s in items:
+      real = Path(s.flair).resolve()
+      if real in seen and seen[real][0] != name:
+        other, key = seen[real]
+        raise ValueError(f'{real}: in {other} (as {key}) and in {name} (as {s.key}); '
+                         'a subject must be in one split only')
+      seen[real] = (name, s.key)
+
+
+def _check_val_options(config) -> tuple:
   val_ids = tuple(config.data.get('val_ids', ()))
   if val_ids and config.data.val_sites:
     raise ValueError('data.val_ids and data.val_sites both set: give one of them')
@@ -129,41 +192,65 @@ def load_splits(config, workdir) -> tuple[list[dict], list[dict]]:
     raise ValueError(f'data.val_ids: the validation set is data.val_root='
                      f"{config.data.val_root}; set --config.data.val_root='' to "
                      'hold out subjects of data.root')
+  return val_ids
+
+
+def _tfds_splits(config, val_ids) -> dict[str, list[dict]]:
+  from wmh_jax import datasets  # pylint: disable=import-outside-toplevel
+  d = config.data
+  logging.info('Reading %s (prepared once in %s) ...', d.tfds, d.tfds_dir)
+  fields = {}
+  if d.tfds.partition('/')[0] == 'wmh_challenge':  # the config's split, in its name
+    fields = {'split_seed': int(d.get('split_seed', 0)),
+              'val_fraction': float(d.val_fraction),
+              'test_fraction': float(d.get('test_fraction', 0.0))}
+  splits = datasets.load_prepared(d.tfds, tuple(d.grid), d.tfds_dir,
+                                  manual_dir=d.root, val_sites=tuple(d.val_sites),
+                                  **fields)
+  if val_ids:  # the two splits pooled, as with val_sites
+    splits['train'], splits['val'] = subjects_lib.split_by_ids(
+        splits['train'] + splits['val'], val_ids, lambda x: x['key'])
+  return splits
+
+
+def load_run_data(config, workdir, names=('train', 'val', 'test')
+                  ) -> tuple[dict[str, list[dict]], dict]:
+  """The prepared subjects of the splits ``names`` (``{'train': [...], ...}``)
+  and the split's record (``run_record.split_record``).
+
+  The split is checked against ``WORKDIR/split.json`` when there, before any
+  subject is prepared.
+  """
+  val_ids = _check_val_options(config)
   if config.data.tfds:
-    from wmh_jax import datasets  # pylint: disable=import-outside-toplevel
-    logging.info('Reading %s (prepared once in %s) ...', config.data.tfds,
-                 config.data.tfds_dir)
-    train, val = datasets.load_prepared_splits(
-        config.data.tfds, tuple(config.data.grid), config.data.tfds_dir,
-        manual_dir=config.data.root, val_sites=tuple(config.data.val_sites))
-    if val_ids:  # the two splits pooled, as with val_sites
-      train, val = subjects_lib.split_by_ids(train + val, val_ids, lambda d: d['key'])
-    return train, val
-  if not str(config.data.root):
-    raise ValueError('data.root is empty: give --config.data.root=DIR')
-  root = ensure_synthetic(config)
-  found = subjects_lib.find_subjects(root, config.data.missing_mask)
-  if config.data.val_root:  # a separate validation set
-    train = found
-    val = subjects_lib.find_subjects(config.data.val_root, config.data.missing_mask)
-    both = sorted({s.key for s in train} & {s.key for s in val})
-    if both:
-      raise ValueError(f'{config.data.val_root}: subjects also in {root} (a subject '
-                       f'must not be trained and validated on): {", ".join(both)}')
-    logging.info('Training on %d subjects in %s, validating on %d in %s '
-                 '(data.val_root)', len(train), root, len(val), config.data.val_root)
-  elif val_ids:  # named subjects held out (leave-one-out: bench/leave_one_out.py)
-    train, val = subjects_lib.split_by_ids(found, val_ids)
-    logging.info('Validating on %s (data.val_ids), training on the other %d',
-                 ', '.join(s.key for s in val), len(train))
-  else:
-    train, val = subjects_lib.split_subjects(found, config.data.val_fraction,
-                                             config.seed, config.data.val_sites)
+    splits = _tfds_splits(config, val_ids)
+    record = run_record.split_record(config, splits)
+    run_record.check_split(workdir, record)
+    return {n: splits[n] for n in names}, record
+  files = find_splits(config)
+  record = run_record.split_record(config, files)
+  run_record.check_split(workdir, record,
+                         {s.key: s for split in files.values() for s in split})
+  logging.info('Split (data.split_seed=%s): %d train, %d validation, %d test subjects',
+               config.data.get('split_seed', 0), *(len(files[n]) for n in
+                                                    ('train', 'val', 'test')))
+  chosen = [s for n in names for s in files[n]]
   grid = tuple(config.data.grid)
-  logging.info('Preparing %d subjects on the %s grid ...', len(train) + len(val), grid)
-  todo = [(s, grid, Path(workdir)) for s in train + val
+  logging.info('Preparing %d subjects on the %s grid ...', len(chosen), grid)
+  todo = [(s, grid, Path(workdir)) for s in chosen
           if not _cache_path(Path(workdir), s, grid).exists()]
   if len(todo) > 1:  # decode the new ones in parallel; all are read back below
     _parallel_map(_prepare_to_cache, todo, 'prepared subject')
-  prepared = [prepare_cached(s, grid, workdir) for s in train + val]
-  return prepared[:len(train)], prepared[len(train):]
+  return {n: [prepare_cached(s, grid, workdir) for s in files[n]] for n in names}, record
+
+
+def load_splits(config, workdir) -> tuple[list[dict], list[dict]]:
+  """Prepared ``(train, val)`` subjects (see :func:`load_run_data`)."""
+  sets, _ = load_run_data(config, workdir, ('train', 'val'))
+  return sets['train'], sets['val']
+
+
+def load_split(config, workdir, name: str) -> list[dict]:
+  """The prepared subjects of one split: ``'train'``, ``'val'`` or ``'test'``."""
+  sets, _ = load_run_data(config, workdir, (name,))
+  return sets[name]

@@ -105,15 +105,19 @@ def summary_line(summary: dict) -> str:
           + ')')
 
 
-def evaluated_step(workdir) -> int | None:
-  """The checkpoint step that ``WORKDIR/eval`` holds the results of, if any."""
-  path = Path(workdir) / 'eval' / 'summary.json'
+# The split evaluated -> (its folder in WORKDIR, its label). [issue 16: splits]
+SPLITS = {'val': ('eval', 'development (validation)'), 'test': ('eval_test', 'test')}
+
+
+def evaluated_step(workdir, split: str = 'val') -> int | None:
+  """The checkpoint step that ``WORKDIR/eval`` (``eval_test``) holds the results of."""
+  path = Path(workdir) / SPLITS[split][0] / 'summary.json'
   if not path.exists() or not (path.parent / 'metrics.csv').exists():
     return None
   return json.loads(path.read_text()).get('step')
 
 
-def evaluate(config, workdir, overwrite: bool = False) -> dict:
+def evaluate(config, workdir, overwrite: bool = False, split: str = 'val') -> dict:
   """Restores the latest checkpoint and scores the validation subjects.
 
   The mask is the refiner's (``wmh_jax.refine``) when ``config.refine.enabled``
@@ -130,14 +134,15 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
   native-resolution masks ``WORKDIR/eval/pred/SITE_ID_wmh.nii.gz`` (and
   ``SITE_ID_brain.nii.gz``) on each input's own grid, and overlay PNGs for the
   first ``config.evaluate.num_images`` subjects. Refuses to replace an earlier evaluation unless ``overwrite``.
-  Returns the summary.
+  Returns the summary. ``split='test'``: the test subjects, into
+  ``WORKDIR/eval_test`` instead.
   """
   workdir = Path(workdir)
-  out_dir = workdir / 'eval'
+  out_dir = workdir / SPLITS[split][0]
   if (out_dir / 'metrics.csv').exists() and not overwrite:
     raise FileExistsError(f'{out_dir / "metrics.csv"}: already exists (pass '
                           '--overwrite to evaluate again)')
-  _, val = data.load_splits(config, workdir)  # bad data fails first
+  val = data.load_split(config, workdir, split)  # bad data fails first
   members = predict.load_members(config, workdir)
   pc = config.predict
   prob_fn = predict.make_probability_fn(members, pc.tta_axes if pc.tta else ())
@@ -198,9 +203,10 @@ def evaluate(config, workdir, overwrite: bool = False) -> dict:
   tables.write_csv(out_dir / 'metrics.csv', rows, fields)
   summary = summarize(rows, preds, truths, step, refiner is not None)
   what = 'U-Net + native refinement' if refiner is not None else 'U-Net'
-  line = (f'evaluate ({what}, native resolution): {summary_line(summary)}'
-          f'  -> {out_dir / "metrics.csv"}')
-  atomic_write.write(out_dir / 'summary.json', json.dumps(summary, indent=1) + '\n')
+  line = (f'evaluate {SPLITS[split][1]} ({what}, native resolution): '
+          f'{summary_line(summary)}  -> {out_dir / "metrics.csv"}')
+  atomic_write.write(out_dir / 'summary.json', json.dumps(summary, indent=1) + '
+')
   logging.info(line)
   print(line, flush=True)
   return summary

@@ -10,6 +10,8 @@ sees small fixed-size arrays.
 """
 
 import dataclasses
+import hashlib
+import os
 from pathlib import Path
 
 from absl import logging
@@ -35,6 +37,9 @@ class SubjectFiles:
 def find_subjects(root, missing_mask: str = 'skip') -> list[SubjectFiles]:
   """All subjects under ``root``, sorted by site then id.
 
+  Symlinked folders are followed (a site or the whole dataset may be a link);
+  a link back to a folder already walked is skipped.
+
   Args:
     root: the dataset folder.
     missing_mask: 'skip' (warn, listing them) or 'error' for subjects without
@@ -47,7 +52,7 @@ def find_subjects(root, missing_mask: str = 'skip') -> list[SubjectFiles]:
   if not root.is_dir():
     raise FileNotFoundError(f'{root}: dataset folder does not exist')
   found, missing = [], []
-  for flair in sorted(root.glob('**/pre/FLAIR.nii.gz')):
+  for flair in _flair_files(root):
     folder = flair.parent.parent
     # root may be one subject's own folder (predict --input=ID/): its name is the ID.
     rel = folder.relative_to(root.parent if folder == root else root).parts
@@ -72,32 +77,83 @@ def find_subjects(root, missing_mask: str = 'skip') -> list[SubjectFiles]:
   return found
 
 
-def split_subjects(subjects, val_fraction: float, seed: int, val_sites=()):
-  """Splits by subject, per site: no subject is on both sides.
+def _flair_files(root: Path) -> list[Path]:
+  """Every ``**/pre/FLAIR.nii.gz`` under ``root``, through symlinked folders
+  (``Path.glob('**')`` does not follow them before Python 3.13), sorted; each
+  real folder is walked once, so a link loop ends."""
+  seen, out = set(), []
+  for folder, dirs, files in os.walk(root, followlinks=True):
+    real = os.path.realpath(folder)
+    if real in seen:
+      dirs[:] = []
+      continue
+    seen.add(real)
+    dirs.sort()
+    if folder != str(root) and Path(folder).name == 'pre' and 'FLAIR.nii.gz' in files:
+      out.append(Path(folder) / 'FLAIR.nii.gz')
+  return sorted(out)
 
-  Within each site the subjects are shuffled by ``seed`` and the first
-  ``round(val_fraction * n)`` (at least one when the site has two or more) go to
-  validation. With ``val_sites`` (leave-site-out), the subjects of those sites
-  are the validation set and all others train. Returns ``(train, val)`` lists,
-  each sorted by key.
+
+def split_unit(split_seed: int, key: str) -> float:
+  """The subject's place in [0, 1): a hash of ``(split_seed, key)``, so a
+  subject's split depends on nothing but its own key and the split seed."""
+  digest = hashlib.sha256(f'{int(split_seed)}/{key}'.encode()).digest()
+  return int.from_bytes(digest[:8], 'big') / 2.0 ** 64
+
+
+def split_subjects(items, val_fraction: float, split_seed: int, val_sites=(),
+                   test_fraction: float = 0.0, val_ids=(),
+                   key_of=lambda s: s.key, site_of=lambda s: s.site):
+  """Splits by subject: no subject is in two of ``(train, val, test)``.
+
+  Each subject is placed by ``u = split_unit(split_seed, key)``: ``u >= 1 -
+  test_fraction`` is test, else ``u < val_fraction`` validation, else train.
+  Adding or losing a subject therefore moves no other one, and the test
+  subjects do not depend on how validation is chosen. Per-site counts are only
+  approximately ``val_fraction`` (and ``test_fraction``) of each site.
+
+  With ``val_sites`` (leave-site-out) the non-test subjects of those sites are
+  validation; with ``val_ids`` the named subjects are (naming a test subject is
+  refused). On a tiny dataset where the fractions give no validation (or no
+  test) subject although the fraction is above 0, the train subject with the
+  smallest ``u`` goes to validation (the one with the largest ``u`` to test),
+  deterministically. Returns ``(train, val, test)``, each sorted by key.
+
+  Raises:
+    ValueError: fractions outside [0, 1] or summing above 1, unknown
+      ``val_sites`` or ``val_ids``, a ``val_ids`` subject in test, or no
+      subject left to train on.
   """
+  if not (0 <= val_fraction <= 1 and 0 <= test_fraction <= 1
+          and val_fraction + test_fraction <= 1):
+    raise ValueError(f'data.val_fraction={val_fraction}, data.test_fraction='
+                     f'{test_fraction}: each must be in [0, 1] and their sum <= 1')
+  items = sorted(items, key=key_of)
+  u = {key_of(s): split_unit(split_seed, key_of(s)) for s in items}
+  rest = [s for s in items if u[key_of(s)] < 1 - test_fraction]
+  test = [s for s in items if u[key_of(s)] >= 1 - test_fraction]
+  if test_fraction > 0 and not test and len(rest) > 2:
+    last = max(rest, key=lambda s: u[key_of(s)])
+    rest, test = [s for s in rest if s is not last], [last]
   if val_sites:
-    train, val = split_by_sites(subjects, val_sites)
-    return sorted(train, key=lambda s: s.key), sorted(val, key=lambda s: s.key)
-  by_site = {}
-  for s in subjects:
-    by_site.setdefault(s.site, []).append(s)
-  train, val = [], []
-  for site in sorted(by_site):
-    group = sorted(by_site[site], key=lambda s: s.key)
-    order = np.random.default_rng([seed, len(group)]).permutation(len(group))
-    n_val = int(round(val_fraction * len(group)))
-    if val_fraction > 0 and len(group) >= 2:
-      n_val = max(n_val, 1)
-    n_val = min(n_val, len(group) - 1)
-    val += [group[i] for i in order[:n_val]]
-    train += [group[i] for i in order[n_val:]]
-  return sorted(train, key=lambda s: s.key), sorted(val, key=lambda s: s.key)
+    train, val = split_by_sites(rest, val_sites, site_of)
+  elif val_ids:
+    in_test = {key_of(s) for s in test}
+    for name in val_ids:
+      hits = [k for k in in_test if str(name) in (k, k.rsplit('/', 1)[-1])]
+      if hits:
+        raise ValueError(f'data.val_ids: {name} is a test subject ({hits[0]}, '
+                         'data.test_fraction); test subjects are never tuned on')
+    train, val = split_by_ids(rest, val_ids, key_of)
+  else:
+    train, val = _hold_out(rest, lambda s: u[key_of(s)] < val_fraction)
+    if val_fraction > 0 and not val and len(train) > 1:
+      first = min(train, key=lambda s: u[key_of(s)])
+      train, val = [s for s in train if s is not first], [first]
+  if not train:
+    raise ValueError(f'the split leaves no subject to train on ({len(val)} '
+                     f'validation, {len(test)} test of {len(items)})')
+  return train, val, test
 
 
 def split_by_sites(items, val_sites, site_of=lambda s: s.site):

@@ -21,6 +21,7 @@ from wmh_jax import metrics
 from wmh_jax import models
 from wmh_jax import predict
 from wmh_jax import refine
+from wmh_jax import run_record
 from wmh_jax import steps
 
 
@@ -61,14 +62,22 @@ def validation_dice(predict_fn, state, val_arrays, config, brain: bool = False
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
   """Trains on the configured dataset, checkpointing into ``workdir``.
 
-  Running it again with the same workdir resumes from the latest checkpoint.
+  Writes ``WORKDIR/config.json`` and ``WORKDIR/split.json`` (``run_record``)
+  before the first step. Running it again with the same workdir resumes from
+  the latest checkpoint, refused when the network (``model.*``, ``data.grid``)
+  or the split is not the recorded one.
   """
   workdir = Path(workdir)
   if config.train.batch_size % jax.device_count():
     raise ValueError(f'train.batch_size={config.train.batch_size} must be a '
                      f'multiple of the {jax.device_count()} devices')
-  train_set, val_set = data.load_splits(config, workdir)  # bad data fails here
-  workdir.mkdir(parents=True, exist_ok=True)
+  # Bad data, or a split that is not the one of the run resumed, fails here.
+  sets, split = data.load_run_data(config, workdir, ('train', 'val'))
+  train_set, val_set = sets['train'], sets['val']
+  init_from = config.train.get('init_from', '')
+  # WORKDIR/config.json and split.json before the first step (a resumed run's
+  # are kept; its network and split were checked against them).
+  run_record.record(workdir, config, split)
   brain = config.model.brain_output
   train_arrays = input_pipeline.stack_prepared(train_set, config.data.grid,
                                                config.loss.soft_targets, brain)
@@ -87,8 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
                models.resolve_conv_impl(config.model.conv_impl))
   manager = checkpoints.checkpoint_manager(workdir, config)
   # A new run with train.init_from starts from that run's weights (step 0).
-  state = checkpoints.restore_or_init(manager, state, config.train.get('init_from', ''),
-                                     tx)
+  state = checkpoints.restore_or_init(manager, state, init_from, tx)
   start = int(state.step)
 
   mesh = steps.make_mesh()

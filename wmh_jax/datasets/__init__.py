@@ -6,8 +6,8 @@
 resized once, at prepare time (see :mod:`wmh_jax.datasets.examples`).
 """
 
-from wmh_jax.datasets.loading import load_prepared_splits, make_builder
+from wmh_jax.datasets.loading import load_prepared, load_prepared_splits, make_builder
 from wmh_jax.datasets.wmh_challenge import WmhChallenge
 from wmh_jax.datasets.wmh_synthetic import WmhSynthetic
 
-__all__ = ['WmhChallenge', 'WmhSynthetic', 'load_prepared_splits', 'make_builder']
+__all__ = ['WmhChallenge', 'WmhSynthetic', 'load_prepared', 'load_prepared_splits', 'make_builder']

@@ -43,17 +43,26 @@ def as_prepared(builder, split: str) -> list[dict]:
   return sorted(out, key=lambda d: d['key'])
 
 
-def load_prepared_splits(name: str, grid, data_dir, manual_dir=None, val_sites=(),
-                         **fields) -> tuple[list[dict], list[dict]]:
-  """Prepares ``name`` once (decoding its NIfTI) and returns ``(train, val)``.
+def load_prepared(name: str, grid, data_dir, manual_dir=None, val_sites=(),
+                  **fields) -> dict[str, list[dict]]:
+  """Prepares ``name`` once (decoding its NIfTI) and returns its ``train``,
+  ``val`` and ``test`` (empty when the dataset has none) examples.
 
-  With ``val_sites`` the two splits are pooled and the subjects of those sites
-  become the validation set (leave-site-out).
+  With ``val_sites`` the train and validation splits are pooled and the
+  subjects of those sites become the validation set (leave-site-out).
   """
   builder = make_builder(name, grid, data_dir, **fields)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=None if manual_dir is None else str(manual_dir)))
   train, val = as_prepared(builder, 'train'), as_prepared(builder, 'validation')
+  test = as_prepared(builder, 'test') if 'test' in builder.info.splits else []
   if val_sites:
     train, val = subjects.split_by_sites(train + val, val_sites, lambda d: d['site'])
-  return train, val
+  return {'train': train, 'val': val, 'test': test}
+
+
+def load_prepared_splits(name: str, grid, data_dir, manual_dir=None, val_sites=(),
+                         **fields) -> tuple[list[dict], list[dict]]:
+  """``(train, val)`` of :func:`load_prepared`."""
+  splits = load_prepared(name, grid, data_dir, manual_dir, val_sites, **fields)
+  return splits['train'], splits['val']

@@ -7,9 +7,14 @@ become a ``test`` split). Each subject is ``SITE[/SCANNER]/ID/pre/FLAIR.nii.gz``
 (``pre/T1.nii.gz`` for the ``flair_t1`` config) and ``SITE[/SCANNER]/ID/wmh.nii.gz``
 (0 background, 1 WMH, 2 other pathology).
 
-Splits are by subject: within each site, ``val_fraction`` of the subjects
-(shuffled by ``split_seed``) form ``validation``; every example keeps its site,
-so leave-one-site-out is a filter on ``site`` (``data.val_sites`` in the config).
+Splits are by subject, by the function the folder runs use
+(``subjects.split_subjects``: a hash of ``split_seed`` and each SITE/ID key);
+``val_fraction`` of the subjects form ``validation``, ``test_fraction`` (with
+the release's ``test/`` subjects) ``test``. ``data.load_splits`` passes the
+config's ``data.split_seed``, ``data.val_fraction`` and ``data.test_fraction``,
+and the builder config's name records them (``loading.make_builder``), so data
+prepared with another split is never reused. Every example keeps its site, so
+leave-one-site-out is a filter on ``site`` (``data.val_sites`` in the config).
 """
 
 import dataclasses
@@ -32,6 +37,7 @@ release's training/ and test/ folders with that layout inside).
 @dataclasses.dataclass
 class ChallengeConfig(examples.WmhConfig):
   val_fraction: float = 0.2
+  test_fraction: float = 0.0
   split_seed: int = 0
 
 
@@ -57,11 +63,14 @@ class WmhChallenge(tfds.core.GeneratorBasedBuilder):
     training = root / 'training' if (root / 'training').is_dir() else root
     found = subjects.find_subjects(training)
     cfg = self.builder_config
-    train, val = subjects.split_subjects(found, cfg.val_fraction, cfg.split_seed)
+    train, val, test = subjects.split_subjects(found, cfg.val_fraction, cfg.split_seed,
+                                               test_fraction=cfg.test_fraction)
     splits = {'train': self._generate_examples(train),
               'validation': self._generate_examples(val)}
     if (root / 'test').is_dir():
-      splits['test'] = self._generate_examples(subjects.find_subjects(root / 'test'))
+      test += subjects.find_subjects(root / 'test')
+    if test:
+      splits['test'] = self._generate_examples(test)
     return splits
 
   def _generate_examples(self, subject_files):

@@ -1,0 +1,137 @@
+"""A run folder that knows what made it: config.json and split.json."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from configs import default as default_config
+from configs import test as test_config
+from conftest import write_tiny_subject
+from wmh_jax import atomic_write
+from wmh_jax import data
+from wmh_jax import run_record
+from wmh_jax import train
+
+
+@pytest.mark.parametrize('get_config', [default_config.get_config,
+                                        test_config.get_config])
+def test_config_json_round_trips_with_its_tuples(get_config, tmp_path):
+  config = get_config()
+  atomic_write.write(tmp_path / 'config.json', run_record.config_to_json(config))
+  back = run_record.load_config(tmp_path)
+  assert back.to_dict() == config.to_dict()
+  assert isinstance(back.data.grid, tuple) and back.data.grid == config.data.grid
+  assert back.model.encoder_filters == config.model.encoder_filters
+  assert isinstance(back.model.encoder_filters[0], tuple)
+  assert isinstance(back.train.learning_rate, float)
+  assert run_record.load_config(tmp_path / 'none') is None
+
+
+def test_network_keys_are_frozen_others_may_change():
+  trained = test_config.get_config()
+  config = trained.copy_and_resolve_references()
+  config.predict.threshold = 0.9
+  config.refine.thresholds = (0.5,)
+  config.model.conv_impl = 'native'   # the same parameters, computed another way
+  config.train.num_steps = 99
+  assert run_record.first_frozen_change(trained, config) is None
+  config.model.encoder_filters = ((4, 4), (8, 16))
+  with pytest.raises(run_record.RunRecordError) as e:
+    run_record.check_same_network(trained, config, 'W')
+  assert str(e.value) == (
+      "--config.model.encoder_filters: W was trained with ((4, 8), (8, 16)), not "
+      "((4, 4), (8, 16)); a trained model's architecture and preprocessing cannot "
+      'change')
+  config = trained.copy_and_resolve_references()
+  config.data.grid = (64, 64, 8)
+  assert run_record.first_frozen_change(trained, config)[0] == 'data.grid'
+
+
+def _record_only(config, workdir):
+  """config.json and split.json of a run that stops before its first step."""
+  config.train.num_steps = 0
+  config.refine.enabled = False
+  train.train_and_evaluate(config, workdir)
+
+
+def test_training_records_config_and_split_before_the_first_step(tiny_dataset,
+                                                                 tmp_path):
+  cfg = test_config.for_dataset(tiny_dataset)
+  _record_only(cfg, tmp_path / 'run')
+  assert not (tmp_path / 'run' / 'checkpoints').exists() or not any(
+      p.name.isdigit() for p in (tmp_path / 'run' / 'checkpoints').iterdir())
+  assert run_record.load_config(tmp_path / 'run').to_dict() == cfg.to_dict()
+  split = json.loads((tmp_path / 'run' / 'split.json').read_text())
+  assert split['split_seed'] == 0 and split['val_fraction'] == 0.34
+  files = data.find_splits(cfg)
+  for name in ('train', 'val', 'test'):
+    assert [e['key'] for e in split[name]] == [s.key for s in files[name]]
+  e = split['val'][0]
+  s = files['val'][0]
+  assert e['flair'] == run_record.sha256(s.flair) and e['wmh'] == run_record.sha256(s.wmh)
+  assert len(e['flair']) == 64 and split['test'] == []
+
+
+def test_resume_or_evaluate_on_another_split_is_refused_naming_the_subject(
+    tiny_dataset, tmp_path):
+  root = tmp_path / 'data'
+  shutil.copytree(tiny_dataset, root)
+  cfg = test_config.for_dataset(root)
+  _record_only(cfg, tmp_path / 'run')
+  before = (tmp_path / 'run' / 'split.json').read_text()
+  data.load_split(cfg, tmp_path / 'run', 'val')  # the same split: accepted
+  # Another split seed (the README's old way to refit the refiner moved
+  # trained-on subjects into validation).
+  other = cfg.copy_and_resolve_references()
+  other.data.split_seed = 1
+  with pytest.raises(run_record.RunRecordError) as e:
+    data.load_split(other, tmp_path / 'run', 'val')
+  msg = str(e.value)
+  assert msg.startswith(f'{tmp_path / "run" / "split.json"}: not the split this run '
+                        'was trained on: subject ')
+  assert 'split seed 0 recorded, 1 now' in msg and '\n' not in msg
+  with pytest.raises(run_record.RunRecordError, match='split seed 0 recorded, 1 now'):
+    _record_only(other, tmp_path / 'run')
+  # A subject lost: named.
+  shutil.rmtree(root / 'Utrecht' / '2')
+  with pytest.raises(run_record.RunRecordError,
+                     match=r'subject Utrecht/2 was in \w+, is now in no split'):
+    data.load_split(cfg, tmp_path / 'run', 'val')
+  shutil.copytree(tiny_dataset / 'Utrecht' / '2', root / 'Utrecht' / '2')
+  # A file whose content changed: named by its path.
+  flair = root / 'Singapore' / '1' / 'pre' / 'FLAIR.nii.gz'
+  write_tiny_subject(flair.parent.parent, np.random.default_rng(9))
+  with pytest.raises(run_record.RunRecordError) as e:
+    _record_only(cfg, tmp_path / 'run')
+  assert str(e.value).endswith(f'subject Singapore/1: {flair} changed since training '
+                               '(sha256 differs)')
+  assert (tmp_path / 'run' / 'split.json').read_text() == before  # never rewritten
+
+
+def test_resume_with_another_architecture_is_refused_naming_the_key(tiny_dataset,
+                                                                    tmp_path):
+  cfg = test_config.for_dataset(tiny_dataset)
+  _record_only(cfg, tmp_path / 'run')
+  cfg.model.decoder_filters = (8, 8)
+  with pytest.raises(run_record.RunRecordError,
+                     match=r'^--config.model.decoder_filters: .* was trained with '
+                     r'\(4, 8\), not \(8, 8\)'):
+    _record_only(cfg, tmp_path / 'run')
+
+
+def test_the_saved_config_finds_relative_data_folders_from_any_folder(
+    tiny_dataset, tmp_path, monkeypatch):
+  from configs import trained  # pylint: disable=g-import-not-at-top
+  shutil.copytree(tiny_dataset, tmp_path / 'here' / 'data')
+  monkeypatch.chdir(tmp_path / 'here')
+  cfg = test_config.for_dataset('data')
+  _record_only(cfg, 'run')
+  monkeypatch.chdir(tmp_path)
+  back = trained.get_config(str(tmp_path / 'here' / 'run' / 'config.json'))
+  assert back.data.root == str(tmp_path / 'here' / 'data')
+  assert back.data.tfds_dir == str(tmp_path / 'here' / 'data' / 'tfds') or (
+      back.data.tfds_dir == str(tmp_path / 'here' / cfg.data.tfds_dir))
+  data.load_split(back, tmp_path / 'here' / 'run', 'val')  # the recorded split

@@ -1,0 +1,217 @@
+"""What made a run: ``WORKDIR/config.json`` and ``WORKDIR/split.json``.
+
+Training writes both before its first step: the resolved config (read back as
+an ``ml_collections.ConfigDict``, lists as tuples) and the exact split (split
+seed and fractions; for train, val and test each subject's SITE/ID key with
+the sha256 of its FLAIR and wmh files). A resumed run, ``--mode=evaluate`` and
+``--mode=predict`` read them: predict needs only ``--workdir``; a config that
+would change the trained network (its architecture or what it sees) is refused
+naming the key, and so is a split that is not the recorded one, naming the
+first subject that moved or whose file changed.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from absl import logging
+import ml_collections
+
+from wmh_jax import atomic_write
+
+CONFIG = 'config.json'
+SPLIT = 'split.json'
+SPLITS = ('train', 'val', 'test')
+# Keys that fix the trained network: its architecture and its input. Compute
+# choices that leave the parameters as they are may change.
+FROZEN = ('model.', 'data.grid')
+NOT_FROZEN = ('model.conv_impl', 'model.dtype')
+
+
+class RunRecordError(ValueError):
+  """A config or split that is not the one the run was trained with."""
+
+
+# --- config.json ---------------------------------------------------------------
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=1) + '\n'
+
+
+def _tuples(value):
+  """JSON's lists back to the tuples the configs use (every config sequence is one)."""
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
+def config_from_json(text: str, path='config.json') -> ml_collections.ConfigDict:
+  try:
+    return ml_collections.ConfigDict(_tuples(json.loads(text)))
+  except ValueError as e:
+    raise RunRecordError(f'{path}: not a saved config ({str(e).splitlines()[0]})'
+                         ) from e
+
+
+def load_config(workdir) -> ml_collections.ConfigDict | None:
+  """``WORKDIR/config.json`` as a ConfigDict; None for a run made before it existed."""
+  path = Path(workdir) / CONFIG
+  if not path.is_file():
+    return None
+  return config_from_json(path.read_text(), path)
+
+
+DATA_PATHS = ('root', 'val_root', 'test_root', 'tfds_dir')
+
+
+def with_absolute_data_paths(config, workdir) -> ml_collections.ConfigDict:
+  """``config`` with its relative ``data.*`` folders taken from the folder the
+  run was trained in (``split.json``'s ``cwd``), so that evaluate runs from any
+  folder."""
+  path = Path(workdir) / SPLIT
+  cwd = json.loads(path.read_text()).get('cwd') if path.is_file() else None
+  if not cwd:
+    return config
+  for key in DATA_PATHS:
+    value = str(config.data.get(key, '') or '')
+    if value and not Path(value).is_absolute():
+      config.data[key] = str(Path(cwd) / value)
+  return config
+
+
+def flat(config, prefix='') -> dict:
+  """``{'model.encoder_filters': value, ...}`` of a ConfigDict or dict."""
+  out = {}
+  for k, v in config.items():
+    if hasattr(v, 'items'):
+      out.update(flat(v, f'{prefix}{k}.'))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def frozen(key: str) -> bool:
+  return key.startswith(FROZEN) and key not in NOT_FROZEN
+
+
+def first_frozen_change(trained, config) -> tuple[str, object, object] | None:
+  """``(key, trained value, new value)`` of the first key that changes the
+  trained network, else None."""
+  a, b = flat(trained), flat(config)
+  for key in sorted(set(a) | set(b)):
+    if frozen(key) and _tuples(a.get(key)) != _tuples(b.get(key)):
+      return key, a.get(key), b.get(key)
+  return None
+
+
+def check_same_network(trained, config, workdir, source: str = '--config.') -> None:
+  """Refuses, in one line naming the key, a ``config`` whose network (``model.*``
+  but conv_impl and dtype, ``data.grid``) is not the one trained in ``workdir``.
+
+  ``source``: how the key is named, e.g. ``'--config.'`` (an override) or
+  ``'--config=FILE: '``.
+  """
+  change = first_frozen_change(trained, config)
+  if change:
+    key, was, now = change
+    raise RunRecordError(f'{source}{key}: {workdir} was trained with {was!r}, not '
+                         f"{now!r}; a trained model's architecture and "
+                         'preprocessing cannot change')
+
+
+# --- split.json ----------------------------------------------------------------
+
+def sha256(path, chunk: int = 1 << 20) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(chunk), b''):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _entry(s) -> dict:
+  """One subject: its key, and for files on disk their sha256 (TFDS examples
+  have no files: the key alone)."""
+  if isinstance(s, dict):
+    return {'key': s['key']}
+  return {'key': s.key, 'flair': sha256(s.flair),
+          'wmh': None if s.wmh is None else sha256(s.wmh)}
+
+
+def split_record(config, splits: dict) -> dict:
+  """The split as ``split.json`` holds it. ``splits``: ``{'train': [...], 'val':
+  [...], 'test': [...]}`` of ``subjects.SubjectFiles`` (or TFDS dicts with a key)."""
+  d = config.data
+  return {
+      'split_seed': int(d.get('split_seed', 0)),
+      'val_fraction': float(d.val_fraction),
+      'test_fraction': float(d.get('test_fraction', 0.0)),
+      'val_root': str(d.val_root), 'test_root': str(d.get('test_root', '')),
+      'val_sites': list(d.val_sites), 'val_ids': list(d.get('val_ids', ())),
+      'tfds': str(d.tfds),
+      'cwd': os.getcwd(),   # where the config's relative data paths start
+      **{name: [_entry(s) for s in splits.get(name, [])] for name in SPLITS},
+  }
+
+
+def first_split_change(recorded: dict, current: dict, files: dict | None = None
+                       ) -> str | None:
+  """What differs first, in key order: a subject in another split (or gone, or
+  new), else a file whose hash changed (named by its path when ``files``,
+  ``{key: SubjectFiles}``, has it); None when the splits are the same."""
+  def where(record):
+    return {e['key']: (name, e) for name in SPLITS for e in record.get(name, [])}
+  was, now = where(recorded), where(current)
+  for key in sorted(set(was) | set(now)):
+    a, b = was.get(key, ('no split', {})), now.get(key, ('no split', {}))
+    if a[0] != b[0]:
+      return (f'subject {key} was in {a[0]}, is now in {b[0]} (split seed '
+              f'{recorded.get("split_seed")} recorded, {current.get("split_seed")} now)')
+  for key in sorted(was):
+    for kind in ('flair', 'wmh'):
+      a, b = was[key][1].get(kind), now[key][1].get(kind)
+      if a and b and a != b:
+        name = getattr((files or {}).get(key), kind, None) or f'its {kind} file'
+        return f'subject {key}: {name} changed since training (sha256 differs)'
+  return None
+
+
+def check_split(workdir, current: dict, files: dict | None = None) -> None:
+  """Refuses a split that is not ``WORKDIR/split.json``'s (absent: nothing to
+  check), in one line naming the first subject that moved or whose file changed."""
+  path = Path(workdir) / SPLIT
+  if not path.is_file():
+    return
+  try:
+    recorded = json.loads(path.read_text())
+  except ValueError as e:
+    raise RunRecordError(f'{path}: unreadable ({str(e).splitlines()[0]})') from e
+  change = first_split_change(recorded, current, files)
+  if change is not None:
+    raise RunRecordError(f'{path}: not the split this run was trained on: {change}')
+
+
+# --- writing -------------------------------------------------------------------
+
+
+
+def record(workdir, config, split: dict) -> None:
+  """Writes ``config.json`` and ``split.json`` into a new run's ``workdir``; a run
+  that has them keeps them (its network and split were checked against them)."""
+  workdir = Path(workdir)
+  trained = load_config(workdir)
+  if trained is None:
+    atomic_write.write(workdir / CONFIG, config_to_json(config))
+  else:
+    check_same_network(trained, config, workdir)
+    a, b = flat(trained), flat(config)
+    changed = [k for k in sorted(set(a) | set(b)) if _tuples(a.get(k)) != _tuples(b.get(k))]
+    if changed:  # allowed (e.g. more steps), but said: config.json keeps the first
+      logging.warning('%s: resumed with other values of %s than %s records', workdir,
+                      ', '.join(changed), CONFIG)
+  check_split(workdir, split)
+  if not (workdir / SPLIT).is_file():
+    atomic_write.write(workdir / SPLIT, json.dumps(split, indent=1) + '\n')
