@@ -205,8 +205,7 @@ def evaluate(config, workdir, overwrite: bool = False, split: str = 'val') -> di
   what = 'U-Net + native refinement' if refiner is not None else 'U-Net'
   line = (f'evaluate {SPLITS[split][1]} ({what}, native resolution): '
           f'{summary_line(summary)}  -> {out_dir / "metrics.csv"}')
-  atomic_write.write(out_dir / 'summary.json', json.dumps(summary, indent=1) + '
-')
+  atomic_write.write(out_dir / 'summary.json', json.dumps(summary, indent=1) + '\n')
   logging.info(line)
   print(line, flush=True)
   return summary
