@@ -48,6 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import default  # pylint: disable=wrong-import-position
 from wmh_jax import host_memory  # pylint: disable=wrong-import-position
+from wmh_jax import machine  # pylint: disable=wrong-import-position
 from wmh_jax import models  # pylint: disable=wrong-import-position
 from wmh_jax import steps  # pylint: disable=wrong-import-position
 
@@ -222,7 +223,8 @@ def _stats(prefix: str, times, scale: float) -> dict:
 
 
 def _print(record: dict) -> None:
-  print(json.dumps({'bench': 'side_by_side', **record}), flush=True)
+  print(json.dumps({'bench': 'side_by_side', **record, **machine.describe()}),
+        flush=True)
 
 
 def main(_):

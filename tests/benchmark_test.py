@@ -6,6 +6,7 @@ import pytest
 
 from configs import test as test_config
 from wmh_jax import benchmark
+from wmh_jax import machine
 
 
 def test_benchmark_records_every_setting_and_the_pipeline(capsys):
@@ -38,3 +39,16 @@ def test_benchmark_records_every_setting_and_the_pipeline(capsys):
   assert wino['direct_equivalent_fraction_of_peak'] > wino['fraction_of_peak']
   assert pipe['bench'] == 'input_pipeline' and pipe['batches_per_s'] > 0
   assert pipe['pipeline_over_step'] > 0
+  for r in records:  # every line names the machine it was measured on
+    assert r['cpu'] and r['cpu_cores'] >= 1 and isinstance(r['cpu_vector'], list)
+    assert r['device'] == 'cpu'
+
+
+def test_cpuinfo_names_the_model_and_the_vector_extensions():
+  text = ('processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n'
+          'flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_tile amx_bf16\n\n'
+          'processor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n')
+  model, flags = machine._cpuinfo(text)  # pylint: disable=protected-access
+  assert model == 'Intel(R) Xeon(R) Platinum 8480+'
+  assert [f for f in machine.VECTOR_FLAGS if f in flags] == [
+      'avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_tile', 'amx_bf16']

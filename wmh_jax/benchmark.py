@@ -11,7 +11,8 @@ achieved FLOP/s and its fraction of the peak a matmul micro-benchmark reaches on
 the same device; the same for the FLOPs the step would do with direct
 convolutions ('direct_equivalent_*': Winograd does fewer for the same result);
 whether glibc keeps freed memory (``config.keep_freed_memory``, set by launch.py);
-peak host RSS and device memory. A last line times the tf.data
+peak host RSS and device memory; the machine (``wmh_jax.machine``: CPU model,
+cores, AVX-512/AMX, device). A last line times the tf.data
 pipeline alone against the train step's consumption. Inputs are random arrays on
 the config grid: the timings do not depend on the data.
 """
@@ -29,6 +30,7 @@ import numpy as np
 
 from wmh_jax import host_memory
 from wmh_jax import input_pipeline
+from wmh_jax import machine
 from wmh_jax import models
 from wmh_jax import steps
 
@@ -185,14 +187,15 @@ def benchmark(config) -> list[dict]:
   """Runs every setting of ``config.benchmark``; prints and returns the records."""
   bc = config.benchmark
   peak = matmul_peak_flops(bc.dtype)
-  records = []
+  records, where = [], machine.describe()
   for impl in bc.conv_impls:
     for batch in bc.batch_sizes:
-      records.append(benchmark_setting(config, impl, batch, peak))
+      records.append({**benchmark_setting(config, impl, batch, peak), **where})
       print(json.dumps(records[-1]), flush=True)
       jax.clear_caches()
       host_memory.release_freed_memory()  # the next setting's buffers differ
   if bc.pipeline:
-    records.append(benchmark_pipeline(config, records[0]['step_median_s']))
+    records.append({**benchmark_pipeline(config, records[0]['step_median_s']),
+                    **where})
     print(json.dumps(records[-1]), flush=True)
   return records
