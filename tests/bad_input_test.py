@@ -377,3 +377,20 @@ def test_non_finite_z_scores_are_refused_in_one_line():
   image[:20] *= 1e307                      # finite, but its variance is not
   with pytest.raises(nifti_io.NiftiError, match=r'^scan: intensities out of range'):
     subjects.preprocess(image, (16, 16, 8), 'scan')
+
+
+@pytest.mark.parametrize('method', ['resize', 'sliding_window'])
+def test_huge_intensities_reach_predict_and_the_refiner_as_the_same_z_scores(method):
+  # Predict's and the refiner's own preprocessing paths, not only training's.
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from wmh_jax import predict  # pylint: disable=g-import-not-at-top
+  cfg = test_config.get_config()
+  cfg.predict.method = method
+  image = _image().astype(np.float64)
+  want = predict.model_input(image, AFFINE, cfg, 'scan')
+  got = predict.model_input(image * 1e19, AFFINE, cfg, 'scan')
+  assert np.all(np.isfinite(got)) and got.std() > 0.5
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  brain = _image() > 50
+  np.testing.assert_allclose(subjects.zscore(image * 1e19, 'scan', brain),
+                             subjects.zscore(image, 'scan', brain), atol=1e-5)
