@@ -394,3 +394,22 @@ def test_huge_intensities_reach_predict_and_the_refiner_as_the_same_z_scores(met
   brain = _image() > 50
   np.testing.assert_allclose(subjects.zscore(image * 1e19, 'scan', brain),
                              subjects.zscore(image, 'scan', brain), atol=1e-5)
+
+
+def test_jax_modes_run_from_another_folder_with_the_projects_configs(tmp_path):
+  # launch_test covers --mode=score; here a mode that starts JAX and reads the
+  # config's data: from another folder it reaches its own refusal (no subjects),
+  # not 'no such config file', and a configs/test.py there is not executed.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'test.py').write_text('raise SystemExit("not this")\n')
+  (tmp_path / 'empty').mkdir()
+  r = subprocess.run([sys.executable, str(ROOT / 'launch.py'), '--config=configs/test.py',
+                      '--mode=evaluate', '--workdir=w', '--config.data.root=empty',
+                      '--config.data.synthetic=False'],
+                     capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                     check=False)
+  assert r.returncode == 1, r.stderr[-3000:]
+  errors = [l for l in r.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and 'no subjects found' in errors[0], r.stderr[-3000:]
+  assert 'not this' not in r.stderr + r.stdout
