@@ -175,3 +175,47 @@ def test_pipeline_carries_brain_and_has_brain():
       assert (batch['brain'][k][batch['labels'][k] == 1] > 0.4).all()
     else:
       assert not batch['brain'][k].any()
+
+
+def _image_of_labels(labels):
+  """An image that is a known function of the labels: +10 on label 1, -10 on
+  label 2, plus a smooth gradient in [0, 1] (so that a wrong transform is not
+  hidden by a constant background)."""
+  g = np.meshgrid(*[np.linspace(0, 1, s) for s in labels.shape], indexing='ij')
+  return (10.0 * (labels == 1) - 10.0 * (labels == 2) + (g[0] + g[1] + g[2]) / 3
+          ).astype(np.float32)
+
+
+def _uniform_neighbourhood(labels):
+  """Voxels whose 3x3x3 neighbourhood holds one label (away from the edges the
+  interpolation blurs)."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  lo = ndimage.minimum_filter(labels, size=3, mode='nearest')
+  hi = ndimage.maximum_filter(labels, size=3, mode='nearest')
+  return lo == hi
+
+
+def test_image_and_mask_stay_aligned_under_strong_random_affines():
+  labels = np.zeros((40, 36, 12), np.uint8)
+  labels[8:20, 6:18, 3:9] = 1          # off-centre, so flips and shifts show
+  labels[22:36, 18:32, 3:9] = 2
+  labels[26:30, 8:12, 2:10] = 1
+  image = _image_of_labels(labels)
+  cfg = test_config.get_config().augment
+  cfg.enabled = True
+  cfg.rotate_deg, cfg.scale, cfg.shear = (15.0, 15.0, 30.0), 0.25, 0.15
+  cfg.translate_vox, cfg.flip_lr = (6.0, 6.0, 2.0), True
+  cfg.intensity = 0.25   # gain in [0.75, 1.25], bias in +-0.25: thresholds hold
+  ex = {'image': image, 'labels': labels,
+        'spacing': np.array([1.0, 1.2, 3.0], np.float32)}
+  moved = 0
+  for s in range(8):
+    out = input_pipeline.augment_example(ex, tf.constant([s, 11], tf.int64), cfg)
+    warped_image, warped = out['image'].numpy()[..., 0], out['labels'].numpy()
+    from_image = np.where(warped_image > 5, 1, np.where(warped_image < -5, 2, 0))
+    inner = _uniform_neighbourhood(warped)
+    for k in (0, 1, 2):   # each label has voxels to compare
+      assert (inner & (warped == k)).sum() > 20, (s, k)
+    np.testing.assert_array_equal(from_image[inner], warped[inner], err_msg=f'seed {s}')
+    moved += not np.array_equal(warped, labels)
+  assert moved == 8   # every seed moved the volume

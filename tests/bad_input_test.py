@@ -377,3 +377,39 @@ def test_non_finite_z_scores_are_refused_in_one_line():
   image[:20] *= 1e307                      # finite, but its variance is not
   with pytest.raises(nifti_io.NiftiError, match=r'^scan: intensities out of range'):
     subjects.preprocess(image, (16, 16, 8), 'scan')
+
+
+@pytest.mark.parametrize('method', ['resize', 'sliding_window'])
+def test_huge_intensities_reach_predict_and_the_refiner_as_the_same_z_scores(method):
+  # Predict's and the refiner's own preprocessing paths, not only training's.
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from wmh_jax import predict  # pylint: disable=g-import-not-at-top
+  cfg = test_config.get_config()
+  cfg.predict.method = method
+  image = _image().astype(np.float64)
+  want = predict.model_input(image, AFFINE, cfg, 'scan')
+  got = predict.model_input(image * 1e19, AFFINE, cfg, 'scan')
+  assert np.all(np.isfinite(got)) and got.std() > 0.5
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  brain = _image() > 50
+  np.testing.assert_allclose(subjects.zscore(image * 1e19, 'scan', brain),
+                             subjects.zscore(image, 'scan', brain), atol=1e-5)
+
+
+def test_jax_modes_run_from_another_folder_with_the_projects_configs(tmp_path):
+  # launch_test covers --mode=score; here a mode that starts JAX and reads the
+  # config's data: from another folder it reaches its own refusal (no subjects),
+  # not 'no such config file', and a configs/test.py there is not executed.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'test.py').write_text('raise SystemExit("not this")\n')
+  (tmp_path / 'empty').mkdir()
+  r = subprocess.run([sys.executable, str(ROOT / 'launch.py'), '--config=configs/test.py',
+                      '--mode=evaluate', '--workdir=w', '--config.data.root=empty',
+                      '--config.data.synthetic=False'],
+                     capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                     check=False)
+  assert r.returncode == 1, r.stderr[-3000:]
+  errors = [l for l in r.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and 'no subjects found' in errors[0], r.stderr[-3000:]
+  assert 'not this' not in r.stderr + r.stdout

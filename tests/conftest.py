@@ -9,6 +9,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# The global JAX settings launch.py makes (in ``_run``), so that the tests draw
+# the random numbers a launch draws; the environment variable carries them into
+# the Python subprocesses the tests start (sharding_check.py).
+os.environ['JAX_THREEFRY_PARTITIONABLE'] = '0'
+
+import jax  # pylint: disable=wrong-import-position
+
+jax.config.update('jax_threefry_partitionable', False)
 
 from wmh_jax import nifti_io  # pylint: disable=wrong-import-position
 

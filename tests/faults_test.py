@@ -17,6 +17,7 @@ from bad_input_test import run_launch
 from configs import test as test_config
 import launch
 from wmh_jax import checkpoints
+from wmh_jax import steps
 from wmh_jax import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,3 +155,41 @@ def test_any_exception_is_one_error_line_with_the_traceback_at_debug_level(
   assert launch.error_line(FileNotFoundError('x: no such file')) == 'error: x: no such file'
   assert launch.error_line(KeyError('k')) == "error: KeyError: 'k'"
   assert launch.error_line(RuntimeError()) == 'error: RuntimeError'
+
+
+def test_init_from_a_damaged_source_checkpoint_is_refused_in_one_line(
+    trained, tiny_dataset, tmp_path, capsys):
+  cfg, _ = trained
+  source = _copy(trained, tmp_path)
+  # Every data file of step 4 cut to 1000 bytes: which of them hold the
+  # parameters (the only arrays init_from reads) varies from run to run.
+  data = source / 'checkpoints' / '4' / 'default' / 'ocdbt.process_0' / 'd'
+  for f in data.iterdir():
+    if f.stat().st_size > 1000:
+      f.write_bytes(f.read_bytes()[:1000])
+  _, template = checkpoints.restore_latest(cfg, trained[1])
+  tx = steps.create_optimizer(cfg.train)
+  with pytest.raises(checkpoints.CheckpointError) as e:
+    checkpoints.initialise_from(str(source), template, tx)
+  message = str(e.value)
+  assert message.startswith(f'train.init_from={source}: cannot restore its '
+                            f'checkpoint {source / "checkpoints" / "4"} ('), message
+  assert 'is not valid for value of size 1000' in message and '\n' not in message
+  # Through launch: that line alone, exit 1, and the new run starts nothing.
+  code, errors = run_launch(capsys, '--mode=train', f'--workdir={tmp_path / "new"}',
+                            data__root=str(tiny_dataset), data__synthetic=False,
+                            train__init_from=str(source))
+  # (Which array's read fails first varies: the reason names that one.)
+  assert code == 1 and len(errors) == 1, errors
+  assert errors[0].startswith(f'error: {message[:message.index("(")]}('), errors[0]
+  assert 'is not valid for value of size 1000' in errors[0]
+  assert not list((tmp_path / 'new' / 'checkpoints').glob('[0-9]*'))
+  # A source whose latest weights hold a NaN: refused, not fine-tuned from.
+  nan_source = Path(shutil.copytree(trained[1], tmp_path / 'nan'))
+  _save_nan_step(cfg, nan_source)
+  with pytest.raises(checkpoints.CheckpointError) as e:
+    checkpoints.initialise_from(str(nan_source), template, tx)
+  assert str(e.value) == (
+      f'train.init_from={nan_source}: its checkpoint '
+      f'{nan_source / "checkpoints" / "6"} holds non-finite values (NaN or inf in '
+      "['params']['ConvBlock_1']['Conv3D_0']['kernel'])")

@@ -1,3 +1,9 @@
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +14,7 @@ from wmh_jax import models
 
 # Parameters of the seed network as configured in configs/default.py.
 SEED_NETWORK_PARAMS = 9_286_017
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _count(params):
@@ -63,12 +70,13 @@ def test_brain_output_adds_one_channel_and_nothing_else():
     np.testing.assert_array_equal(a, b)
 
 
-def _small(impl, norm='none'):
+def _small(impl, norm='none', dtype=jnp.float32):
   return models.UNet3D(encoder_filters=((4, 6), (6, 8)),
                        kernel_sizes=((3, 3, 1), (3, 3, 3)),
                        pool_sizes=((2, 2, 1), (2, 2, 2)),
                        bottleneck_filters=(8, 12), bottleneck_kernel=(3, 3, 3),
-                       decoder_filters=(4, 6), conv_impl=impl, norm=norm)
+                       decoder_filters=(4, 6), conv_impl=impl, norm=norm,
+                       dtype=dtype)
 
 
 def _random_biases(params, key, scale=0.1):
@@ -86,24 +94,104 @@ def _random_biases(params, key, scale=0.1):
       for k, (path, v) in zip(keys, flat)])
 
 
-@pytest.mark.parametrize('impl', ['fold2d', 'winograd'])
-@pytest.mark.parametrize('norm', ['none', 'group'])
-def test_fold2d_and_winograd_match_native_forward_and_gradients(impl, norm):
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 4, 1))
-  native, fold = _small('native', norm), _small(impl, norm)
-  params = _random_biases(native.init(jax.random.PRNGKey(0), x)['params'],
-                          jax.random.PRNGKey(2))
-  assert jax.tree.structure(params) == jax.tree.structure(
-      fold.init(jax.random.PRNGKey(0), x)['params'])
-  loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply({'params': p}, x)))
-  ya, yb = native.apply({'params': params}, x), fold.apply({'params': params}, x)
-  np.testing.assert_allclose(ya, yb, atol=1e-5, rtol=1e-5)
-  ga, gb = jax.grad(loss(native))(params), jax.grad(loss(fold))(params)
-  # Group norm divides by small per-group deviations, which magnifies float32
-  # summation-order differences between the two implementations.
-  tol = 1e-5 if norm == 'none' else 1e-3
-  for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-    np.testing.assert_allclose(a, b, atol=tol, rtol=tol)
+def _winograd_tiles(monkeypatch) -> list[int]:
+  """The tile sizes of the Winograd convolutions traced from now on (the real
+  ones run: this only records their calls)."""
+  tiles, real = [], models.winograd.conv2d_same
+
+  def recording(x, k, m):
+    tiles.append(m)
+    return real(x, k, m)
+  monkeypatch.setattr(models.winograd, 'conv2d_same', recording)
+  return tiles
+
+
+# Found by this test (jaxlib 0.10.2, CPU): under jax.jit, with group norm, the
+# kernel gradient of ConvBlock_0/Conv3D_1 (models.conv2d_same's im2col matmul)
+# is wrong for the last channel of each group, in float32 and float64. Eager,
+# lax's own convolution in its place, --xla_backend_optimization_level=0 or
+# --xla_disable_hlo_passes=fusion,cpu-instruction-fusion all agree with native:
+# an XLA:CPU fusion miscompile. Strict: this fails loudly once it is fixed.
+_JIT_GROUP_NORM_BUG = pytest.mark.xfail(
+    strict=True, reason='XLA:CPU fusion: jit + group norm kernel gradient wrong')
+
+
+@pytest.mark.parametrize('impl,norm,jit', [
+    ('fold2d', 'none', False), ('winograd', 'none', False),
+    ('fold2d', 'group', False), ('winograd', 'group', False),
+    ('winograd', 'none', True),
+    pytest.param('fold2d', 'group', True, marks=_JIT_GROUP_NORM_BUG),
+    pytest.param('winograd', 'group', True, marks=_JIT_GROUP_NORM_BUG)])
+def test_whole_net_forward_and_gradients_agree_in_float64_with_random_biases(
+    impl, norm, jit, monkeypatch):
+  # In float64 the implementations differ by ~1e-16 of each value, so a ReLU
+  # flips only for a pre-activation within ~1e-15 of 0: none does. (In float32
+  # one within ~3e-7 of 0 flips and moves a gradient by ~1e-2 by design.) The
+  # logits leave the network in float32: the forward values agree to its
+  # rounding; the gradients, pulled back from a fixed cotangent, in float64.
+  tiles = _winograd_tiles(monkeypatch)
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 4, 1), jnp.float64)
+    native, other = _small('native', norm, jnp.float64), _small(impl, norm, jnp.float64)
+    params = native.init(jax.random.PRNGKey(0), x)['params']
+    params = _random_biases(jax.tree.map(lambda a: a.astype(jnp.float64), params),
+                            jax.random.PRNGKey(2))
+    assert {l.dtype for l in jax.tree.leaves(params)} == {jnp.dtype('float64')}
+    assert min(float(jnp.min(jnp.abs(l))) for path, l in
+               jax.tree_util.tree_flatten_with_path(params)[0]
+               if path[-1].key == 'bias') > 0
+    assert jax.tree.structure(params) == jax.tree.structure(
+        other.init(jax.random.PRNGKey(0), x)['params'])
+    ct = jax.random.normal(jax.random.PRNGKey(3), x.shape, jnp.float32)
+    pull = {}
+    for name, model in (('native', native), (impl, other)):
+      fn = lambda p, v, c, m=model: (lambda y, vjp: (y, vjp(c)))(
+          *jax.vjp(lambda p, v: m.apply({'params': p}, v), p, v))
+      pull[name] = (jax.jit(fn) if jit else fn)(params, x, ct)
+    np.testing.assert_allclose(pull[impl][0], pull['native'][0], rtol=1e-6, atol=1e-6)
+    want, got = jax.tree.leaves(pull['native'][1]), jax.tree.leaves(pull[impl][1])
+    paths = [jax.tree_util.keystr(k) for k, _ in
+             jax.tree_util.tree_flatten_with_path(pull['native'][1])[0]]
+    scale = max(float(jnp.max(jnp.abs(a))) for a in want)
+    for path, a, b in zip(paths, want, got):
+      assert a.dtype == b.dtype == jnp.float64, path
+      np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-11 * scale, err_msg=path)
+  # Winograd computed some of it (in float64: F(4x4, 3x3) is allowed there).
+  assert bool(tiles) == (impl == 'winograd'), tiles
+
+
+def test_jacfwd_and_hessian_of_the_whole_network_under_every_conv_impl(
+    monkeypatch):
+  # d logits / d input of a tiny volume, forward mode, against reverse mode of
+  # the native network; float64 so that no ReLU sits on its kink.
+  tiles = _winograd_tiles(monkeypatch)
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 4, 4, 2, 1), jnp.float64)
+    params = _small('native', dtype=jnp.float64).init(jax.random.PRNGKey(0), x)[
+        'params']
+    params = _random_biases(jax.tree.map(lambda a: a.astype(jnp.float64), params),
+                            jax.random.PRNGKey(2))
+    f = lambda impl: lambda v: _small(impl, dtype=jnp.float64).apply(
+        {'params': params}, v)
+    want = jax.jit(jax.jacrev(f('native')))(x)     # float64 all through
+    assert want.shape == (1, 4, 4, 2, 1) * 2
+    top = float(jnp.max(jnp.abs(want)))
+    assert top > 0
+    for impl in ('native', 'fold2d', 'winograd'):
+      # The tangent leaves in float32 (the logits' dtype): its rounding only.
+      got = jax.jit(jax.jacfwd(f(impl)))(x)
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * top, err_msg=impl)
+    # And the Hessian of a scalar of it (forward over reverse), in float64 up to
+    # the logits' float32 cast.
+    scalar = lambda impl: lambda v: jnp.sum(jnp.sin(f(impl)(v).astype(jnp.float64)))
+    hess = {impl: jax.jit(jax.hessian(scalar(impl)))(x)
+            for impl in ('native', 'fold2d', 'winograd')}
+    top = float(jnp.max(jnp.abs(hess['native'])))
+    assert hess['native'].shape == x.shape * 2 and top > 0
+    for impl in ('fold2d', 'winograd'):
+      np.testing.assert_allclose(hess[impl], hess['native'], rtol=1e-5,
+                                 atol=1e-5 * top, err_msg=impl)
+  assert tiles, 'the winograd network used no Winograd convolution'
 
 
 @pytest.mark.parametrize('brain_output', [False, True])
@@ -219,3 +307,45 @@ def test_sub_pixel_up_convolution_matches_upsample_then_convolve(pool):
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
   with pytest.raises(ValueError, match='1 or 2'):
     models.upconv_nearest(x, jnp.zeros((3, 3, 1, 6, 7)))
+
+
+_IMPORT_CHECK = """
+import json, pkgutil, importlib, jax
+import wmh_jax
+draw = lambda: jax.random.normal(jax.random.PRNGKey(0), (4,)).tolist()
+before = (dict(jax.config.values), draw())
+for m in pkgutil.walk_packages(wmh_jax.__path__, 'wmh_jax.'):
+  importlib.import_module(m.name)
+after = (dict(jax.config.values), draw())
+changed = sorted(k for k in before[0] if before[0][k] != after[0].get(k))
+print(json.dumps({'changed': changed, 'same_draw': before[1] == after[1],
+                  'partitionable': jax.config.jax_threefry_partitionable}))
+"""
+
+
+def test_importing_wmh_jax_changes_no_global_jax_setting():
+  # A clean interpreter: conftest's settings (and their environment variable)
+  # are not there, as in a script or the refiner that never imports models.
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_')}
+  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  r = subprocess.run([sys.executable, '-c', _IMPORT_CHECK], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300, check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out == {'changed': [], 'same_draw': True,
+                 'partitionable': out['partitionable']}, out
+
+
+def test_launch_sets_the_classic_threefry_before_any_randomness(tmp_path, capsys):
+  from bad_input_test import run_launch  # pylint: disable=g-import-not-at-top
+  assert not jax.config.jax_threefry_partitionable   # conftest: as launch sets it
+  jax.config.update('jax_threefry_partitionable', True)
+  try:
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    code, errors = run_launch(capsys, '--mode=evaluate', f'--workdir={tmp_path / "w"}',
+                              data__root=str(empty), data__synthetic=False)
+    assert code == 1 and 'no subjects found' in errors[0]
+    assert not jax.config.jax_threefry_partitionable
+  finally:
+    jax.config.update('jax_threefry_partitionable', False)

@@ -22,9 +22,30 @@ def test_same_seed_identical_files(tmp_path):
     # The decompressed bytes: header and voxels, everything but gzip's timestamp.
     assert gzip.decompress((a / name).read_bytes()) == gzip.decompress(
         (b / name).read_bytes()), name
-  c = synthetic.generate_subject(5, 2)
-  s = synthetic.generate_subject(5, 1)
-  assert c.flair.shape != s.flair.shape or not np.array_equal(c.flair, s.flair)
+
+
+def _coarse_geometry():
+  """A fixed 4 mm grid over the head: every subject on the same grid, so that
+  images and labels compare voxel by voxel (and fast: ~1 s a subject)."""
+  affine = np.diag([4.0, 4.0, 4.0, 1.0])
+  affine[:3, 3] = [-80, -110, -60]
+  return (40, 48, 36), np.full(3, 4.0), affine
+
+
+def test_same_seed_same_subject_other_seed_or_index_another():
+  geo = _coarse_geometry()
+  a = synthetic.generate_subject(5, 1, geometry=geo)
+  again = synthetic.generate_subject(5, 1, geometry=geo)
+  np.testing.assert_array_equal(again.flair, a.flair)
+  np.testing.assert_array_equal(again.labels, a.labels)
+  np.testing.assert_array_equal(again.brain, a.brain)
+  assert (a.labels == 1).sum() > 0
+  for other in (synthetic.generate_subject(6, 1, geometry=geo),   # another seed
+                synthetic.generate_subject(5, 2, geometry=geo)):  # another index
+    assert other.flair.shape == a.flair.shape == geo[0]
+    assert not np.array_equal(other.flair.astype(np.float32),
+                              a.flair.astype(np.float32))
+    assert not np.array_equal(other.labels, a.labels)
 
 
 @pytest.mark.parametrize('load_ml,geometry', [

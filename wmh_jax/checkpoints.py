@@ -205,6 +205,21 @@ def _first_mismatch(want: dict, have: dict) -> str | None:
   return f'it has {extra[0]} {have[extra[0]]}, which this model lacks' if extra else None
 
 
+def _read_source(source, where: Path, read):
+  """``read()`` of ``train.init_from``'s checkpoint ``where``; a failure (a
+  truncated or unreadable file) as one :class:`CheckpointError` line."""
+  reason = None
+  try:
+    return read()
+  except Exception as e:  # orbax and TensorStore raise many types
+    reason = _reason(e)
+  # Outside the except: its traceback (and the reads it holds) is released here.
+  _silence_leftovers()
+  gc.collect()
+  raise CheckpointError(f'train.init_from={source}: cannot restore its checkpoint '
+                        f'{where} ({reason})')
+
+
 def initialise_from(source, state: steps.TrainState, tx) -> steps.TrainState:
   """``state`` with the params and batch_stats of ``source``'s latest checkpoint.
 
@@ -216,6 +231,8 @@ def initialise_from(source, state: steps.TrainState, tx) -> steps.TrainState:
     FileNotFoundError: ``source`` holds no checkpoint.
     ValueError: the checkpoint's parameters differ from ``state``'s in tree
       structure or shape (another architecture); one line, naming the first.
+    CheckpointError: the checkpoint cannot be read (a truncated or unreadable
+      file) or holds a NaN or inf; one line naming it and the reason.
   """
   directory = Path(source).absolute() / 'checkpoints'
   if not directory.is_dir():
@@ -229,7 +246,8 @@ def initialise_from(source, state: steps.TrainState, tx) -> steps.TrainState:
     if step is None:
       raise FileNotFoundError(f'train.init_from={source}: no checkpoint to start '
                               f'from in {directory} (train that run first)')
-    meta = manager.item_metadata(step)
+    where = directory / str(step)
+    meta = _read_source(source, where, lambda: manager.item_metadata(step))
     meta = getattr(meta, 'tree', meta)
     wanted = {'params': state.params}
     if state.batch_stats:
@@ -240,11 +258,16 @@ def initialise_from(source, state: steps.TrainState, tx) -> steps.TrainState:
       raise ValueError(f'train.init_from={source}: its checkpoint (step {step}) is '
                        f'another architecture: {bad} (model.* must match that run)')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, wanted)
-    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-        item=abstract, partial_restore=True,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+    restored = _read_source(source, where, lambda: manager.restore(
+        step, args=ocp.args.PyTreeRestore(
+            item=abstract, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))))
   finally:
     manager.close()
+  bad = _first_non_finite(restored)
+  if bad:
+    raise CheckpointError(f'train.init_from={source}: its checkpoint {where} holds '
+                          f'non-finite values (NaN or inf in {bad})')
   logging.info('Initialised from %s step %d (params%s; step 0, fresh optimiser '
                'state).', source, step,
                ' and batch_stats' if state.batch_stats else '')

@@ -22,13 +22,6 @@ from jax import lax
 
 from wmh_jax import winograd
 
-# The classic (non-partitionable) threefry: XLA:CPU compiles the partitionable
-# form of the initialisers' random draws ~10x slower (measured here: 46 s vs
-# 4.9 s for 20 normal draws; 45 s vs 8 s for the test network's first init).
-# Parameters are replicated, never sharded, so nothing is lost. It fixes which
-# random numbers a seed gives, the same on every run.
-jax.config.update('jax_threefry_partitionable', False)
-
 # He initialisation: the network is all ReLU.
 _KERNEL_INIT = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
 CONV_IMPLS = ('native', 'fold2d', 'winograd', 'auto')
