@@ -79,6 +79,9 @@ def check_trained_network(config, workdir, argv) -> None:
 
 def _run(config):
   # Imported here so that --help and flag errors are instant.
+  if config.data.get('max_voxels'):  # the size limit of every NIfTI this run reads
+    from wmh_jax import nifti_io  # pylint: disable=g-import-not-at-top
+    nifti_io.MAX_VOXELS = int(config.data.max_voxels)
   if FLAGS.mode == 'score':  # numpy and scipy only: no JAX or TensorFlow start-up
     from wmh_jax import score  # pylint: disable=g-import-not-at-top
     if not FLAGS.gt or not FLAGS.pred:

@@ -64,6 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tfds = ''
   c.data.tfds_dir = 'data/tfds'
   c.data.shuffle_buffer = 64
+  # the most voxels a NIfTI may declare (checked from its header before reading);
+  # 0: 512^3, or the WMH_JAX_MAX_VOXELS environment variable
+  c.data.max_voxels = 0
   c.data.missing_mask = 'skip'          # subjects without wmh.nii.gz: skip with a warning
 
   c.augment = ml_collections.ConfigDict()

@@ -333,6 +333,18 @@ def test_unknown_config_key_lists_the_nearest_keys(capsys):
   assert 'train.learning_rate' in err[0]
 
 
+def test_the_voxel_limit_is_a_config_key(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(nifti_io, 'MAX_VOXELS', nifti_io.MAX_VOXELS)  # restored after
+  scan = tmp_path / 'in' / 'scan.nii.gz'
+  _array(_image())(scan)
+  code, errors = run_launch(capsys, '--mode=predict', f'--workdir={tmp_path / "w"}',
+                            f'--input={scan}', f'--output={tmp_path / "out"}',
+                            data__max_voxels=1000)
+  _assert_refused(code, errors, scan, 'more than the limit of 1,000 '
+                  '(--config.data.max_voxels raises it)')
+  assert nifti_io.MAX_VOXELS == 1000
+
+
 def test_a_huge_header_is_refused_before_the_data_are_read(tmp_path, monkeypatch):
   huge = tmp_path / 'huge.nii.gz'
   huge.write_bytes(huge_nifti_gz())
@@ -343,8 +355,8 @@ def test_a_huge_header_is_refused_before_the_data_are_read(tmp_path, monkeypatch
     nifti_io.load_image(huge)
   assert time.perf_counter() - t < 0.5               # decoding it takes seconds
   assert str(e.value) == (f'{huge}: shape (1024, 1024, 512) is 536,870,912 voxels, '
-                          'more than the limit of 134,217,728 (WMH_JAX_MAX_VOXELS '
-                          'raises it)')
+                          'more than the limit of 134,217,728 '
+                          '(--config.data.max_voxels raises it)')
   # The limit: the module default (from the environment) or per call.
   small = tmp_path / 'small.nii.gz'
   _array(_image())(small)

@@ -17,7 +17,8 @@ from wmh_jax import atomic_write
 # The most voxels a file may declare, checked from its header before any data are
 # read: a 2 MB .nii.gz can decompress to gigabytes, and a volume is decoded into
 # memory as float32 and z-scored in float64. 512^3 (~134 M) is well above any
-# FLAIR; the environment variable raises it for every mode, ``max_voxels`` per call.
+# FLAIR; ``--config.data.max_voxels`` (launch.py sets this for the run) or the
+# environment variable raises it for every mode, ``max_voxels`` per call.
 MAX_VOXELS = int(os.environ.get('WMH_JAX_MAX_VOXELS', 512 ** 3))
 
 
@@ -33,7 +34,7 @@ def check_header(img, path, max_voxels: int | None = None) -> None:
   voxels = int(np.prod(shape, dtype=np.int64))
   if voxels > limit:
     raise NiftiError(f'{path}: shape {shape} is {voxels:,} voxels, more than the '
-                     f'limit of {limit:,} (WMH_JAX_MAX_VOXELS raises it)')
+                     f'limit of {limit:,} (--config.data.max_voxels raises it)')
   dtype = img.get_data_dtype()
   if dtype.names is not None:
     raise NiftiError(f'{path}: RGB or structured voxels ({", ".join(dtype.names)}); '
