@@ -31,6 +31,12 @@ checked, and the model loaded, before anything is created (the output folder
 included); each file is written atomically (``atomic_write``). ``--overwrite``
 replaces a scan's outputs and removes those of its outputs this run does not
 write (a probability map or overlay from an earlier run).
+
+The segmentation itself is ``wmh_jax.inference`` (``read_scan``, ``load``,
+``segment``); this module is the mode: inputs, safety checks, outputs. Only the
+weights are restored (``checkpoints.restore_weights``), and launch.py keeps
+XLA's compiled programs in a persistent cache (``--compilation_cache``, default
+``~/.cache/wmh_jax/jax``), so a second run starts in seconds.
 """
 
 import csv
