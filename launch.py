@@ -101,6 +101,14 @@ def _run(config):
   # normal draws; 45 s vs 8 s for the test network's first init). Parameters are
   # replicated, never sharded. tests/conftest.py sets the same.
   jax.config.update('jax_threefry_partitionable', False)
+  # --- persistent compilation cache (issue 14: predict's cold start) ---
+  # predict compiles the same network on every run: XLA's executables are kept
+  # in --compilation_cache (default ~/.cache/wmh_jax/jax, under $XDG_CACHE_HOME
+  # when set; '' turns it off), so a second run loads them instead.
+  if FLAGS.mode == 'predict' and compilation_cache_dir():
+    jax.config.update('jax_compilation_cache_dir', compilation_cache_dir())
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  # --- end of persistent compilation cache ---
   # --- end of global JAX settings ---
   if config.distributed:  # coordinator, process count and id from the environment
     jax.distributed.initialize()
@@ -221,6 +229,17 @@ flags.DEFINE_multi_string('input', [], 'Input NIfTI files or folders (predict).'
 flags.DEFINE_string('gt', None, 'Ground truth in the challenge layout (score).')
 flags.DEFINE_string('pred', None, 'Predictions: ID/result.nii.gz or ID_wmh.nii.gz (score).')
 flags.DEFINE_bool('overwrite', False, 'Replace existing output files.')
+flags.DEFINE_string('compilation_cache', None,
+                    'JAX persistent compilation cache folder (predict); default '
+                    '~/.cache/wmh_jax/jax; empty: off.')
+
+
+def compilation_cache_dir() -> str:
+  """--compilation_cache, else $XDG_CACHE_HOME (or ~/.cache)/wmh_jax/jax."""
+  if FLAGS.compilation_cache is not None:
+    return FLAGS.compilation_cache
+  base = os.environ.get('XDG_CACHE_HOME') or str(Path.home() / '.cache')
+  return str(Path(base) / 'wmh_jax' / 'jax')
 
 
 def check_config_overrides(argv) -> None:

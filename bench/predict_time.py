@@ -8,6 +8,13 @@ the 128x128x16 grid, resize back, write the mask) for a 512x512x16 2-D FLAIR
 are freshly initialised: the time does not depend on their values. Prints one
 JSON line per scan: median, min and max seconds over the repeats, after one
 warm-up run that compiles the network.
+
+This times the per-scan work in one process. The cold start of one scan (a new
+process: restore the weights, compile or load from the persistent compilation
+cache, segment) is timed on the command line, e.g.
+
+  time python launch.py --mode=predict --workdir=W --input=scan.nii.gz --output=out \
+      --overwrite [--compilation_cache=DIR]
 """
 
 import json
@@ -25,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import default  # pylint: disable=wrong-import-position
+from wmh_jax import inference  # pylint: disable=wrong-import-position
 from wmh_jax import models  # pylint: disable=wrong-import-position
 from wmh_jax import nifti_io  # pylint: disable=wrong-import-position
 from wmh_jax import predict  # pylint: disable=wrong-import-position
@@ -53,7 +61,7 @@ def main(_):
   model = models.create_model(config.model)
   state = steps.create_train_state(config, jax.random.PRNGKey(0), model,
                                    steps.create_optimizer(config.train))
-  prob_fn = predict.make_probability_fn([(model, state)],
+  prob_fn = inference.make_probability_fn([(model, state)],
                                         config.predict.tta_axes if FLAGS.tta else ())
   with tempfile.TemporaryDirectory() as tmp:
     for name, (shape, spacing) in SCANS.items():

@@ -9,7 +9,7 @@ from conftest import write_tiny_subject
 from wmh_jax import challenge_metrics
 from wmh_jax import evaluate
 from wmh_jax import nifti_io
-from wmh_jax import predict
+from wmh_jax import inference
 from wmh_jax import score
 from wmh_jax import subjects
 
@@ -53,7 +53,7 @@ def test_grid_oracle_is_not_an_upper_bound():
   fraction = subjects.lesion_fraction(labels, (8, 8, 6))
   oracle = evaluate.grid_oracle_dice(labels, fraction)
   sharp = (fraction >= 0.1).astype(np.float32)   # a model's confident grid output
-  native, _ = predict.to_native(sharp, labels.shape, 0.5)
+  native, _ = inference.to_native(sharp, labels.shape, 0.5)
   sharper = challenge_metrics.dice(*challenge_metrics.masked_pair(labels, native >= 0.5))
   assert oracle == pytest.approx(4 / 7) and sharper == pytest.approx(2 / 3)
 

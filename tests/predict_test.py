@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from configs import test as test_config
 from wmh_jax import atomic_write
+from wmh_jax import inference
 from wmh_jax import models
 from wmh_jax import nifti_io
 from wmh_jax import predict
@@ -80,7 +81,7 @@ def test_lesion_comes_back_at_its_world_position_lps_oblique_anisotropic(method,
   cfg.predict.method = method
   cfg.predict.spacing = (0.8, 0.8, 4.0)
   cfg.predict.window = (64, 64, 16)
-  reference = predict.model_input(*nifti_io.load_image(path), cfg)
+  reference = inference.model_input(*nifti_io.load_image(path), cfg)
   results = predict.predict(cfg, None, [str(path)], tmp_path / 'out',
                             probability_fn=_bright(reference))
   out = nib.load(str(tmp_path / 'out' / 'lps_oblique_wmh.nii.gz'))
@@ -122,28 +123,28 @@ def test_one_volume_4d_float_input_and_refusals(tmp_path):
 
 
 def test_flip_tta_averages_flipped_predictions_back():
-  assert predict.flip_sets((0,)) == [(), (0,)]
-  assert predict.flip_sets((0, 1)) == [(), (0,), (1,), (0, 1)]
+  assert inference.flip_sets((0,)) == [(), (0,)]
+  assert inference.flip_sets((0, 1)) == [(), (0,), (1,), (0, 1)]
   cfg = test_config.get_config()
   model = models.create_model(cfg.model)
   state = steps.create_train_state(cfg, jax.random.PRNGKey(0), model,
                                    steps.create_optimizer(cfg.train))
   x = np.random.default_rng(0).normal(size=cfg.data.grid).astype(np.float32)
-  plain = predict.make_probability_fn([(model, state)])
-  tta = predict.make_probability_fn([(model, state)], tta_axes=(0,))(x)
+  plain = inference.make_probability_fn([(model, state)])
+  tta = inference.make_probability_fn([(model, state)], tta_axes=(0,))(x)
   expected = (plain(x) + np.flip(plain(np.flip(x, 0).copy()), 0)) / 2
   np.testing.assert_allclose(tta, expected, rtol=1e-5, atol=1e-6)
   assert not np.allclose(tta, plain(x), atol=1e-6)  # the flip did change something
   # An ensemble of one member twice is that member.
-  twice = predict.make_probability_fn([(model, state)] * 2)(x)
+  twice = inference.make_probability_fn([(model, state)] * 2)(x)
   np.testing.assert_allclose(twice, plain(x), rtol=1e-6)
 
 
 def test_sliding_window_covers_every_voxel_and_blends_to_the_mean():
-  assert predict.window_starts(10, 4, 0.5) == [0, 2, 4, 6]
-  assert predict.window_starts(11, 4, 0.5) == [0, 2, 4, 6, 7]
-  assert predict.window_starts(3, 4, 0.5) == [0]
-  w = predict.gaussian_weights((8, 8, 4))
+  assert inference.window_starts(10, 4, 0.5) == [0, 2, 4, 6]
+  assert inference.window_starts(11, 4, 0.5) == [0, 2, 4, 6, 7]
+  assert inference.window_starts(3, 4, 0.5) == [0]
+  w = inference.gaussian_weights((8, 8, 4))
   assert w.shape == (8, 8, 4) and w.max() == 1.0 and w.min() > 0
   volume = np.random.default_rng(0).normal(size=(21, 19, 5)).astype(np.float32)
 
@@ -151,11 +152,11 @@ def test_sliding_window_covers_every_voxel_and_blends_to_the_mean():
     assert window.shape == (8, 8, 4)
     return np.full(window.shape, 0.25, np.float32)
 
-  out = predict.sliding_window(volume, constant, (8, 8, 4), overlap=0.5)
+  out = inference.sliding_window(volume, constant, (8, 8, 4), overlap=0.5)
   assert out.shape == volume.shape
   np.testing.assert_allclose(out, 0.25, rtol=1e-6)
   # An identity "network" returns the input: weights are normalised everywhere.
-  np.testing.assert_allclose(predict.sliding_window(volume, lambda x: x, (8, 8, 4)),
+  np.testing.assert_allclose(inference.sliding_window(volume, lambda x: x, (8, 8, 4)),
                              volume, rtol=1e-5, atol=1e-6)
 
 
@@ -178,7 +179,7 @@ def test_brain_output_bounds_the_lesions_is_written_and_scored(tmp_path, capsys)
 
   cfg = test_config.get_config()
   cfg.predict.overlays = True
-  reference = predict.model_input(*nifti_io.load_image(folder / 'pre' / 'FLAIR.nii.gz'),
+  reference = inference.model_input(*nifti_io.load_image(folder / 'pre' / 'FLAIR.nii.gz'),
                                   cfg)
   lesion_fn = _bright(reference)
   brain_grid = subjects.resize(brain.astype(np.float32), cfg.data.grid)
@@ -221,8 +222,8 @@ def test_brain_mask_keeps_the_largest_component_with_its_holes_filled():
   prob[0:2, 0:2, 0:2] = 0.9               # a separate blob (an eye, say)
   expected = np.zeros(prob.shape, bool)
   expected[3:17, 3:17, 2:8] = True
-  np.testing.assert_array_equal(predict.brain_mask(prob, 0.5), expected)
-  assert not predict.brain_mask(np.zeros((4, 4, 4)), 0.5).any()
+  np.testing.assert_array_equal(inference.brain_mask(prob, 0.5), expected)
+  assert not inference.brain_mask(np.zeros((4, 4, 4)), 0.5).any()
 
 
 def test_native_probability_is_zero_outside_the_brain_only_when_asked():
@@ -230,15 +231,15 @@ def test_native_probability_is_zero_outside_the_brain_only_when_asked():
   lesion = np.full((8, 8, 4), 0.8, np.float32)
   brain = np.zeros((8, 8, 4), np.float32)
   brain[2:6, 2:6, :] = 1.0
-  prob, mask = predict.native_probability((lesion, brain), (16, 16, 8), cfg.predict)
+  prob, mask = inference.native_probability((lesion, brain), (16, 16, 8), cfg.predict)
   assert prob.shape == mask.shape == (16, 16, 8) and mask.any() and not mask.all()
   np.testing.assert_array_equal(prob[~mask], 0.0)
   np.testing.assert_allclose(prob[mask], 0.8, rtol=1e-6)
   cfg.predict.mask_to_brain = False
-  prob, mask2 = predict.native_probability((lesion, brain), (16, 16, 8), cfg.predict)
+  prob, mask2 = inference.native_probability((lesion, brain), (16, 16, 8), cfg.predict)
   np.testing.assert_array_equal(mask2, mask)
   np.testing.assert_allclose(prob, 0.8, rtol=1e-6)
-  prob, none = predict.native_probability(lesion, (16, 16, 8), cfg.predict)
+  prob, none = inference.native_probability(lesion, (16, 16, 8), cfg.predict)
   assert none is None and prob.shape == (16, 16, 8)
 
 
@@ -249,18 +250,18 @@ def test_tta_and_ensemble_average_the_brain_probability_alike():
                                    steps.create_optimizer(cfg.train))
   x = np.random.default_rng(0).normal(size=cfg.data.grid).astype(np.float32)
   # A brain channel never trained (bias still exactly 0) is not used.
-  assert not predict.has_brain_output(model, state)
-  assert isinstance(predict.make_probability_fn([(model, state)])(x), np.ndarray)
+  assert not inference.has_brain_output(model, state)
+  assert isinstance(inference.make_probability_fn([(model, state)])(x), np.ndarray)
   params = dict(state.params)
   params['Conv3D_0'] = {**params['Conv3D_0'], 'bias': jnp.array([-4.0, 0.7])}
   trained = state.replace(params=params)
-  assert predict.has_brain_output(model, trained)
-  plain = predict.make_probability_fn([(model, trained)])
+  assert inference.has_brain_output(model, trained)
+  plain = inference.make_probability_fn([(model, trained)])
   lesion, brain = plain(x)
   assert lesion.shape == brain.shape == x.shape
-  np.testing.assert_allclose(lesion, predict.make_probability_fn([(model, state)])(x),
+  np.testing.assert_allclose(lesion, inference.make_probability_fn([(model, state)])(x),
                              rtol=1e-6)
-  t_lesion, t_brain = predict.make_probability_fn([(model, trained)], tta_axes=(0,))(x)
+  t_lesion, t_brain = inference.make_probability_fn([(model, trained)], tta_axes=(0,))(x)
   flipped = plain(np.flip(x, 0).copy())
   np.testing.assert_allclose(t_brain, (brain + np.flip(flipped[1], 0)) / 2, rtol=1e-5,
                              atol=1e-6)
@@ -268,13 +269,13 @@ def test_tta_and_ensemble_average_the_brain_probability_alike():
                              atol=1e-6)
   assert not np.allclose(t_brain, brain, atol=1e-6)
   # An ensemble with a member without a trained brain gives the lesion alone.
-  mixed = predict.make_probability_fn([(model, trained), (model, state)])(x)
+  mixed = inference.make_probability_fn([(model, trained), (model, state)])(x)
   assert isinstance(mixed, np.ndarray)
 
 
 def test_sliding_window_blends_lesion_and_brain_alike():
   volume = np.random.default_rng(0).normal(size=(21, 19, 5)).astype(np.float32)
-  lesion, brain = predict.sliding_window(volume, lambda v: (v, 2 * v), (8, 8, 4))
+  lesion, brain = inference.sliding_window(volume, lambda v: (v, 2 * v), (8, 8, 4))
   np.testing.assert_allclose(lesion, volume, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(brain, 2 * volume, rtol=1e-5, atol=1e-5)
 

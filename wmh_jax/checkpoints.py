@@ -188,6 +188,87 @@ def restore_latest(config, workdir) -> tuple[models.UNet3D, steps.TrainState]:
     manager.close()
 
 
+def abstract_weights(config, model) -> dict:
+  """``{step, params[, batch_stats]}`` of ``model`` as shapes and dtypes
+  (``jax.eval_shape``: nothing initialised or compiled)."""
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jax.numpy.zeros(steps.input_shape(config), jax.numpy.float32),
+      train=False))
+  wanted = {'step': jax.ShapeDtypeStruct((), jax.numpy.int32),
+            'params': variables['params']}
+  if variables.get('batch_stats'):
+    wanted['batch_stats'] = variables['batch_stats']
+  return wanted
+
+
+def _weights_manager(directory: Path) -> ocp.CheckpointManager:
+  """A read-only manager that restores a part of a saved train state."""
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_handlers=ocp.PyTreeCheckpointHandler())
+
+
+def _restore_part(manager, step: int, abstract: dict):
+  """The subtrees of ``abstract`` from checkpoint ``step`` (orbax partial restore:
+  the optimiser state is never read)."""
+  return manager.restore(step, args=ocp.args.PyTreeRestore(
+      item=abstract, partial_restore=True,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+
+
+def restore_weights(config, workdir) -> tuple[models.UNet3D, steps.TrainState]:
+  """``(model, state)`` for inference from the latest checkpoint in ``workdir``:
+  the step, params and batch_stats only, onto abstract shapes (no train state
+  initialised, nothing compiled); ``state.opt_state`` is None.
+
+  Raises:
+    FileNotFoundError: there is none.
+    ValueError: its parameters have other shapes (another ``model.*``); the
+      message holds ``stored shape``.
+    CheckpointError: it cannot be restored or holds non-finite values.
+  """
+  directory = Path(workdir).absolute() / 'checkpoints'
+  if not directory.is_dir():
+    raise FileNotFoundError(f'{Path(workdir) / "checkpoints"}: no checkpoint to '
+                            'restore (train first)')
+  model = models.create_model(config.model)
+  manager = _weights_manager(directory)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'{Path(workdir) / "checkpoints"}: no checkpoint '
+                              'to restore (train first)')
+    where = directory / str(step)
+    wanted = abstract_weights(config, model)
+    reason, restored = None, None
+    try:
+      meta = manager.item_metadata(step)
+      meta = getattr(meta, 'tree', meta)
+      have = {k: meta.get(k) or {} for k in ('params', 'batch_stats')}
+      bad = _first_mismatch(_flat_shapes({k: wanted.get(k, {}) for k in have}),
+                            _flat_shapes(have))
+      if bad:
+        raise ValueError(f'{where}: a stored shape differs from the model: {bad}')
+      restored = _restore_part(manager, step, wanted)
+    except Exception as e:  # orbax and TensorStore raise many types
+      if isinstance(e, ValueError) and 'stored shape' in str(e):
+        raise
+      reason = _reason(e)
+  finally:
+    manager.close()
+  if reason is not None:  # outside the except: its traceback is released here
+    _silence_leftovers()
+    gc.collect()
+    raise CheckpointError(f'{where}: cannot restore the checkpoint ({reason})')
+  state = steps.TrainState(step=restored['step'], params=restored['params'],
+                           batch_stats=restored.get('batch_stats', {}), opt_state=None)
+  bad = _first_non_finite(state)
+  if bad:
+    raise CheckpointError(f'{where}: the checkpoint holds non-finite values '
+                          f'(NaN or inf in {bad})')
+  return model, state
+
+
 def _flat_shapes(tree) -> dict[str, tuple]:
   """``{'a/b/kernel': shape}`` of the array leaves of a nested dict."""
   return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape)
@@ -238,9 +319,7 @@ def initialise_from(source, state: steps.TrainState, tx) -> steps.TrainState:
   if not directory.is_dir():
     raise FileNotFoundError(f'train.init_from={source}: no checkpoint to start '
                             f'from ({directory} does not exist; train that run first)')
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_handlers=ocp.PyTreeCheckpointHandler())
+  manager = _weights_manager(directory)
   try:
     step = manager.latest_step()
     if step is None:
@@ -258,10 +337,8 @@ def initialise_from(source, state: steps.TrainState, tx) -> steps.TrainState:
       raise ValueError(f'train.init_from={source}: its checkpoint (step {step}) is '
                        f'another architecture: {bad} (model.* must match that run)')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, wanted)
-    restored = _read_source(source, where, lambda: manager.restore(
-        step, args=ocp.args.PyTreeRestore(
-            item=abstract, partial_restore=True,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))))
+    restored = _read_source(source, where,
+                            lambda: _restore_part(manager, step, abstract))
   finally:
     manager.close()
   bad = _first_non_finite(restored)

@@ -1,5 +1,6 @@
 """Evaluate mode: segment every validation subject at native resolution and score."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,10 +11,9 @@ from wmh_jax import atomic_write
 from wmh_jax import challenge_metrics
 from wmh_jax import data
 from wmh_jax import figures
+from wmh_jax import inference
 from wmh_jax import metrics
 from wmh_jax import nifti_io
-from wmh_jax import predict
-from wmh_jax import refine
 from wmh_jax import subjects
 from wmh_jax import tables
 
@@ -39,7 +39,7 @@ def grid_oracle_dice(labels: np.ndarray, fraction: np.ndarray) -> float:
   against 0.783 on one synthetic subject); and it peeks at the truth to pick the
   threshold. NaN when there is no lesion.
   """
-  native, _ = predict.to_native(fraction, labels.shape, 0.5)
+  native, _ = inference.to_native(fraction, labels.shape, 0.5)
   return max((challenge_metrics.dice(*challenge_metrics.masked_pair(labels, native >= t))
               for t in ORACLE_THRESHOLDS), default=float('nan'))
 
@@ -124,7 +124,7 @@ def evaluate(config, workdir, overwrite: bool = False, split: str = 'val') -> di
   and one was fitted on this checkpoint, else the U-Net's probability resized
   back and thresholded at ``config.evaluate.threshold``; with a brain output,
   lesions outside the predicted brain are dropped first
-  (``predict.native_probability``). Writes ``WORKDIR/eval/metrics.csv`` (one row
+  (``inference.native_probability``). Writes ``WORKDIR/eval/metrics.csv`` (one row
   a subject: the challenge's five metrics at native resolution on the file's own
   axes (:func:`case_row`, as ``--mode=score`` on ``eval/pred`` gives them), the
   U-Net's native Dice without refinement, Dice on the grid, the grid oracle's
@@ -143,31 +143,25 @@ def evaluate(config, workdir, overwrite: bool = False, split: str = 'val') -> di
     raise FileExistsError(f'{out_dir / "metrics.csv"}: already exists (pass '
                           '--overwrite to evaluate again)')
   val = data.load_split(config, workdir, split)  # bad data fails first
-  members = predict.load_members(config, workdir)
-  pc = config.predict
-  prob_fn = predict.make_probability_fn(members, pc.tta_axes if pc.tta else ())
   threshold = config.evaluate.threshold
-  step = int(members[0][1].step)
-  refiner = predict.load_refiner(config, workdir, step)
-  if refiner is not None and any(not p.get('source') for p in val):
-    logging.warning('refine: the dataset (data.tfds) keeps no native FLAIR; '
-                    'scoring the U-Net alone')
-    refiner = None
+  segmenter = inference.load(config, workdir, threshold)
+  step = segmenter.step
+  if segmenter.refiner is not None and inference.native_flair_missing(
+      val, 'scoring the U-Net alone'):
+    segmenter = dataclasses.replace(segmenter, refiner=None)
+  refiner = segmenter.refiner
   rows, preds, truths = [], [], []
   for k, p in enumerate(val):
-    out = prob_fn(p['image'])
-    prob, brain = predict.native_probability(out, p['native_shape'], pc)
-    grid_prob, _ = predict.native_probability(out, p['labels'].shape, pc)
-    unet_mask = prob >= threshold
-    labels = p['native_labels']
-    mask = unet_mask
     source = p.get('source', '')
     draw = k < config.evaluate.num_images
-    native = (nifti_io.load_image(source)[0]
-              if source and (draw or refiner is not None) else None)
-    if refiner is not None:
-      mask = refine.refine(refiner, prob, subjects.zscore(native, source, brain),
-                           p['spacing'], config.refine.candidate) >= refiner['threshold']
+    seg = inference.segment(segmenter, inference.ScanInput(
+        p['image'], p['native_shape'], p['spacing'], source or None, on_grid=True),
+                            read_image=draw)
+    grid_prob, _ = inference.native_probability(seg.output, p['labels'].shape,
+                                                config.predict)
+    unet_mask = seg.unet_probability >= threshold
+    labels = p['native_labels']
+    mask, brain, native = seg.mask, seg.brain, seg.image
     rows.append({
         **case_row(p, mask),
         'dice_unet': challenge_metrics.dice(

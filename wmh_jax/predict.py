@@ -31,30 +31,34 @@ checked, and the model loaded, before anything is created (the output folder
 included); each file is written atomically (``atomic_write``). ``--overwrite``
 replaces a scan's outputs and removes those of its outputs this run does not
 write (a probability map or overlay from an earlier run).
+
+The segmentation itself is ``wmh_jax.inference`` (``read_scan``, ``load``,
+``segment``); this module is the mode: inputs, safety checks, outputs. Only the
+weights are restored (``checkpoints.restore_weights``), and launch.py keeps
+XLA's compiled programs in a persistent cache (``--compilation_cache``, default
+``~/.cache/wmh_jax/jax``), so a second run starts in seconds.
 """
 
 import csv
 import dataclasses
-import functools
-import itertools
 import os
 from pathlib import Path
 
 from absl import logging
 import jax
 import numpy as np
-from scipy import ndimage
 
 from wmh_jax import challenge_metrics
-from wmh_jax import checkpoints
 from wmh_jax import figures
+from wmh_jax import inference
 from wmh_jax import metrics
-from wmh_jax import models
 from wmh_jax import nifti_io
-from wmh_jax import refine
-from wmh_jax import steps
 from wmh_jax import subjects
 from wmh_jax import tables
+
+# The preprocessing, for callers that check predict's input (the library is
+# wmh_jax.inference).
+model_input = inference.model_input
 
 # What predict writes for scan NAME: NAME + suffix, in the output folder.
 OUTPUT_SUFFIXES = {'mask': '_wmh.nii.gz', 'brain': '_brain.nii.gz',
@@ -264,225 +268,6 @@ def volume_row(scan: Scan, r: dict) -> dict:
   return row
 
 
-def flip_sets(axes) -> list[tuple[int, ...]]:
-  """Every subset of ``axes`` (grid axes 0..2), the identity first."""
-  return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
-
-
-def has_brain_output(model, state) -> bool:
-  """Whether ``model`` has a brain output that training reached.
-
-  A brain channel that never saw a brain mask (no ``brain.nii.gz`` among the
-  training subjects, e.g. a TFDS dataset) keeps its initial bias of exactly 0:
-  without a gradient Adam moves nothing. Its output is noise, so it is not used.
-  """
-  if not getattr(model, 'brain_output', False):
-    return False
-  if float(np.asarray(models.output_bias(state.params))[1]) == 0.0:
-    logging.warning('model.brain_output: the brain channel was never trained (no '
-                    'brain.nii.gz among the training subjects); it is ignored')
-    return False
-  return True
-
-
-def split_probability(out) -> tuple[np.ndarray, np.ndarray | None]:
-  """``(lesion, brain or None)`` from a probability function's output: one
-  array (lesion only) or a ``(lesion, brain)`` pair."""
-  if isinstance(out, tuple):
-    return out[0], out[1]
-  return out, None
-
-
-def make_probability_fn(members, tta_axes=()):
-  """``grid image (X,Y,Z) -> mean lesion probability (X,Y,Z)``, or the pair
-  ``(lesion, brain)`` of mean probabilities when every member has a trained brain
-  output (:func:`has_brain_output`).
-
-  ``members`` are ``(model, state)`` pairs (an ensemble); with ``tta_axes`` each
-  member also sees the image flipped along every subset of those axes, and the
-  probabilities are flipped back before averaging.
-  """
-  fns = [(jax.jit(functools.partial(steps.predict_logits, model=m)), s)
-         for m, s in members]
-  brain = all(has_brain_output(m, s) for m, s in members)
-  flips = flip_sets(tuple(tta_axes))
-
-  def probability(grid_image: np.ndarray):
-    total = np.zeros((2 if brain else 1, *grid_image.shape), np.float64)
-    for fn, state in fns:
-      for axes in flips:
-        x = np.flip(grid_image, axes) if axes else grid_image
-        logits = fn(state.params, state.batch_stats,
-                    np.ascontiguousarray(x)[None, ..., None])
-        p = np.asarray(jax.nn.sigmoid(logits))[0, ..., :len(total)]
-        total += np.moveaxis(np.flip(p, axes) if axes else p, -1, 0)
-    mean = (total / (len(fns) * len(flips))).astype(np.float32)
-    return (mean[0], mean[1]) if brain else mean[0]
-
-  return probability
-
-
-def to_native(grid_prob: np.ndarray, native_shape,
-              threshold: float) -> tuple[np.ndarray, np.ndarray]:
-  """``(native probability, native mask)``: the grid probability resized back."""
-  native = np.clip(subjects.resize_back(grid_prob, tuple(native_shape)), 0.0, 1.0)
-  return native.astype(np.float32), native >= threshold
-
-
-def brain_mask(brain_prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-  """The brain: ``brain_prob >= threshold``, its largest 26-connected component,
-  holes filled in every axial slice (axis 2), then in 3-D."""
-  mask = brain_prob >= threshold
-  cc, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-  if n == 0:
-    return mask
-  mask = cc == np.argmax(np.bincount(cc.ravel())[1:]) + 1
-  for z in range(mask.shape[2]):
-    mask[:, :, z] = ndimage.binary_fill_holes(mask[:, :, z])
-  return ndimage.binary_fill_holes(mask)
-
-
-def native_probability(output, native_shape, pconfig
-                       ) -> tuple[np.ndarray, np.ndarray | None]:
-  """A probability function's output mapped onto the scan's own grid.
-
-  Returns ``(lesion probability, brain mask or None)``. With a brain
-  probability, the brain mask is :func:`brain_mask` of it resized back
-  (``pconfig.brain_threshold``), and with ``pconfig.mask_to_brain`` the lesion
-  probability is 0 outside it, so neither the threshold nor the refiner finds
-  a lesion there. The one place predict, evaluate and the refiner's fit do this.
-  """
-  lesion, brain = split_probability(output)
-  prob, _ = to_native(lesion, native_shape, 0.5)
-  if brain is None:
-    return prob, None
-  mask = brain_mask(to_native(brain, native_shape, 0.5)[0], pconfig.brain_threshold)
-  if pconfig.mask_to_brain:
-    prob = np.where(mask, prob, np.float32(0.0))
-  return prob, mask
-
-
-def window_starts(n: int, window: int, overlap: float) -> list[int]:
-  """Window origins along one axis: steps of ``window * (1 - overlap)``, ends flush."""
-  if n <= window:
-    return [0]
-  step = max(1, int(window * (1.0 - overlap)))
-  starts = list(range(0, n - window + 1, step))
-  return starts if starts[-1] == n - window else starts + [n - window]
-
-
-def gaussian_weights(window, sigma_fraction: float = 0.125) -> np.ndarray:
-  """A separable Gaussian (sigma = window / 8) peaking at the window centre."""
-  axes = []
-  for w in window:
-    x = np.arange(w) - (w - 1) / 2
-    axes.append(np.exp(-0.5 * (x / max(sigma_fraction * w, 1e-3)) ** 2))
-  weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-  return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
-
-
-def to_spacing(image: np.ndarray, affine: np.ndarray, spacing,
-               path='image') -> np.ndarray:
-  """The training preprocessing at a fixed voxel ``spacing`` (mm) instead of a grid."""
-  native = subjects.voxel_spacing(affine)
-  shape = np.maximum(np.round(np.array(image.shape) * native / np.array(spacing)), 2)
-  return subjects.preprocess(image, tuple(int(n) for n in shape), path)
-
-
-def sliding_window(volume: np.ndarray, probability_fn, window,
-                   overlap: float = 0.5):
-  """Gaussian-weighted mean of ``probability_fn`` over overlapping windows (each
-  part of a ``(lesion, brain)`` output blended alike)."""
-  window = tuple(int(w) for w in window)
-  full = tuple(max(n, w) for n, w in zip(volume.shape, window))
-  padded = np.pad(volume, [(0, f - n) for f, n in zip(full, volume.shape)],
-                  constant_values=float(volume.min()))
-  weights = gaussian_weights(window)
-  totals, pair = None, False
-  norm = np.zeros(full, np.float64)
-  for start in itertools.product(*[window_starts(f, w, overlap)
-                                    for f, w in zip(full, window)]):
-    region = tuple(slice(a, a + w) for a, w in zip(start, window))
-    out = probability_fn(padded[region])
-    pair = isinstance(out, tuple)
-    parts = out if pair else (out,)
-    if totals is None:
-      totals = [np.zeros(full, np.float64) for _ in parts]
-    for total, part in zip(totals, parts):
-      total[region] += part * weights
-    norm[region] += weights
-  crop = tuple(slice(0, n) for n in volume.shape)
-  blended = tuple((total / norm)[crop].astype(np.float32) for total in totals)
-  return blended if pair else blended[0]
-
-
-def model_input(image, affine, config, path='image') -> np.ndarray:
-  """What the network sees: the config grid, or the volume at predict.spacing."""
-  if config.predict.method == 'resize':
-    return subjects.preprocess(image, tuple(config.data.grid), path)
-  if config.predict.method == 'sliding_window':
-    return to_spacing(image, affine, config.predict.spacing, path)
-  raise ValueError(f'predict.method must be resize or sliding_window, got '
-                   f'{config.predict.method!r}')
-
-
-def network_window(config) -> tuple[int, ...]:
-  """The shape the network is applied to: the grid, or the sliding window."""
-  if config.predict.method == 'resize':
-    return tuple(config.data.grid)
-  return tuple(config.predict.window or config.train.patch_size or config.data.grid)
-
-
-def center_crop(volume: np.ndarray, window) -> np.ndarray:
-  """The ``window``-shaped middle of ``volume`` (padded with its minimum if smaller)."""
-  padded = np.pad(volume, [(0, max(0, w - n)) for w, n in zip(window, volume.shape)],
-                  constant_values=float(volume.min()))
-  corner = [(n - w) // 2 for n, w in zip(padded.shape, window)]
-  return padded[tuple(slice(c, c + w) for c, w in zip(corner, window))]
-
-
-def probability_on_input(volume, probability_fn, config):
-  """Lesion probability (or ``(lesion, brain)``) on the model-input volume (grid
-  or fixed spacing)."""
-  if config.predict.method == 'resize':
-    return probability_fn(volume)
-  return sliding_window(volume, probability_fn, network_window(config),
-                        config.predict.overlap)
-
-
-def load_members(config, workdir) -> list:
-  """The ensemble: ``workdir`` plus ``config.predict.ensemble`` (latest checkpoints)."""
-  members = []
-  for d in [workdir, *config.predict.ensemble]:
-    try:
-      members.append(checkpoints.restore_latest(config, d))
-    except ValueError as e:  # orbax: a stored array of another shape
-      if 'stored shape' not in str(e):
-        raise
-      raise ValueError(
-          f'{Path(d) / "checkpoints"}: the checkpoint does not fit this config\'s '
-          f'model.* (trained with model.brain_output='
-          f'{not config.model.get("brain_output", False)}? pass that): '
-          f'{str(e).split(". ")[0]}') from e
-  return members
-
-
-def load_refiner(config, workdir, step: int):
-  """The native refiner fitted on U-Net ``step`` when ``config.refine.enabled``
-  and the scans are predicted as in training (``predict.method='resize'``)."""
-  if not config.refine.enabled:
-    return None
-  refiner = refine.load(workdir, step)
-  if refiner is None:
-    logging.warning('%s: no refiner for step %d; the U-Net\'s mask alone',
-                    refine.path_for(workdir, step), step)
-  elif config.predict.method != 'resize':
-    logging.warning('refine: fitted on predict.method=resize; not applied to %s',
-                    config.predict.method)
-    return None
-  return refiner
-
-
 def activation_collage(path, members, grid_image, title):
   """The post-ReLU feature maps of every conv layer of the first member."""
   model, state = members[0]
@@ -534,34 +319,27 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
   # preprocessed volumes (the native images are read again when drawn).
   prepared = {}
   for s in scans:
-    image, affine = nifti_io.load_image(s.flair)
-    prepared[s.name] = (model_input(image, affine, config, s.flair), image.shape, affine)
+    prepared[s.name] = inference.read_scan(s.flair, config)
+    shape, affine = prepared[s.name].native_shape, prepared[s.name].affine
     if s.wmh is not None:
-      nifti_io.load_labels(s.wmh, affine, image.shape)
+      nifti_io.load_labels(s.wmh, affine, shape)
     if s.brain is not None:
-      nifti_io.load_brain(s.brain, affine, image.shape)
+      nifti_io.load_brain(s.brain, affine, shape)
   check_writable(out_dir)
-  refiner = None
   if probability_fn is None:
-    members = load_members(config, workdir)
-    probability_fn = make_probability_fn(members, pc.tta_axes if pc.tta else ())
-    refiner = load_refiner(config, workdir, int(members[0][1].step))
+    segmenter = inference.load(config, workdir)
   elif pc.activations:
     raise ValueError('predict.activations needs a trained model (workdir)')
+  else:
+    segmenter = inference.Segmenter(probability_fn, config, pc.threshold)
   make_output_folder(out_dir)
   results = []
   for k, s in enumerate(scans):
-    volume, shape, affine = prepared.pop(s.name)
-    prob, brain = native_probability(
-        probability_on_input(volume, probability_fn, config), shape, pc)
-    mask = prob >= pc.threshold
+    scan = prepared.pop(s.name)
+    shape, affine = scan.native_shape, scan.affine
     paths = targets[s.name]
-    native = (nifti_io.load_image(s.flair)[0]
-              if refiner is not None or 'overlay' in paths else None)
-    if refiner is not None:
-      prob = refine.refine(refiner, prob, subjects.zscore(native, s.flair, brain),
-                           subjects.voxel_spacing(affine), config.refine.candidate)
-      mask = prob >= refiner['threshold']
+    seg = inference.segment(segmenter, scan, read_image='overlay' in paths)
+    prob, mask, brain, native = seg.probability, seg.mask, seg.brain, seg.image
     nifti_io.save_like(paths['mask'], mask.astype(np.uint8), s.flair,
                        descrip=_mark('mask'))
     if 'prob' in paths:
@@ -583,8 +361,10 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
       figures.overlay(paths['overlay'], native, mask, truth, title=s.name,
                       brain=brain)
     if 'activations' in paths:
-      activation_collage(paths['activations'], members,
-                         center_crop(volume, network_window(config)), s.name)
+      activation_collage(paths['activations'], segmenter.members,
+                         inference.center_crop(scan.volume,
+                                               inference.network_window(config)),
+                         s.name)
     if overwrite:
       remove_stale(out_dir, s.name, paths)
     r = {'name': s.name, 'mask': str(paths['mask']),

@@ -17,7 +17,8 @@ U-Net is sure of in the same scan.
 To steady it (one MLP's result on a faint-lesion subject moved with its seed),
 ``refine.num_fits`` MLPs are fitted from different seeds and their probabilities
 averaged. A refiner is a plain pytree ``{params: {fit_k: MLP params}, mean, std,
-threshold, unet_step}`` saved with orbax in ``WORKDIR/refine/step_N``, N the
+threshold, candidate, unet_step}`` (all it decided at fit time; the MLP widths
+are read off its kernels) saved with orbax in ``WORKDIR/refine/step_N``, N the
 U-Net checkpoint it was fitted on.
 """
 
@@ -166,7 +167,7 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
       dices.append(challenge_metrics.dice(*challenge_metrics.masked_pair(labels, mask)))
     scores[float(t)] = float(np.nanmean(dices))
   refiner = {**scaled, 'threshold': np.float32(max(scores, key=scores.get)),
-             'unet_step': np.int32(unet_step)}
+             'candidate': np.float64(rc.candidate), 'unet_step': np.int32(unet_step)}
   logging.info('refine: %d MLPs fitted on %d voxels of %d subjects (%.1f%% '
                'lesion), final BCE %s; Dice on them by threshold %s -> %.2f',
                rc.num_fits, len(x), len(cases), 100 * float(y.mean()),
@@ -174,6 +175,15 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
                {t: round(s, 3) for t, s in scores.items()},
                float(refiner['threshold']))
   return refiner
+
+
+def candidate_of(refiner, default: float) -> float:
+  """The candidate level ``refiner`` was fitted with; ``default`` (the config's)
+  for a refiner saved before it stored one, or None. A Python float, as the
+  config's (a 0-d float64 array would compare a float32 probability in float64)."""
+  if refiner is None or 'candidate' not in refiner:
+    return float(default)
+  return float(refiner['candidate'])
 
 
 def _fit_mlp(xn, y, rc, key):

@@ -16,10 +16,10 @@ import orbax.checkpoint as ocp
 from wmh_jax import challenge_metrics
 from wmh_jax import checkpoints
 from wmh_jax import data
+from wmh_jax import inference
 from wmh_jax import input_pipeline
 from wmh_jax import metrics
 from wmh_jax import models
-from wmh_jax import predict
 from wmh_jax import refine
 from wmh_jax import run_record
 from wmh_jax import steps
@@ -41,14 +41,14 @@ def validation_dice(predict_fn, state, val_arrays, config, brain: bool = False
                     ) -> dict[str, float]:
   """Mean per-subject Dice on the config grid (label 2 ignored): ``val/dice_grid``;
   with a ``brain`` output, lesions outside the predicted brain are dropped
-  (``predict.native_probability`` on the grid) and ``val/brain_dice_grid`` is
+  (``inference.native_probability`` on the grid) and ``val/brain_dice_grid`` is
   the brain mask's Dice on the subjects with one."""
   scores, brain_scores = [], []
   has_brain = val_arrays.get('has_brain', np.zeros(len(val_arrays['image'])))
   for i, (image, labels) in enumerate(zip(val_arrays['image'], val_arrays['labels'])):
     logits = predict_fn(state.params, state.batch_stats, image[None, ..., None])
     p = np.asarray(jax.nn.sigmoid(logits))[0]
-    prob, mask = predict.native_probability(
+    prob, mask = inference.native_probability(
         (p[..., 0], p[..., 1]) if brain else p[..., 0], labels.shape, config.predict)
     scores.append(metrics.dice(prob >= config.evaluate.threshold, labels))
     if mask is not None and has_brain[i]:
@@ -151,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
         host = []
       if step % config.train.eval_every_steps == 0 or is_last:
         vd = validation_dice(predict_fn, state, val_arrays, config,
-                             predict.has_brain_output(model, state))
+                             inference.has_brain_output(model, state))
         writer.write_scalars(step, vd)
         logging.info('step %d: validation Dice (grid) %.4f%s', step, vd['val/dice_grid'],
                      f', brain Dice (grid) {vd["val/brain_dice_grid"]:.4f}'
@@ -173,20 +173,20 @@ def fit_refiner(config, workdir, train_set, model, state) -> None:
   rc, step = config.refine, int(state.step)
   if not rc.enabled or refine.path_for(workdir, step).is_dir():
     return
-  if any(not p.get('source') for p in train_set):
-    logging.warning('refine: the dataset (data.tfds) keeps no native FLAIR; '
-                    'no refiner fitted, evaluate scores the U-Net alone')
+  if inference.native_flair_missing(
+      train_set, 'no refiner fitted, evaluate scores the U-Net alone'):
     return
   n = min(rc.num_subjects, len(train_set))
   picks = [train_set[i] for i in np.unique(np.linspace(0, len(train_set) - 1, n)
                                            .round().astype(int))]
-  prob_fn = predict.make_probability_fn([(model, state)])
+  segmenter = inference.Segmenter(inference.make_probability_fn([(model, state)]),
+                                  config, config.predict.threshold)
   cases, t0 = [], time.time()
   for k, p in enumerate(picks):  # no lesion candidate outside the predicted brain
-    prob, brain = predict.native_probability(prob_fn(p['image']),
-                                             p['native_shape'], config.predict)
-    image = refine.native_flair(p['source'], brain)
-    cases.append((prob, image, p['spacing'], p['native_labels']))
+    seg = inference.segment(segmenter, inference.ScanInput(
+        p['image'], p['native_shape'], p['spacing'], p['source'], on_grid=True),
+                            before_refine=True)
+    cases.append((seg.unet_probability, seg.flair_z, p['spacing'], p['native_labels']))
     logging.info('refine: U-Net probability of training subject %d/%d %s (%.0f s)',
                  k + 1, len(picks), p['key'], time.time() - t0)
   try:

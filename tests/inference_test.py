@@ -1,0 +1,110 @@
+"""The inference library: weights-only restore, and one scan through segment."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import test as test_config
+from wmh_jax import checkpoints
+from wmh_jax import inference
+from wmh_jax import models
+from wmh_jax import nifti_io
+from wmh_jax import refine
+from wmh_jax import steps
+from wmh_jax import subjects
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  """``(config, workdir)``: a saved train state (step 5) whose brain channel has a
+  bias (so inference uses it), as training saves it."""
+  cfg = test_config.get_config()
+  model = models.create_model(cfg.model)
+  tx = steps.create_optimizer(cfg.train)
+  state = steps.create_train_state(cfg, jax.random.PRNGKey(3), model, tx)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, p: p + 0.25 if 'bias' in jax.tree_util.keystr(path) else p,
+      state.params)
+  state = state.replace(step=jnp.asarray(5, jnp.int32), params=params)
+  workdir = tmp_path_factory.mktemp('inference')
+  manager = checkpoints.checkpoint_manager(workdir, cfg)
+  manager.save(5, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  manager.close()
+  return cfg, workdir
+
+
+def test_restore_weights_reads_what_the_full_restore_reads_without_the_optimiser(
+    workdir):
+  cfg, wd = workdir
+  model, state = checkpoints.restore_weights(cfg, wd)
+  _, full = checkpoints.restore_latest(cfg, wd)
+  assert int(state.step) == 5 and state.opt_state is None
+  assert model.brain_output == cfg.model.brain_output
+  for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
+                  jax.tree.leaves((full.params, full.batch_stats))):
+    assert a.shape == b.shape and np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_restore_weights_refuses_another_architecture_in_one_line(workdir):
+  cfg, wd = workdir
+  cfg = cfg.copy_and_resolve_references()
+  cfg.model.brain_output = not cfg.model.brain_output
+  with pytest.raises(ValueError, match='stored shape') as e:
+    checkpoints.restore_weights(cfg, wd)
+  assert '\n' not in str(e.value)
+  with pytest.raises(ValueError, match='trained with model.brain_output'):
+    inference.load_members(cfg, wd)
+  with pytest.raises(FileNotFoundError, match='no checkpoint'):
+    checkpoints.restore_weights(cfg, wd / 'nothing')
+
+
+def _scan(tmp_path, rng):
+  from conftest import write_tiny_subject  # pylint: disable=g-import-not-at-top
+  write_tiny_subject(tmp_path / 's', rng)
+  return tmp_path / 's' / 'pre' / 'FLAIR.nii.gz', tmp_path / 's' / 'wmh.nii.gz'
+
+
+def test_segment_is_the_chain_and_the_refiner_keeps_its_candidate(workdir, tmp_path):
+  cfg, wd = workdir
+  cfg = cfg.copy_and_resolve_references()
+  flair, wmh = _scan(tmp_path, np.random.default_rng(1))
+  segmenter = inference.load(cfg, wd)
+  assert segmenter.refiner is None and segmenter.step == 5
+  scan = inference.read_scan(flair, cfg)
+  # Stopped before refining: the U-Net's native probability and the refiner's input.
+  before = inference.segment(segmenter, scan, before_refine=True)
+  image, affine = nifti_io.load_image(flair)
+  out = segmenter.probability_fn(subjects.preprocess(image, tuple(cfg.data.grid)))
+  prob, brain = inference.native_probability(out, image.shape, cfg.predict)
+  assert brain is not None and not prob[~brain].any()
+  np.testing.assert_array_equal(before.unet_probability, prob)
+  np.testing.assert_array_equal(before.mask, prob >= cfg.predict.threshold)
+  np.testing.assert_array_equal(before.flair_z, subjects.zscore(image, flair, brain))
+  assert not before.refined and before.image is not None
+  # A refiner fitted there, saved with a candidate other than the config's.
+  labels = nifti_io.load_labels(wmh, affine, image.shape)
+  rc = cfg.refine.copy_and_resolve_references()
+  candidate = round(0.5 * float(prob[brain].min()), 4)   # every brain voxel
+  assert candidate not in (0.0, cfg.refine.candidate)
+  rc.update(candidate=candidate, hidden=(4,), num_fits=1, num_steps=20)
+  fitted = refine.fit([(prob, before.flair_z, scan.spacing, labels)], rc, 0, 5)
+  assert float(fitted['candidate']) == candidate
+  refine.save(wd, fitted)
+  segmenter = inference.load(cfg, wd)
+  assert segmenter.refiner is not None and segmenter.candidate == candidate
+  seg = inference.segment(segmenter, scan)
+  refined = refine.refine(segmenter.refiner, prob, before.flair_z, scan.spacing, candidate)
+  assert seg.refined
+  np.testing.assert_array_equal(seg.unet_probability, prob)
+  np.testing.assert_array_equal(seg.probability, refined)
+  np.testing.assert_array_equal(seg.mask, refined >= fitted['threshold'])
+  # A refiner saved before it stored its candidate: the config's.
+  old = {k: v for k, v in fitted.items() if k != 'candidate'}
+  assert refine.candidate_of(old, cfg.refine.candidate) == cfg.refine.candidate
+  # A scan without its native FLAIR file cannot be refined.
+  with pytest.raises(ValueError, match='native FLAIR'):
+    inference.segment(segmenter, inference.ScanInput(
+        scan.volume, scan.native_shape, scan.spacing, None))

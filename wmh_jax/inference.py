@@ -1,0 +1,375 @@
+"""Inference: segment one scan, from its FLAIR to the native lesion mask.
+
+The one per-scan pipeline that ``predict``, ``evaluate`` and the refiner's fit
+(``train.fit_refiner``) all call (:func:`segment`):
+
+  read (``read_scan``: canonical RAS, ``subjects.preprocess`` onto the grid or
+  ``predict.spacing``) -> network (``make_probability_fn``: ensemble members and
+  flip TTA; ``sliding_window`` at a spacing) -> native grid (``native_probability``:
+  resized back; with a brain output the native brain mask, and no lesion outside
+  it) -> refine (the native refiner of ``wmh_jax.refine`` on the FLAIR z-scored in
+  that brain) -> threshold.
+
+``load`` restores what inference needs from a workdir (the weights only,
+``checkpoints.restore_weights``, and the refiner); a :class:`Segmentation`
+holds every stage's result a caller writes or scores.
+"""
+
+import dataclasses
+import functools
+import itertools
+from pathlib import Path
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import numpy as np
+from scipy import ndimage
+
+from wmh_jax import checkpoints
+from wmh_jax import models
+from wmh_jax import nifti_io
+from wmh_jax import refine
+from wmh_jax import steps
+from wmh_jax import subjects
+
+
+def flip_sets(axes) -> list[tuple[int, ...]]:
+  """Every subset of ``axes`` (grid axes 0..2), the identity first."""
+  return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def has_brain_output(model, state) -> bool:
+  """Whether ``model`` has a brain output that training reached.
+
+  A brain channel that never saw a brain mask (no ``brain.nii.gz`` among the
+  training subjects, e.g. a TFDS dataset) keeps its initial bias of exactly 0:
+  without a gradient Adam moves nothing. Its output is noise, so it is not used.
+  """
+  if not getattr(model, 'brain_output', False):
+    return False
+  if float(np.asarray(models.output_bias(state.params))[1]) == 0.0:
+    logging.warning('model.brain_output: the brain channel was never trained (no '
+                    'brain.nii.gz among the training subjects); it is ignored')
+    return False
+  return True
+
+
+def split_probability(out) -> tuple[np.ndarray, np.ndarray | None]:
+  """``(lesion, brain or None)`` from a probability function's output: one
+  array (lesion only) or a ``(lesion, brain)`` pair."""
+  if isinstance(out, tuple):
+    return out[0], out[1]
+  return out, None
+
+
+def make_probability_fn(members, tta_axes=()):
+  """``grid image (X,Y,Z) -> mean lesion probability (X,Y,Z)``, or the pair
+  ``(lesion, brain)`` of mean probabilities when every member has a trained brain
+  output (:func:`has_brain_output`).
+
+  ``members`` are ``(model, state)`` pairs (an ensemble); with ``tta_axes`` each
+  member also sees the image flipped along every subset of those axes, and the
+  probabilities are flipped back before averaging.
+  """
+  fns = [(jax.jit(functools.partial(steps.predict_logits, model=m)), s)
+         for m, s in members]
+  brain = all(has_brain_output(m, s) for m, s in members)
+  flips = flip_sets(tuple(tta_axes))
+
+  def probability(grid_image: np.ndarray):
+    total = np.zeros((2 if brain else 1, *grid_image.shape), np.float64)
+    for fn, state in fns:
+      for axes in flips:
+        x = np.flip(grid_image, axes) if axes else grid_image
+        logits = fn(state.params, state.batch_stats,
+                    np.ascontiguousarray(x)[None, ..., None])
+        p = np.asarray(jax.nn.sigmoid(logits))[0, ..., :len(total)]
+        total += np.moveaxis(np.flip(p, axes) if axes else p, -1, 0)
+    mean = (total / (len(fns) * len(flips))).astype(np.float32)
+    return (mean[0], mean[1]) if brain else mean[0]
+
+  return probability
+
+
+def to_native(grid_prob: np.ndarray, native_shape,
+              threshold: float) -> tuple[np.ndarray, np.ndarray]:
+  """``(native probability, native mask)``: the grid probability resized back."""
+  native = np.clip(subjects.resize_back(grid_prob, tuple(native_shape)), 0.0, 1.0)
+  return native.astype(np.float32), native >= threshold
+
+
+def brain_mask(brain_prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+  """The brain: ``brain_prob >= threshold``, its largest 26-connected component,
+  holes filled in every axial slice (axis 2), then in 3-D."""
+  mask = brain_prob >= threshold
+  cc, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+  if n == 0:
+    return mask
+  mask = cc == np.argmax(np.bincount(cc.ravel())[1:]) + 1
+  for z in range(mask.shape[2]):
+    mask[:, :, z] = ndimage.binary_fill_holes(mask[:, :, z])
+  return ndimage.binary_fill_holes(mask)
+
+
+def native_probability(output, native_shape, pconfig
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
+  """A probability function's output mapped onto the scan's own grid.
+
+  Returns ``(lesion probability, brain mask or None)``. With a brain
+  probability, the brain mask is :func:`brain_mask` of it resized back
+  (``pconfig.brain_threshold``), and with ``pconfig.mask_to_brain`` the lesion
+  probability is 0 outside it, so neither the threshold nor the refiner finds
+  a lesion there. The one place predict, evaluate and the refiner's fit do this.
+  """
+  lesion, brain = split_probability(output)
+  prob, _ = to_native(lesion, native_shape, 0.5)
+  if brain is None:
+    return prob, None
+  mask = brain_mask(to_native(brain, native_shape, 0.5)[0], pconfig.brain_threshold)
+  if pconfig.mask_to_brain:
+    prob = np.where(mask, prob, np.float32(0.0))
+  return prob, mask
+
+
+def window_starts(n: int, window: int, overlap: float) -> list[int]:
+  """Window origins along one axis: steps of ``window * (1 - overlap)``, ends flush."""
+  if n <= window:
+    return [0]
+  step = max(1, int(window * (1.0 - overlap)))
+  starts = list(range(0, n - window + 1, step))
+  return starts if starts[-1] == n - window else starts + [n - window]
+
+
+def gaussian_weights(window, sigma_fraction: float = 0.125) -> np.ndarray:
+  """A separable Gaussian (sigma = window / 8) peaking at the window centre."""
+  axes = []
+  for w in window:
+    x = np.arange(w) - (w - 1) / 2
+    axes.append(np.exp(-0.5 * (x / max(sigma_fraction * w, 1e-3)) ** 2))
+  weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+  return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
+
+
+def to_spacing(image: np.ndarray, affine: np.ndarray, spacing,
+               path='image') -> np.ndarray:
+  """The training preprocessing at a fixed voxel ``spacing`` (mm) instead of a grid."""
+  native = subjects.voxel_spacing(affine)
+  shape = np.maximum(np.round(np.array(image.shape) * native / np.array(spacing)), 2)
+  return subjects.preprocess(image, tuple(int(n) for n in shape), path)
+
+
+def sliding_window(volume: np.ndarray, probability_fn, window,
+                   overlap: float = 0.5):
+  """Gaussian-weighted mean of ``probability_fn`` over overlapping windows (each
+  part of a ``(lesion, brain)`` output blended alike)."""
+  window = tuple(int(w) for w in window)
+  full = tuple(max(n, w) for n, w in zip(volume.shape, window))
+  padded = np.pad(volume, [(0, f - n) for f, n in zip(full, volume.shape)],
+                  constant_values=float(volume.min()))
+  weights = gaussian_weights(window)
+  totals, pair = None, False
+  norm = np.zeros(full, np.float64)
+  for start in itertools.product(*[window_starts(f, w, overlap)
+                                    for f, w in zip(full, window)]):
+    region = tuple(slice(a, a + w) for a, w in zip(start, window))
+    out = probability_fn(padded[region])
+    pair = isinstance(out, tuple)
+    parts = out if pair else (out,)
+    if totals is None:
+      totals = [np.zeros(full, np.float64) for _ in parts]
+    for total, part in zip(totals, parts):
+      total[region] += part * weights
+    norm[region] += weights
+  crop = tuple(slice(0, n) for n in volume.shape)
+  blended = tuple((total / norm)[crop].astype(np.float32) for total in totals)
+  return blended if pair else blended[0]
+
+
+def model_input(image, affine, config, path='image') -> np.ndarray:
+  """What the network sees: the config grid, or the volume at predict.spacing."""
+  if config.predict.method == 'resize':
+    return subjects.preprocess(image, tuple(config.data.grid), path)
+  if config.predict.method == 'sliding_window':
+    return to_spacing(image, affine, config.predict.spacing, path)
+  raise ValueError(f'predict.method must be resize or sliding_window, got '
+                   f'{config.predict.method!r}')
+
+
+def network_window(config) -> tuple[int, ...]:
+  """The shape the network is applied to: the grid, or the sliding window."""
+  if config.predict.method == 'resize':
+    return tuple(config.data.grid)
+  return tuple(config.predict.window or config.train.patch_size or config.data.grid)
+
+
+def center_crop(volume: np.ndarray, window) -> np.ndarray:
+  """The ``window``-shaped middle of ``volume`` (padded with its minimum if smaller)."""
+  padded = np.pad(volume, [(0, max(0, w - n)) for w, n in zip(window, volume.shape)],
+                  constant_values=float(volume.min()))
+  corner = [(n - w) // 2 for n, w in zip(padded.shape, window)]
+  return padded[tuple(slice(c, c + w) for c, w in zip(corner, window))]
+
+
+def probability_on_input(volume, probability_fn, config):
+  """Lesion probability (or ``(lesion, brain)``) on the model-input volume (grid
+  or fixed spacing)."""
+  if config.predict.method == 'resize':
+    return probability_fn(volume)
+  return sliding_window(volume, probability_fn, network_window(config),
+                        config.predict.overlap)
+
+
+def load_members(config, workdir) -> list:
+  """The ensemble: ``workdir`` plus ``config.predict.ensemble`` (latest checkpoints,
+  their weights only: ``checkpoints.restore_weights``)."""
+  members = []
+  for d in [workdir, *config.predict.ensemble]:
+    try:
+      members.append(checkpoints.restore_weights(config, d))
+    except ValueError as e:  # orbax: a stored array of another shape
+      if 'stored shape' not in str(e):
+        raise
+      raise ValueError(
+          f'{Path(d) / "checkpoints"}: the checkpoint does not fit this config\'s '
+          f'model.* (trained with model.brain_output='
+          f'{not config.model.get("brain_output", False)}? pass that): '
+          f'{str(e).split(". ")[0]}') from e
+  return members
+
+
+def load_refiner(config, workdir, step: int):
+  """The native refiner fitted on U-Net ``step`` when ``config.refine.enabled``
+  and the scans are predicted as in training (``predict.method='resize'``)."""
+  if not config.refine.enabled:
+    return None
+  refiner = refine.load(workdir, step)
+  if refiner is None:
+    logging.warning('%s: no refiner for step %d; the U-Net\'s mask alone',
+                    refine.path_for(workdir, step), step)
+  elif config.predict.method != 'resize':
+    logging.warning('refine: fitted on predict.method=resize; not applied to %s',
+                    config.predict.method)
+    return None
+  return refiner
+
+
+
+
+def native_flair_missing(examples, consequence: str) -> bool:
+  """Whether some of ``examples`` (prepared subjects) have no native FLAIR file
+  (a TFDS dataset keeps none): the refiner can be neither fitted nor applied.
+  Warns, ending with ``consequence``."""
+  if all(p.get('source') for p in examples):
+    return False
+  logging.warning('refine: the dataset (data.tfds) keeps no native FLAIR; %s',
+                  consequence)
+  return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmenter:
+  """A loaded model: everything :func:`segment` needs besides the scan.
+
+  ``probability_fn``: network input -> lesion probability, or ``(lesion,
+  brain)`` (:func:`make_probability_fn`); ``threshold``: the U-Net's;
+  ``refiner``: a ``wmh_jax.refine`` refiner or None, applied to the voxels with
+  U-Net probability >= ``candidate`` (the refiner's own, else the config's).
+  """
+  probability_fn: Callable
+  config: Any
+  threshold: float
+  refiner: dict | None = None
+  candidate: float = 0.0
+  members: tuple = ()
+  step: int | None = None
+
+
+def load(config, workdir, threshold: float | None = None) -> Segmenter:
+  """The ensemble of ``workdir`` (with flip TTA when ``predict.tta``) and its
+  refiner; ``threshold`` defaults to ``predict.threshold``."""
+  pc = config.predict
+  members = load_members(config, workdir)
+  step = int(members[0][1].step)
+  refiner = load_refiner(config, workdir, step)
+  return Segmenter(
+      probability_fn=make_probability_fn(members, pc.tta_axes if pc.tta else ()),
+      config=config,
+      threshold=pc.threshold if threshold is None else threshold,
+      refiner=refiner,
+      candidate=refine.candidate_of(refiner, config.refine.candidate),
+      members=tuple(members), step=step)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanInput:
+  """One scan as the pipeline takes it.
+
+  ``volume``: what the network sees (:func:`model_input`); ``on_grid``: it is
+  on ``config.data.grid`` whatever ``predict.method`` (evaluate's prepared
+  subjects), so the network sees it whole; ``flair``: the native FLAIR file
+  (the refiner's input), None for a TFDS example.
+  """
+  volume: np.ndarray
+  native_shape: tuple
+  spacing: tuple
+  flair: Path | str | None = None
+  affine: np.ndarray | None = None
+  on_grid: bool = False
+
+
+def read_scan(path, config) -> ScanInput:
+  """Reads and preprocesses the FLAIR at ``path`` (bad input: one line naming it)."""
+  image, affine = nifti_io.load_image(path)
+  return ScanInput(model_input(image, affine, config, path), tuple(image.shape),
+                   tuple(subjects.voxel_spacing(affine)), path, affine)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmentation:
+  """One scan's result, every array on its native grid (canonical RAS).
+
+  ``output``: the network's on its input; ``unet_probability``: that resized
+  back (0 outside the brain with ``predict.mask_to_brain``); ``probability``
+  and ``mask``: the final ones (refined when ``refined``); ``brain``: the brain
+  mask or None; ``image``: the native FLAIR when read; ``flair_z``: it z-scored
+  in the brain (the refiner's input) when refining or stopped before.
+  """
+  output: Any
+  unet_probability: np.ndarray
+  probability: np.ndarray
+  mask: np.ndarray
+  brain: np.ndarray | None
+  image: np.ndarray | None = None
+  flair_z: np.ndarray | None = None
+  refined: bool = False
+
+
+def segment(segmenter: Segmenter, scan: ScanInput, read_image: bool = False,
+            before_refine: bool = False) -> Segmentation:
+  """Segments one scan: network -> native grid -> brain -> refine -> threshold.
+
+  Args:
+    segmenter: the model (:func:`load`).
+    scan: the preprocessed scan (:func:`read_scan`).
+    read_image: also read the native FLAIR (``Segmentation.image``; to draw).
+    before_refine: stop before refining, with the refiner's input
+      (``flair_z``) read: what the refiner is fitted on.
+  """
+  fn, config = segmenter.probability_fn, segmenter.config
+  out = fn(scan.volume) if scan.on_grid else probability_on_input(scan.volume, fn,
+                                                                  config)
+  prob, brain = native_probability(out, scan.native_shape, config.predict)
+  refiner = None if before_refine else segmenter.refiner
+  if refiner is not None and scan.flair is None:
+    raise ValueError('refine: a scan without its native FLAIR file cannot be refined')
+  need_z = scan.flair is not None and (refiner is not None or before_refine)
+  image = (nifti_io.load_image(scan.flair)[0]
+           if scan.flair is not None and (read_image or need_z) else None)
+  flair_z = subjects.zscore(image, scan.flair, brain) if need_z else None
+  final, mask = prob, prob >= segmenter.threshold
+  if refiner is not None:
+    final = refine.refine(refiner, prob, flair_z, scan.spacing, segmenter.candidate)
+    mask = final >= refiner['threshold']
+  return Segmentation(out, prob, final, mask, brain, image, flair_z,
+                      refiner is not None)
