@@ -421,6 +421,7 @@ def test_default_param_tree_is_the_one_checkpoints_hold():
   assert got == DEFAULT_PARAM_TREE
 
 
+@pytest.mark.filterwarnings('ignore:conv_impl')
 @pytest.mark.parametrize('norm,impl', list(REFERENCE_LOGITS))
 def test_logits_are_bit_for_bit_those_of_the_code_before_convs(norm, impl):
   from configs import test as test_config  # pylint: disable=g-import-not-at-top
