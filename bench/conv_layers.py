@@ -9,11 +9,11 @@ gradient (forward and backward, to input and kernel) under jit, for
 - ``native``: one ``lax.conv_general_dilated`` in 3-D;
 - ``fold2d_xla``: slices folded into the batch (depth-shifted copies stacked on
   channels for kz > 1), XLA's own 2-D convolution and its own gradient;
-- ``fold2d``: the same with ``models.conv2d_same``, whose kernel gradient is
+- ``fold2d``: the same with ``convs.conv2d_im2col_grad``, whose kernel gradient is
   one im2col matmul;
 - ``winograd``: fold2d with the 3x3 convolutions by ``wmh_jax.winograd`` F(4x4,
   3x3), and the decoder's up-convolutions (nearest upsampling, then a kernel of
-  the upsampling's size) as ``models.upconv_nearest`` at the low resolution (what
+  the upsampling's size) as ``convs.upconv_nearest`` at the low resolution (what
   the model uses on CPU).
 
 Prints one JSON line per (layer, implementation): median, min and max seconds
@@ -27,9 +27,7 @@ direct-equivalent rates. Like launch.py, it first has glibc keep freed memory
 import functools
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 from absl import app
 from absl import flags
@@ -37,9 +35,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from wmh_jax import host_memory  # pylint: disable=wrong-import-position
-from wmh_jax import models  # pylint: disable=wrong-import-position
+from wmh_jax import host_memory
+from wmh_jax import convs
+from wmh_jax import models
 
 flags.DEFINE_integer('repeats', 5, 'Timed runs per setting.')
 flags.DEFINE_integer('batch', 1, 'Batch size.')
@@ -67,17 +65,17 @@ def _fold2d_xla(x, kernel):
   """fold2d with XLA's own convolution gradient (no custom VJP)."""
   kx, ky, kz, cin, cout = kernel.shape
   b, z, h, w, _ = x.shape
-  y = lax.conv_general_dilated(models.fold_depth(x, kz).reshape(b * z, h, w, kz * cin),
+  y = lax.conv_general_dilated(convs.fold_depth(x, kz).reshape(b * z, h, w, kz * cin),
                                kernel.reshape(kx, ky, kz * cin, cout), (1, 1), 'SAME',
                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   return y.reshape(b, z, h, w, cout)
 
 
 IMPLS = {
-    'native': functools.partial(models.conv3d, impl='native'),
+    'native': functools.partial(convs.conv3d, impl='native'),
     'fold2d_xla': _fold2d_xla,
-    'fold2d': functools.partial(models.conv3d, impl='fold2d'),
-    'winograd': functools.partial(models.conv3d, impl='winograd'),
+    'fold2d': functools.partial(convs.conv3d, impl='fold2d'),
+    'winograd': functools.partial(convs.conv3d, impl='winograd'),
 }
 
 
@@ -87,7 +85,7 @@ def _up(conv):
 
 
 UP_IMPLS = {name: _up(conv) for name, conv in IMPLS.items() if name != 'winograd'}
-UP_IMPLS['winograd'] = models.upconv_nearest
+UP_IMPLS['winograd'] = convs.upconv_nearest
 
 
 def _time(fn, *args) -> list[float]:

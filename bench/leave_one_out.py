@@ -27,11 +27,11 @@ from pathlib import Path
 from absl import app
 from absl import flags
 
+from wmh_jax import challenge_metrics
+from wmh_jax import subjects
+from wmh_jax import tables
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from wmh_jax import challenge_metrics  # pylint: disable=wrong-import-position
-from wmh_jax import subjects  # pylint: disable=wrong-import-position
-from wmh_jax import tables  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 # Printed per fold (all of metrics.csv's columns go to leave_one_out.csv).

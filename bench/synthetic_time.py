@@ -11,18 +11,15 @@ is read once, before timing (the main job's workers read it once each).
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from wmh_jax import data  # pylint: disable=wrong-import-position
-from wmh_jax import nifti_io  # pylint: disable=wrong-import-position
-from wmh_jax import synthetic  # pylint: disable=wrong-import-position
+from wmh_jax import data
+from wmh_jax import nifti_io
+from wmh_jax import synthetic
 
 _SUBJECTS = flags.DEFINE_integer('subjects', 9, 'subjects timed one by one')
 _POOL = flags.DEFINE_integer('pool_subjects', 6, 'subjects for the pool throughput (0: skip)')

@@ -31,10 +31,8 @@ import functools
 import json
 import os
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 from absl import app
 from absl import flags
@@ -45,12 +43,12 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configs import default  # pylint: disable=wrong-import-position
-from wmh_jax import host_memory  # pylint: disable=wrong-import-position
-from wmh_jax import machine  # pylint: disable=wrong-import-position
-from wmh_jax import models  # pylint: disable=wrong-import-position
-from wmh_jax import steps  # pylint: disable=wrong-import-position
+from configs import default
+from wmh_jax import convs
+from wmh_jax import host_memory
+from wmh_jax import machine
+from wmh_jax import models
+from wmh_jax import steps
 
 flags.DEFINE_list('batches', ['1', '2'], 'Batch sizes to time.')
 flags.DEFINE_integer('steps', 5, 'Timed rounds per (batch, phase).')
@@ -241,7 +239,8 @@ def main(_):
   common = {'grid': grid, 'rounds': FLAGS.steps, 'cpu_count': os.cpu_count(),
             'torch_threads': torch.get_num_threads(), 'jax_version': jax.__version__,
             'torch_version': torch.__version__, 'keep_freed_memory': kept,
-            'jax_conv_impl': models.resolve_conv_impl(config.model.conv_impl)}
+            'jax_conv_impl': convs.resolve_name(config.model.conv_impl,
+                                               norm=config.model.norm)}
   rng = np.random.default_rng(0)
 
   for batch in (int(b) for b in FLAGS.batches):

@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repo root: for `import launch` (a script, not in the package), and for the
+# package itself when this checkout is not the one `pip install -e` points at;
+# PYTHONPATH carries it into the scripts the tests start (sharding_check.py).
+ROOT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, ROOT)
+os.environ['PYTHONPATH'] = os.pathsep.join(
+    [ROOT] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # The global JAX settings launch.py makes (in ``_run``), so that the tests draw
 # the random numbers a launch draws; the environment variable carries them into

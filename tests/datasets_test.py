@@ -50,30 +50,24 @@ def test_challenge_leave_one_site_out(tiny_dataset, tmp_path):
                                   manual_dir=tiny_dataset, val_sites=('Leiden',))
 
 
-def test_challenge_flair_t1_and_test_split(tmp_path):
+def test_challenge_test_split_and_no_t1_config(tmp_path):
   rng = np.random.default_rng(4)
   root = tmp_path / 'download'
   for part, site, ids in (('training', 'Utrecht', '012'), ('training', 'Singapore', '345'),
                           ('test', 'Amsterdam/GE1T5', '67')):
     for i in ids:
       folder = root / part / site / i
-      image, _ = write_tiny_subject(folder, rng)
-      nifti_io.save(folder / 'pre' / 'T1.nii.gz', (250 - image).astype(np.float32),
-                    np.diag([1.2, 1.2, 3.0, 1.0]))
-  builder = datasets.make_builder('wmh_challenge/flair_t1', GRID, tmp_path / 'tfds')
+      write_tiny_subject(folder, rng)
+  builder = datasets.make_builder('wmh_challenge', GRID, tmp_path / 'tfds')
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=str(root)))
   assert set(builder.info.splits) == {'train', 'validation', 'test'}
   test = datasets.loading.as_prepared(builder, 'test')
   assert _keys(test) == ['Amsterdam/GE1T5/6', 'Amsterdam/GE1T5/7']
-  t1, flair = test[0]['t1'], test[0]['image']
-  assert t1.shape == GRID
-  assert np.corrcoef(t1.ravel(), flair.ravel())[0, 1] < -0.9  # the T1 we wrote
-
-  (root / 'training' / 'Utrecht' / '1' / 'pre' / 'T1.nii.gz').unlink()
-  with pytest.raises(nifti_io.NiftiError, match=r'Utrecht/1/pre/T1.nii.gz: no such'):
-    datasets.load_prepared_splits('wmh_challenge/flair_t1', (8, 8, 4),
-                                  tmp_path / 'tfds', manual_dir=root)
+  assert 't1' not in test[0] and test[0]['image'].shape == GRID
+  # The T1 config is gone: nothing trained or evaluated on its T1.
+  with pytest.raises(ValueError, match="no config 'flair_t1'"):
+    datasets.make_builder('wmh_challenge/flair_t1', GRID, tmp_path / 'tfds')
 
 
 def test_challenge_empty_manual_dir_says_where_to_put_the_files(tmp_path):

@@ -1,8 +1,10 @@
+import hashlib
 import json
 import os
 from pathlib import Path
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from wmh_jax import convs
 from wmh_jax import models
 
 # Parameters of the seed network as configured in configs/default.py.
@@ -63,7 +66,7 @@ def test_brain_output_adds_one_channel_and_nothing_else():
   # brain_output=False is today's network: same initial weights as before the option.
   legacy = models.UNet3D(**{f: getattr(one, f) for f in (
       'encoder_filters', 'kernel_sizes', 'pool_sizes', 'bottleneck_filters',
-      'bottleneck_kernel', 'decoder_filters', 'norm', 'upsampling', 'conv_impl',
+      'bottleneck_kernel', 'decoder_filters', 'norm', 'upsampling', 'conv',
       'output_bias', 'dtype')})
   for a, b in zip(jax.tree.leaves(p1),
                   jax.tree.leaves(legacy.init(jax.random.PRNGKey(0), x)['params'])):
@@ -75,7 +78,7 @@ def _small(impl, norm='none', dtype=jnp.float32):
                        kernel_sizes=((3, 3, 1), (3, 3, 3)),
                        pool_sizes=((2, 2, 1), (2, 2, 2)),
                        bottleneck_filters=(8, 12), bottleneck_kernel=(3, 3, 3),
-                       decoder_filters=(4, 6), conv_impl=impl, norm=norm,
+                       decoder_filters=(4, 6), conv=convs.get(impl), norm=norm,
                        dtype=dtype)
 
 
@@ -97,17 +100,17 @@ def _random_biases(params, key, scale=0.1):
 def _winograd_tiles(monkeypatch) -> list[int]:
   """The tile sizes of the Winograd convolutions traced from now on (the real
   ones run: this only records their calls)."""
-  tiles, real = [], models.winograd.conv2d_same
+  tiles, real = [], convs.winograd.conv2d_winograd
 
   def recording(x, k, m):
     tiles.append(m)
     return real(x, k, m)
-  monkeypatch.setattr(models.winograd, 'conv2d_same', recording)
+  monkeypatch.setattr(convs.winograd, 'conv2d_winograd', recording)
   return tiles
 
 
 # Found by this test (jaxlib 0.10.2, CPU): under jax.jit, with group norm, the
-# kernel gradient of ConvBlock_0/Conv3D_1 (models.conv2d_same's im2col matmul)
+# kernel gradient of ConvBlock_0/Conv3D_1 (convs.conv2d_im2col_grad's im2col matmul)
 # is wrong for the last channel of each group, in float32 and float64. Eager,
 # lax's own convolution in its place, --xla_backend_optimization_level=0 or
 # --xla_disable_hlo_passes=fusion,cpu-instruction-fusion all agree with native:
@@ -116,6 +119,7 @@ _JIT_GROUP_NORM_BUG = pytest.mark.xfail(
     strict=True, reason='XLA:CPU fusion: jit + group norm kernel gradient wrong')
 
 
+@pytest.mark.filterwarnings('ignore:conv_impl')
 @pytest.mark.parametrize('impl,norm,jit', [
     ('fold2d', 'none', False), ('winograd', 'none', False),
     ('fold2d', 'group', False), ('winograd', 'group', False),
@@ -239,7 +243,7 @@ def test_jacfwd_and_hessian_of_a_layer_under_every_conv_impl():
   w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 8, 2)) / 8
   out = {}
   for impl in ('native', 'fold2d', 'winograd'):
-    conv = lambda v, i=impl: models.conv3d(v, w, i)
+    conv = lambda v, i=impl: convs.conv3d(v, w, i)
     out[impl] = (jax.jacfwd(conv)(x),
                  jax.hessian(lambda v, c=conv: jnp.sum(jnp.sin(c(v))))(x))
   for impl in ('fold2d', 'winograd'):
@@ -253,15 +257,15 @@ def test_conv3d_implementations_agree(kernel):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 10, 8, 3))  # (B, Z, X, Y, C)
   w = jax.random.normal(jax.random.PRNGKey(1), (*kernel, 3, 5))
   for impl in ('fold2d', 'winograd'):
-    np.testing.assert_allclose(models.conv3d(x, w, 'native'),
-                               models.conv3d(x, w, impl), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(convs.conv3d(x, w, 'native'),
+                               convs.conv3d(x, w, impl), atol=1e-4, rtol=1e-5)
 
 
 def test_auto_picks_winograd_on_cpu_and_native_on_gpu():
-  assert models.resolve_conv_impl('auto', 'cpu') == 'winograd'
-  assert models.resolve_conv_impl('auto', 'gpu') == 'native'
+  assert convs.resolve_name('auto', 'cpu') == 'winograd'
+  assert convs.resolve_name('auto', 'gpu') == 'native'
   with pytest.raises(ValueError):
-    models.resolve_conv_impl('fft')
+    convs.resolve_name('fft')
 
 
 def test_pool_and_upsample_geometry():
@@ -301,12 +305,12 @@ def test_bfloat16_compute_keeps_float32_params_and_optimizer_state():
 def test_sub_pixel_up_convolution_matches_upsample_then_convolve(pool):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 5, 6))  # (B, Z, X, Y, C)
   w = jax.random.normal(jax.random.PRNGKey(1), (*pool, 6, 7))
-  want = models.conv3d(models.upsample(x, pool, 'nearest'), w, 'native')
-  got = models.upconv_nearest(x, w)
+  want = convs.conv3d(models.upsample(x, pool, 'nearest'), w, 'native')
+  got = convs.upconv_nearest(x, w)
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
   with pytest.raises(ValueError, match='1 or 2'):
-    models.upconv_nearest(x, jnp.zeros((3, 3, 1, 6, 7)))
+    convs.upconv_nearest(x, jnp.zeros((3, 3, 1, 6, 7)))
 
 
 _IMPORT_CHECK = """
@@ -349,3 +353,97 @@ def test_launch_sets_the_classic_threefry_before_any_randomness(tmp_path, capsys
     assert not jax.config.jax_threefry_partitionable
   finally:
     jax.config.update('jax_threefry_partitionable', False)
+
+
+# Generated from the code before the convolutions moved to wmh_jax/convs.py
+# (commit 8f1adfa): the default config's variables, path and shape. A change
+# here means existing checkpoints (runs/v4 and the like) no longer load.
+DEFAULT_PARAM_TREE = (
+    ("['params']['Conv3D_0']['bias']", (2,)),
+    ("['params']['Conv3D_0']['kernel']", (1, 1, 1, 32, 2)),
+    ("['params']['ConvBlock_0']['Conv3D_0']['bias']", (32,)),
+    ("['params']['ConvBlock_0']['Conv3D_0']['kernel']", (3, 3, 1, 1, 32)),
+    ("['params']['ConvBlock_0']['Conv3D_1']['bias']", (64,)),
+    ("['params']['ConvBlock_0']['Conv3D_1']['kernel']", (3, 3, 1, 32, 64)),
+    ("['params']['ConvBlock_1']['Conv3D_0']['bias']", (64,)),
+    ("['params']['ConvBlock_1']['Conv3D_0']['kernel']", (3, 3, 1, 64, 64)),
+    ("['params']['ConvBlock_1']['Conv3D_1']['bias']", (128,)),
+    ("['params']['ConvBlock_1']['Conv3D_1']['kernel']", (3, 3, 1, 64, 128)),
+    ("['params']['ConvBlock_2']['Conv3D_0']['bias']", (128,)),
+    ("['params']['ConvBlock_2']['Conv3D_0']['kernel']", (3, 3, 3, 128, 128)),
+    ("['params']['ConvBlock_2']['Conv3D_1']['bias']", (256,)),
+    ("['params']['ConvBlock_2']['Conv3D_1']['kernel']", (3, 3, 3, 128, 256)),
+    ("['params']['ConvBlock_3']['Conv3D_0']['bias']", (256,)),
+    ("['params']['ConvBlock_3']['Conv3D_0']['kernel']", (3, 3, 3, 256, 256)),
+    ("['params']['ConvBlock_3']['Conv3D_1']['bias']", (512,)),
+    ("['params']['ConvBlock_3']['Conv3D_1']['kernel']", (3, 3, 3, 256, 512)),
+    ("['params']['ConvBlock_4']['Conv3D_0']['bias']", (128,)),
+    ("['params']['ConvBlock_4']['Conv3D_0']['kernel']", (2, 2, 2, 512, 128)),
+    ("['params']['ConvBlock_5']['Conv3D_0']['bias']", (128,)),
+    ("['params']['ConvBlock_5']['Conv3D_0']['kernel']", (3, 3, 3, 384, 128)),
+    ("['params']['ConvBlock_5']['Conv3D_1']['bias']", (128,)),
+    ("['params']['ConvBlock_5']['Conv3D_1']['kernel']", (3, 3, 3, 128, 128)),
+    ("['params']['ConvBlock_6']['Conv3D_0']['bias']", (64,)),
+    ("['params']['ConvBlock_6']['Conv3D_0']['kernel']", (2, 2, 1, 128, 64)),
+    ("['params']['ConvBlock_7']['Conv3D_0']['bias']", (64,)),
+    ("['params']['ConvBlock_7']['Conv3D_0']['kernel']", (3, 3, 1, 192, 64)),
+    ("['params']['ConvBlock_7']['Conv3D_1']['bias']", (64,)),
+    ("['params']['ConvBlock_7']['Conv3D_1']['kernel']", (3, 3, 1, 64, 64)),
+    ("['params']['ConvBlock_8']['Conv3D_0']['bias']", (32,)),
+    ("['params']['ConvBlock_8']['Conv3D_0']['kernel']", (2, 2, 1, 64, 32)),
+    ("['params']['ConvBlock_9']['Conv3D_0']['bias']", (32,)),
+    ("['params']['ConvBlock_9']['Conv3D_0']['kernel']", (3, 3, 1, 96, 32)),
+    ("['params']['ConvBlock_9']['Conv3D_1']['bias']", (32,)),
+    ("['params']['ConvBlock_9']['Conv3D_1']['kernel']", (3, 3, 1, 32, 32)),
+)
+
+# The same commit's logits of configs/test.py's network (init key 0) on
+# normal(key 1, (1, 16, 16, 4, 1)) under jit: (norm, impl) -> sha256[:16].
+REFERENCE_LOGITS = {
+    ('none', 'native'): 'b7ad66a970a279a8',
+    ('none', 'fold2d'): '193fa13def7e53b1',
+    ('none', 'winograd'): 'a20b8579f1c9645e',
+    ('group', 'native'): '2218f3e42fd23ab3',
+    ('group', 'fold2d'): 'ffced1d403597131',
+    ('group', 'winograd'): '412acca024509d29',
+    ('batch', 'native'): '22be3d28914af1ff',
+    ('batch', 'fold2d'): 'c0eb2cd9f5187120',
+    ('batch', 'winograd'): '25862bbc7e94e869',
+}
+
+
+def test_default_param_tree_is_the_one_checkpoints_hold():
+  model = models.create_model(default.get_config().model)
+  x = jnp.zeros((1, 128, 128, 16, 1))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+  got = tuple((jax.tree_util.keystr(k), a.shape)
+              for k, a in jax.tree_util.tree_flatten_with_path(variables)[0])
+  assert got == DEFAULT_PARAM_TREE
+
+
+@pytest.mark.filterwarnings('ignore:conv_impl')
+@pytest.mark.parametrize('norm,impl', list(REFERENCE_LOGITS))
+def test_logits_are_bit_for_bit_those_of_the_code_before_convs(norm, impl):
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  cfg = test_config.get_config().model
+  cfg.conv_impl, cfg.norm = impl, norm
+  model = models.create_model(cfg)
+  assert model.conv is convs.IMPLS[impl]
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 16, 16, 4, 1))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  y = np.asarray(jax.jit(lambda v, x: model.apply(v, x))(variables, x))
+  assert hashlib.sha256(y.tobytes()).hexdigest()[:16] == REFERENCE_LOGITS[norm, impl]
+
+
+def test_auto_is_native_with_a_norm_and_an_explicit_fold_with_group_norm_warns():
+  assert convs.resolve_name('auto', 'cpu', 'none') == 'winograd'
+  for norm in ('batch', 'group', 'instance'):
+    assert convs.resolve_name('auto', 'cpu', norm) == 'native'
+  for norm in convs.JIT_NORM_BUG:
+    for impl in ('fold2d', 'winograd'):
+      with pytest.warns(UserWarning, match='miscompiles'):
+        convs.get(impl, 'cpu', norm)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    assert convs.get('fold2d', 'cpu', 'none') is convs.IMPLS['fold2d']
+    assert convs.get('auto', 'cpu', 'group') is convs.IMPLS['native']

@@ -6,18 +6,15 @@ and sharded over a ('data',) mesh of 2, and one full train step each way.
 
 import functools
 import json
-import sys
-from pathlib import Path
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configs import test as test_config  # pylint: disable=wrong-import-position
-from wmh_jax import losses  # pylint: disable=wrong-import-position
-from wmh_jax import models  # pylint: disable=wrong-import-position
-from wmh_jax import steps  # pylint: disable=wrong-import-position
+from configs import test as test_config
+from wmh_jax import losses
+from wmh_jax import models
+from wmh_jax import steps
 
 
 def main():

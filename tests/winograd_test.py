@@ -5,7 +5,7 @@ from jax import test_util as jtu
 import numpy as np
 import pytest
 
-from wmh_jax import models
+from wmh_jax import convs
 from wmh_jax import winograd
 
 
@@ -24,11 +24,11 @@ def _relative_error(a, b):
 def test_matches_direct_convolution_forward_and_gradients(m, tol):
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 12, 40))
   k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 40, 24)) / np.sqrt(360)
-  y = winograd.conv2d_same(x, k, m)
+  y = winograd.conv2d_winograd(x, k, m)
   assert y.shape == (3, 8, 12, 24)
   assert _relative_error(y, _direct(x, k)) < tol
   dy = jax.random.normal(jax.random.PRNGKey(2), y.shape)
-  gx, gk = jax.vjp(lambda a, b: winograd.conv2d_same(a, b, m), x, k)[1](dy)
+  gx, gk = jax.vjp(lambda a, b: winograd.conv2d_winograd(a, b, m), x, k)[1](dy)
   rx, rk = jax.vjp(_direct, x, k)[1](dy)
   assert _relative_error(gx, rx) < tol
   assert _relative_error(gk, rk) < tol
@@ -41,7 +41,7 @@ def test_a_single_pixel_gives_the_flipped_kernel_at_the_tile_borders():
     for pos in [(0, 0), (3, 4), (7, 7)]:
       x = jnp.zeros((1, 8, 8, 1)).at[0, pos[0], pos[1], 0].set(1.0)
       k = jnp.arange(9.0).reshape(3, 3, 1, 1)
-      np.testing.assert_allclose(winograd.conv2d_same(x, k, m), _direct(x, k),
+      np.testing.assert_allclose(winograd.conv2d_winograd(x, k, m), _direct(x, k),
                                  atol=1e-5)
 
 
@@ -55,9 +55,9 @@ def test_tile_size_rules():
 def test_refuses_what_it_cannot_compute():
   x = jnp.zeros((1, 8, 8, 2))
   with pytest.raises(ValueError, match='3x3'):
-    winograd.conv2d_same(x, jnp.zeros((2, 2, 2, 1)), 2)
+    winograd.conv2d_winograd(x, jnp.zeros((2, 2, 2, 1)), 2)
   with pytest.raises(ValueError, match='tiles'):
-    winograd.conv2d_same(jnp.zeros((1, 6, 8, 2)), jnp.zeros((3, 3, 2, 1)), 4)
+    winograd.conv2d_winograd(jnp.zeros((1, 6, 8, 2)), jnp.zeros((3, 3, 2, 1)), 4)
 
 
 @pytest.mark.parametrize('shape,kz', [((2, 4, 8, 8, 16), 1), ((1, 4, 8, 12, 8), 3),
@@ -67,8 +67,8 @@ def test_conv3d_winograd_matches_native_including_fallbacks(shape, kz):
   # 7x6: direct (odd side).
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, kz, shape[-1], 5))
-  assert _relative_error(models.conv3d(x, w, 'winograd'),
-                         models.conv3d(x, w, 'native')) < 2e-5
+  assert _relative_error(convs.conv3d(x, w, 'winograd'),
+                         convs.conv3d(x, w, 'native')) < 2e-5
 
 
 def _bilinear_check_inputs(dtype):
@@ -82,11 +82,11 @@ def test_float64_is_computed_in_float64_and_passes_check_grads(m):
   # x64 only inside this test: the context restores the global setting.
   with jax.enable_x64(True):
     x, k = _bilinear_check_inputs(jnp.float64)
-    y = winograd.conv2d_same(x, k, m)
+    y = winograd.conv2d_winograd(x, k, m)
     assert y.dtype == jnp.float64
     assert _relative_error(y, _direct(x, k)) < 1e-12   # float32 rounding: ~1e-7
     assert winograd.tile_size(8, 8, jnp.float64) == 4
-    jtu.check_grads(lambda a, b: winograd.conv2d_same(a, b, m), (x, k),
+    jtu.check_grads(lambda a, b: winograd.conv2d_winograd(a, b, m), (x, k),
                               order=2, modes=('fwd', 'rev'))
 
 
@@ -98,7 +98,7 @@ def test_bfloat16_rounds_about_as_much_as_a_direct_convolution(m):
   with jax.enable_x64(True):  # the exact result of the bfloat16 inputs
     ref = np.asarray(_direct(jnp.asarray(np.asarray(x, np.float64)),
                              jnp.asarray(np.asarray(k, np.float64))))
-  y = winograd.conv2d_same(x, k, m)
+  y = winograd.conv2d_winograd(x, k, m)
   assert y.dtype == jnp.bfloat16
   err = np.abs(np.asarray(y, np.float64) - ref).max()
   direct_err = np.abs(np.asarray(_direct(x, k), np.float64) - ref).max()
@@ -112,7 +112,7 @@ def test_forward_mode_jacfwd_and_hessian_match_the_direct_convolution(m):
   k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 8, 2)) / 8
   dx = jax.random.normal(jax.random.PRNGKey(2), x.shape)
   dk = jax.random.normal(jax.random.PRNGKey(3), k.shape)
-  ours = lambda a, b: winograd.conv2d_same(a, b, m)
+  ours = lambda a, b: winograd.conv2d_winograd(a, b, m)
   y, dy = jax.jvp(ours, (x, k), (dx, dk))
   ry, rdy = jax.jvp(_direct, (x, k), (dx, dk))
   assert _relative_error(y, ry) < 2e-5 and _relative_error(dy, rdy) < 2e-5
@@ -126,6 +126,6 @@ def test_forward_mode_jacfwd_and_hessian_match_the_direct_convolution(m):
 def test_models_im2col_convolution_supports_both_modes_in_float64():
   with jax.enable_x64(True):
     x, k = _bilinear_check_inputs(jnp.float64)
-    assert _relative_error(models.conv2d_same(x, k), _direct(x, k)) < 1e-12
-    jtu.check_grads(models.conv2d_same, (x, k), order=2,
+    assert _relative_error(convs.conv2d_im2col_grad(x, k), _direct(x, k)) < 1e-12
+    jtu.check_grads(convs.conv2d_im2col_grad, (x, k), order=2,
                               modes=('fwd', 'rev'))

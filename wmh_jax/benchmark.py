@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from wmh_jax import convs
 from wmh_jax import host_memory
 from wmh_jax import input_pipeline
 from wmh_jax import machine
@@ -133,7 +134,8 @@ def benchmark_setting(config, impl: str, batch: int, peak: float) -> dict:
   return {
       'bench': 'train_step', 'backend': jax.default_backend(),
       'device_kind': dev.device_kind, 'device_count': jax.device_count(),
-      'conv_impl': models.resolve_conv_impl(impl), 'dtype': cfg.model.dtype,
+      'conv_impl': convs.resolve_name(impl, norm=cfg.model.norm),
+      'dtype': cfg.model.dtype,
       'batch': batch, 'grid': list(cfg.train.patch_size),
       'keep_freed_memory': bool(cfg.get('keep_freed_memory', False)),
       'compile_s': round(compile_s, 3),

@@ -57,28 +57,26 @@ def create_train_state(config, rng: jax.Array, model, tx) -> TrainState:
                     opt_state=tx.init(params))
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model, tx,
-               loss_config) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, rng: jax.Array | None = None, *,
+               model, tx, loss_config) -> tuple[TrainState, dict]:
   """One optimiser step on ``batch = {'image': (B,X,Y,Z,1), 'labels': (B,X,Y,Z)}``
   (plus ``'target'``, a soft lesion fraction of the labels' shape, when trained on
   soft targets; ``'brain'``, the brain fraction, and ``'has_brain'`` (B,) for a
   model with a brain output).
 
-  Pure: the same (state, batch, rng) gives the same result. ``rng`` is folded
-  with the step, so a model with stochastic layers sees fresh noise each step.
+  Pure: the same (state, batch) gives the same result. ``rng`` is unused (the
+  U-Net has no stochastic layer); it stays until train.py stops passing it.
   """
-  step_rng = jax.random.fold_in(rng, state.step)
+  del rng
 
   def loss_fn(params):
     variables = {'params': params}
     if state.batch_stats:
       variables['batch_stats'] = state.batch_stats
       logits, updates = model.apply(variables, batch['image'], train=True,
-                                    mutable=['batch_stats'],
-                                    rngs={'dropout': step_rng})
+                                    mutable=['batch_stats'])
     else:
-      logits = model.apply(variables, batch['image'], train=True,
-                           rngs={'dropout': step_rng})
+      logits = model.apply(variables, batch['image'], train=True)
       updates = {'batch_stats': state.batch_stats}
     loss = losses.segmentation_loss(logits, batch['labels'], loss_config,
                                     batch.get('target'), batch.get('brain'),

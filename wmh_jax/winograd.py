@@ -5,7 +5,7 @@ with (m+2)^2 multiplications per channel pair instead of 9 m^2: F(2x2, 3x3) does
 2.25x fewer, F(4x4, 3x3) 4x fewer. The work left is (m+2)^2 batched matmuls
 ``(tiles, Cin) @ (Cin, Cout)`` plus input and output transforms made of adds, so
 XLA:CPU runs it on its matmul, its fastest kernel. Both autodiff modes work (a
-custom JVP, see :func:`conv2d_same`); in reverse mode the input gradient is
+custom JVP, see :func:`conv2d_winograd`); in reverse mode the input gradient is
 another Winograd convolution and the kernel gradient one more batched matmul
 contracting over the tiles, all with the same saving.
 
@@ -186,7 +186,7 @@ def _is_zero(t) -> bool:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def conv2d_same(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
+def conv2d_winograd(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
   """'SAME' 2-D cross-correlation by F(m x m, 3 x 3).
 
   Args:
@@ -210,11 +210,11 @@ def conv2d_same(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
   return _conv(x, kernel, m)
 
 
-@functools.partial(conv2d_same.defjvp, symbolic_zeros=True)
+@functools.partial(conv2d_winograd.defjvp, symbolic_zeros=True)
 def _conv2d_same_jvp(m, primals, tangents):
   x, kernel = primals
   dx, dk = tangents
-  y = conv2d_same(x, kernel, m)
+  y = conv2d_winograd(x, kernel, m)
   terms = ([] if _is_zero(dx) else [_tangent_of_input(dx, kernel, m)]) + (
       [] if _is_zero(dk) else [_tangent_of_kernel(x, dk, m)])
   dy = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)

@@ -3,8 +3,7 @@
 An example holds what training and evaluation read (``subjects.prepare_subject``):
 the FLAIR z-scored and resized to the config grid, the labels on that grid, the
 native-resolution labels with their affine and spacing (for scoring at native
-resolution), and the subject's id and site. With ``t1``, the T1 (registered to
-the FLAIR in the challenge's ``pre/`` folder) goes through the same steps.
+resolution), and the subject's id and site.
 """
 
 import dataclasses
@@ -12,15 +11,13 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from wmh_jax import nifti_io
 from wmh_jax import subjects
 
 
 @dataclasses.dataclass
 class WmhConfig(tfds.core.BuilderConfig):
-  """Grid and modalities of a WMH builder config."""
+  """Grid of a WMH builder config."""
   grid: tuple[int, int, int] = (128, 128, 16)
-  t1: bool = False
 
 
 def with_grid(config: WmhConfig, grid) -> WmhConfig:
@@ -34,7 +31,7 @@ def with_grid(config: WmhConfig, grid) -> WmhConfig:
 
 def features(config: WmhConfig) -> tfds.features.FeaturesDict:
   grid = tuple(config.grid)
-  spec = {
+  return tfds.features.FeaturesDict({
       'key': tfds.features.Text(),
       'id': tfds.features.Text(),
       'site': tfds.features.Text(),
@@ -47,16 +44,13 @@ def features(config: WmhConfig) -> tfds.features.FeaturesDict:
       'native_shape': tfds.features.Tensor(shape=(3,), dtype=np.int64),
       'affine': tfds.features.Tensor(shape=(4, 4), dtype=np.float64),
       'spacing': tfds.features.Tensor(shape=(3,), dtype=np.float32),
-  }
-  if config.t1:
-    spec['t1'] = tfds.features.Tensor(shape=grid, dtype=np.float32)
-  return tfds.features.FeaturesDict(spec)
+  })
 
 
 def example(s: subjects.SubjectFiles, config: WmhConfig) -> dict:
   """The example of one subject (its NIfTI files decoded here, once)."""
   p = subjects.prepare_subject(s, tuple(config.grid))
-  ex = {
+  return {
       'key': s.key,
       'id': s.id,
       'site': s.site,
@@ -68,16 +62,3 @@ def example(s: subjects.SubjectFiles, config: WmhConfig) -> dict:
       'affine': p['affine'].astype(np.float64),
       'spacing': p['spacing'].astype(np.float32),
   }
-  if config.t1:
-    path = s.flair.parent / 'T1.nii.gz'
-    if not path.is_file():
-      raise nifti_io.NiftiError(f'{path}: no such file (the {config.name} config '
-                                'needs pre/T1.nii.gz beside pre/FLAIR.nii.gz)')
-    t1, affine = nifti_io.load_image(path)
-    if t1.shape != tuple(p['native_shape']) or not np.allclose(
-        affine, p['affine'], atol=1e-3):
-      raise nifti_io.NiftiError(
-          f'{path}: T1 grid {t1.shape} does not match the FLAIR grid '
-          f'{tuple(p["native_shape"])} (pre/T1.nii.gz must be registered to FLAIR)')
-    ex['t1'] = subjects.preprocess(t1, tuple(config.grid), path)
-  return ex

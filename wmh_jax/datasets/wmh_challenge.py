@@ -4,8 +4,7 @@ Nothing is downloaded. ``manual_dir`` holds the challenge layout, either the
 training sites directly (``Utrecht/``, ``Singapore/``, ``Amsterdam/GE3T/``) or
 the release's ``training/`` and ``test/`` folders (the test set's scanners
 become a ``test`` split). Each subject is ``SITE[/SCANNER]/ID/pre/FLAIR.nii.gz``
-(``pre/T1.nii.gz`` for the ``flair_t1`` config) and ``SITE[/SCANNER]/ID/wmh.nii.gz``
-(0 background, 1 WMH, 2 other pathology).
+and ``SITE[/SCANNER]/ID/wmh.nii.gz`` (0 background, 1 WMH, 2 other pathology).
 
 Splits are by subject, by the function the folder runs use
 (``subjects.split_subjects``: a hash of ``split_seed`` and each SITE/ID key);
@@ -49,7 +48,6 @@ class WmhChallenge(tfds.core.GeneratorBasedBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
   BUILDER_CONFIGS = [
       ChallengeConfig(name='flair', description='FLAIR only (the seed study).'),
-      ChallengeConfig(name='flair_t1', t1=True, description='FLAIR and T1.'),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
