@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny challenge-layout dataset written with nibabel."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,10 @@ sys.path.insert(0, ROOT)
 os.environ['PYTHONPATH'] = os.pathsep.join(
     [ROOT] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# predict's default compilation cache lives under $XDG_CACHE_HOME: the tests'
+# launches write theirs into a folder of their own, never the user's ~/.cache.
+os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='wmh_jax_test_cache_')
+atexit.register(shutil.rmtree, os.environ['XDG_CACHE_HOME'], ignore_errors=True)
 # The global JAX settings launch.py makes (in ``_run``), so that the tests draw
 # the random numbers a launch draws; the environment variable carries them into
 # the Python subprocesses the tests start (sharding_check.py).

@@ -114,10 +114,13 @@ def test_predict_needs_only_the_workdir_from_any_folder(tiny_run, tiny_dataset,
   flair = tiny_dataset / 'Utrecht' / '1' / 'pre' / 'FLAIR.nii.gz'
   r = _launch_here(tmp_path, '--mode=predict', f'--workdir={workdir}',
                    f'--input={flair}', '--output=out', '--config.predict.overlays=False',
-                   '--config.predict.threshold=0.3')
+                   '--config.predict.threshold=0.3',
+                   f'--compilation_cache={tmp_path / "jax_cache"}')
   assert r.returncode == 0, r.stderr[-3000:]
   assert (tmp_path / 'out' / 'FLAIR_wmh.nii.gz').is_file()
   assert not (tmp_path / 'out' / 'FLAIR_overlay.png').exists()  # the override applied
+  # predict keeps its compiled programs for the next cold start
+  assert any(p.is_file() for p in (tmp_path / 'jax_cache').rglob('*'))
 
 
 def test_a_trained_network_cannot_change_refused_naming_the_key(tiny_run, tiny_dataset,
