@@ -39,10 +39,12 @@ def _copy(trained, tmp_path) -> Path:
 
 
 def _truncate_latest(workdir: Path) -> None:
-  """Cuts the largest data file of step 4 to 1000 bytes (a disk that filled up)."""
+  """Cuts every data file of step 4 to 1000 bytes (a disk that filled up). Every
+  one: which file holds the weights varies, and predict reads only the weights
+  (a truncated optimiser state alone would rightly not stop it)."""
   data = workdir / 'checkpoints' / '4' / 'default' / 'ocdbt.process_0' / 'd'
-  biggest = max(data.iterdir(), key=lambda p: p.stat().st_size)
-  biggest.write_bytes(biggest.read_bytes()[:1000])
+  for f in data.iterdir():
+    f.write_bytes(f.read_bytes()[:1000])
 
 
 def _save_nan_step(cfg, workdir: Path, step: int = 6) -> None:
