@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import default  # pylint: disable=wrong-import-position
+from wmh_jax import convs  # pylint: disable=wrong-import-position
 from wmh_jax import inference  # pylint: disable=wrong-import-position
 from wmh_jax import models  # pylint: disable=wrong-import-position
 from wmh_jax import nifti_io  # pylint: disable=wrong-import-position
@@ -77,7 +78,7 @@ def main(_):
       print(json.dumps({
           'bench': 'predict', 'scan': name, 'shape': shape, 'spacing_mm': spacing,
           'tta': FLAGS.tta, 'backend': jax.default_backend(),
-          'conv_impl': models.resolve_conv_impl(config.model.conv_impl),
+          'conv_impl': convs.resolve_name(config.model.conv_impl, norm=config.model.norm),
           'cpu_count': os.cpu_count(), 'repeats': len(times),
           'seconds_median': round(statistics.median(times), 3),
           'seconds_min': round(min(times), 3), 'seconds_max': round(max(times), 3)}),

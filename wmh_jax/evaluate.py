@@ -51,8 +51,7 @@ def file_axes(p: dict, *canonical: np.ndarray) -> tuple:
   and affine, with which its masks are saved."""
   if not p.get('source'):
     return (*canonical, np.asarray(p['affine'], np.float64))
-  affine = nifti_io.file_affine(p['source'])
-  return (*(nifti_io.from_canonical(a, affine) for a in canonical), affine)
+  return nifti_io.on_file_axes(p['source'], *canonical)
 
 
 def case_row(p: dict, mask: np.ndarray) -> dict:

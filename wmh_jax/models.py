@@ -20,9 +20,6 @@ import jax.numpy as jnp
 
 from wmh_jax import convs
 
-# For callers that log the implementation a config resolves to.
-resolve_conv_impl = convs.resolve_name
-
 class Conv3D(nn.Module):
   """3-D convolution whose parameters do not depend on the implementation.
 

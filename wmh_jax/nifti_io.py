@@ -188,6 +188,13 @@ def file_affine(path) -> np.ndarray:
     raise NiftiError(f'{path}: cannot read NIfTI header ({type(e).__name__}: {e})') from e
 
 
+def on_file_axes(path, *canonical: np.ndarray) -> tuple:
+  """``(*arrays, affine)``: ``canonical`` (RAS) arrays put back on the axes of the
+  file ``path``, and that file's own affine (header only)."""
+  affine = file_affine(path)
+  return (*(from_canonical(a, affine) for a in canonical), affine)
+
+
 def save_like(path, canonical_data: np.ndarray, reference, dtype=np.uint8,
               overwrite: bool = True, descrip: str | None = None) -> Path:
   """Writes ``canonical_data`` (RAS, as from :func:`load`) on ``reference``'s grid.

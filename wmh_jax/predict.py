@@ -377,10 +377,8 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
     if true_brain is not None:
       r['brain_dice'] = challenge_metrics.dice(true_brain, brain)
     if truth is not None:  # on the file's own axes, as --mode=score reads them
-      on_file = nifti_io.file_affine(s.flair)
       r.update(challenge_metrics.challenge_metrics(
-          nifti_io.from_canonical(truth, on_file), nifti_io.from_canonical(mask, on_file),
-          on_file))
+          *nifti_io.on_file_axes(s.flair, truth, mask)))
     results.append(r)
     rows.append(volume_row(s, r))
     tables.write_csv(table, rows, VOLUME_FIELDS)  # after each scan: a table of

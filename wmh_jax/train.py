@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 
 from wmh_jax import challenge_metrics
 from wmh_jax import checkpoints
+from wmh_jax import convs
 from wmh_jax import data
 from wmh_jax import inference
 from wmh_jax import input_pipeline
@@ -93,7 +94,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   state = steps.create_train_state(config, init_rng, model, tx)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model: %s parameters, conv impl %s.', f'{n_params:,}',
-               models.resolve_conv_impl(config.model.conv_impl))
+               convs.resolve_name(config.model.conv_impl, norm=config.model.norm))
   manager = checkpoints.checkpoint_manager(workdir, config)
   # A new run with train.init_from starts from that run's weights (step 0).
   state = checkpoints.restore_or_init(manager, state, init_from, tx)
