@@ -81,6 +81,27 @@ def _silence_leftovers() -> None:
                      and 'while reading array index' in r.getMessage()))
 
 
+def _read(read, fail: str):
+  """``read()`` of an orbax checkpoint; a failure (a truncated or unreadable
+  file) as one :class:`CheckpointError` line: ``fail`` with its ``{reason}`` filled in.
+
+  The reports of reads left in flight are silenced before the read starts, not
+  after it failed: they can arrive at any moment, while the manager closes too.
+  Orbax's own ``ValueError`` on a stored shape that differs passes through.
+  """
+  _silence_leftovers()
+  reason = None
+  try:
+    return read()
+  except Exception as e:  # orbax and TensorStore raise many types
+    if isinstance(e, ValueError) and 'stored shape' in str(e):
+      raise
+    reason = _reason(e)
+  # Outside the except: its traceback (and the reads it holds) is released here.
+  gc.collect()
+  raise CheckpointError(fail.replace('{reason}', reason))
+
+
 def restore_step(manager, step: int, state: steps.TrainState) -> steps.TrainState:
   """Checkpoint ``step`` of ``manager`` onto ``state``'s shapes.
 
@@ -92,17 +113,9 @@ def restore_step(manager, step: int, state: steps.TrainState) -> steps.TrainStat
   """
   where = Path(manager.directory) / str(step)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  reason = None
-  try:
-    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  except Exception as e:  # orbax and TensorStore raise many types
-    if isinstance(e, ValueError) and 'stored shape' in str(e):
-      raise
-    reason = _reason(e)
-  if reason is not None:  # outside the except: its traceback is released here
-    _silence_leftovers()
-    gc.collect()
-    raise CheckpointError(f'{where}: cannot restore the checkpoint ({reason})')
+  restored = _read(
+      lambda: manager.restore(step, args=ocp.args.StandardRestore(abstract)),
+      f'{where}: cannot restore the checkpoint ({{reason}})')
   bad = _first_non_finite(restored)
   if bad:
     raise CheckpointError(f'{where}: the checkpoint holds non-finite values '
@@ -239,27 +252,18 @@ def restore_weights(config, workdir) -> tuple[models.UNet3D, steps.TrainState]:
       raise FileNotFoundError(f'{Path(workdir) / "checkpoints"}: no checkpoint '
                               'to restore (train first)')
     where = directory / str(step)
+    fail = f'{where}: cannot restore the checkpoint ({{reason}})'
     wanted = abstract_weights(config, model)
-    reason, restored = None, None
-    try:
-      meta = manager.item_metadata(step)
-      meta = getattr(meta, 'tree', meta)
-      have = {k: meta.get(k) or {} for k in ('params', 'batch_stats')}
-      bad = _first_mismatch(_flat_shapes({k: wanted.get(k, {}) for k in have}),
-                            _flat_shapes(have))
-      if bad:
-        raise ValueError(f'{where}: a stored shape differs from the model: {bad}')
-      restored = _restore_part(manager, step, wanted)
-    except Exception as e:  # orbax and TensorStore raise many types
-      if isinstance(e, ValueError) and 'stored shape' in str(e):
-        raise
-      reason = _reason(e)
+    meta = _read(lambda: manager.item_metadata(step), fail)
+    meta = getattr(meta, 'tree', meta)
+    have = {k: meta.get(k) or {} for k in ('params', 'batch_stats')}
+    bad = _first_mismatch(_flat_shapes({k: wanted.get(k, {}) for k in have}),
+                          _flat_shapes(have))
+    if bad:
+      raise ValueError(f'{where}: a stored shape differs from the model: {bad}')
+    restored = _read(lambda: _restore_part(manager, step, wanted), fail)
   finally:
     manager.close()
-  if reason is not None:  # outside the except: its traceback is released here
-    _silence_leftovers()
-    gc.collect()
-    raise CheckpointError(f'{where}: cannot restore the checkpoint ({reason})')
   state = steps.TrainState(step=restored['step'], params=restored['params'],
                            batch_stats=restored.get('batch_stats', {}), opt_state=None)
   bad = _first_non_finite(state)
@@ -284,21 +288,6 @@ def _first_mismatch(want: dict, have: dict) -> str | None:
       return f'{path} is {have[path]} there, {shape} here'
   extra = [p for p in have if p not in want]
   return f'it has {extra[0]} {have[extra[0]]}, which this model lacks' if extra else None
-
-
-def _read_source(source, where: Path, read):
-  """``read()`` of ``train.init_from``'s checkpoint ``where``; a failure (a
-  truncated or unreadable file) as one :class:`CheckpointError` line."""
-  reason = None
-  try:
-    return read()
-  except Exception as e:  # orbax and TensorStore raise many types
-    reason = _reason(e)
-  # Outside the except: its traceback (and the reads it holds) is released here.
-  _silence_leftovers()
-  gc.collect()
-  raise CheckpointError(f'train.init_from={source}: cannot restore its checkpoint '
-                        f'{where} ({reason})')
 
 
 def initialise_from(source, state: steps.TrainState, tx) -> steps.TrainState:
@@ -326,7 +315,9 @@ def initialise_from(source, state: steps.TrainState, tx) -> steps.TrainState:
       raise FileNotFoundError(f'train.init_from={source}: no checkpoint to start '
                               f'from in {directory} (train that run first)')
     where = directory / str(step)
-    meta = _read_source(source, where, lambda: manager.item_metadata(step))
+    fail = (f'train.init_from={source}: cannot restore its checkpoint {where} '
+            '({reason})')
+    meta = _read(lambda: manager.item_metadata(step), fail)
     meta = getattr(meta, 'tree', meta)
     wanted = {'params': state.params}
     if state.batch_stats:
@@ -337,8 +328,7 @@ def initialise_from(source, state: steps.TrainState, tx) -> steps.TrainState:
       raise ValueError(f'train.init_from={source}: its checkpoint (step {step}) is '
                        f'another architecture: {bad} (model.* must match that run)')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, wanted)
-    restored = _read_source(source, where,
-                            lambda: _restore_part(manager, step, abstract))
+    restored = _read(lambda: _restore_part(manager, step, abstract), fail)
   finally:
     manager.close()
   bad = _first_non_finite(restored)
