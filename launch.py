@@ -147,13 +147,15 @@ class _QuietLibraries(logging.logging.Filter):
     return record.levelno > logging.logging.INFO or '/orbax/' not in record.pathname
 
 
-def _config_keys(config, prefix='') -> list[str]:
-  keys = []
-  for k, v in config.items():
-    keys.append(prefix + k)
-    if hasattr(v, 'items'):
-      keys += _config_keys(v, f'{prefix}{k}.')
-  return keys
+def _config_keys(config) -> list[str]:
+  """Every key a ``--config.KEY`` may name: the leaves (``run_record.flat``)
+  and the sections above them, each section before its keys."""
+  from wmh_jax import run_record  # pylint: disable=g-import-not-at-top
+  keys = {}
+  for leaf in run_record.flat(config):
+    parts = leaf.split('.')
+    keys.update(dict.fromkeys('.'.join(parts[:i]) for i in range(1, len(parts) + 1)))
+  return list(keys)
 
 
 def resolve_config_path(value: str) -> str:
@@ -304,6 +306,5 @@ def main(argv):
 
 if __name__ == '__main__':
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  sys.path.insert(0, str(ROOT))
   check_config_overrides(sys.argv)
   app.run(main)

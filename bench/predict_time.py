@@ -20,7 +20,6 @@ cache, segment) is timed on the command line, e.g.
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,14 +29,13 @@ from absl import flags
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configs import default  # pylint: disable=wrong-import-position
-from wmh_jax import convs  # pylint: disable=wrong-import-position
-from wmh_jax import inference  # pylint: disable=wrong-import-position
-from wmh_jax import models  # pylint: disable=wrong-import-position
-from wmh_jax import nifti_io  # pylint: disable=wrong-import-position
-from wmh_jax import predict  # pylint: disable=wrong-import-position
-from wmh_jax import steps  # pylint: disable=wrong-import-position
+from configs import default
+from wmh_jax import convs
+from wmh_jax import inference
+from wmh_jax import models
+from wmh_jax import nifti_io
+from wmh_jax import predict
+from wmh_jax import steps
 
 flags.DEFINE_integer('repeats', 5, 'Timed runs per scan.')
 flags.DEFINE_bool('tta', False, 'Left-right flip test-time augmentation.')

@@ -3,18 +3,17 @@
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-# The repo root: for `import launch` (a script, not in the package), and for the
-# package itself when this checkout is not the one `pip install -e` points at;
-# PYTHONPATH carries it into the scripts the tests start (sharding_check.py).
+# The repo root is on sys.path by pyproject.toml's pytest `pythonpath` (for
+# `import launch`, a script, and for this checkout's package when it is not the
+# one `pip install -e` points at); PYTHONPATH carries it into the scripts the
+# tests start (sharding_check.py).
 ROOT = str(Path(__file__).resolve().parents[1])
-sys.path.insert(0, ROOT)
 os.environ['PYTHONPATH'] = os.pathsep.join(
     [ROOT] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
