@@ -109,15 +109,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.refine.thresholds = (0.3, 0.4, 0.5, 0.6)  # the best on the fitting subjects is kept
 
   c.evaluate = ml_collections.ConfigDict()
-  c.evaluate.threshold = 0.5            # U-Net probability -> lesion, without the refiner
   c.evaluate.num_images = 4             # overlay PNGs written by evaluate
 
   c.predict = ml_collections.ConfigDict()
-  c.predict.threshold = 0.5             # see evaluate.threshold
-  c.predict.method = 'resize'           # resize (to data.grid) | sliding_window
-  c.predict.spacing = (1.0, 1.0, 3.0)   # sliding_window: mm
-  c.predict.window = None               # sliding_window: voxels; None: train.patch_size
-  c.predict.overlap = 0.5               # sliding_window: share of a window overlapped
+  c.predict.threshold = 0.5             # U-Net probability -> lesion, without the
+                                        # refiner (predict, evaluate, validation Dice)
   c.predict.tta = False                 # average over flips along tta_axes
   c.predict.tta_axes = (0,)             # grid axes: 0 is left-right
   c.predict.ensemble = ()               # more workdirs (same model config) to average

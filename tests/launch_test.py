@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,33 @@ def test_predict_needs_only_the_workdir_from_any_folder(tiny_run, tiny_dataset,
   assert not (tmp_path / 'out' / 'FLAIR_overlay.png').exists()  # the override applied
   # predict keeps its compiled programs for the next cold start
   assert any(p.is_file() for p in (tmp_path / 'jax_cache').rglob('*'))
+
+
+def test_a_run_trained_before_keys_were_removed_still_predicts(tiny_run, tiny_dataset,
+                                                               tmp_path):
+  # Its config.json holds evaluate.threshold and the sliding-window keys:
+  # dropped on load, and an override naming one is refused like any unknown key.
+  _, workdir = tiny_run
+  old = tmp_path / 'old_run'
+  shutil.copytree(workdir, old, ignore=shutil.ignore_patterns('eval*'))
+  saved = json.loads((old / 'config.json').read_text())
+  saved['evaluate']['threshold'] = 0.5
+  saved['predict'].update(method='resize', spacing=[1.0, 1.0, 3.0], window=None,
+                          overlap=0.5)
+  (old / 'config.json').write_text(json.dumps(saved, indent=1))
+  flair = tiny_dataset / 'Utrecht' / '1' / 'pre' / 'FLAIR.nii.gz'
+  common = ['--mode=predict', f'--workdir={old}', f'--input={flair}',
+            '--config.predict.overlays=False', f'--compilation_cache={tmp_path / "c"}']
+  r = _launch_here(tmp_path, *common, '--output=refused', '--config.evaluate.threshold=0.3')
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [
+      f'error: --config.evaluate.threshold: no such config key in '
+      f'{ROOT / "configs" / "trained.py"}:{old / "config.json"}; nearest valid keys: '
+      'refine.thresholds, predict.threshold, evaluate']
+  assert not (tmp_path / 'refused').exists()
+  r = _launch_here(tmp_path, *common, '--output=out')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (tmp_path / 'out' / 'FLAIR_wmh.nii.gz').is_file()
 
 
 def test_a_trained_network_cannot_change_refused_naming_the_key(tiny_run, tiny_dataset,

@@ -56,9 +56,7 @@ def _world(affine, idx):
   return affine[:3, :3] @ np.asarray(idx, float) + affine[:3, 3]
 
 
-@pytest.mark.parametrize('method', ['resize', 'sliding_window'])
-def test_lesion_comes_back_at_its_world_position_lps_oblique_anisotropic(method,
-                                                                         tmp_path):
+def test_lesion_comes_back_at_its_world_position_lps_oblique_anisotropic(tmp_path):
   shape, spacing = (256, 240, 14), (0.47, 0.47, 8.0)
   c, s = np.cos(np.radians(12)), np.sin(np.radians(12))
   tilt = np.array([[1, 0, 0], [0, np.cos(0.1), -np.sin(0.1)], [0, np.sin(0.1), np.cos(0.1)]])
@@ -78,10 +76,7 @@ def test_lesion_comes_back_at_its_world_position_lps_oblique_anisotropic(method,
   cfg = test_config.get_config()
   cfg.data.grid = (128, 128, 16)
   cfg.predict.overlays = True
-  cfg.predict.method = method
-  cfg.predict.spacing = (0.8, 0.8, 4.0)
-  cfg.predict.window = (64, 64, 16)
-  reference = inference.model_input(*nifti_io.load_image(path), cfg)
+  reference = inference.model_input(nifti_io.load_image(path)[0], cfg)
   results = predict.predict(cfg, None, [str(path)], tmp_path / 'out',
                             probability_fn=_bright(reference))
   out = nib.load(str(tmp_path / 'out' / 'lps_oblique_wmh.nii.gz'))
@@ -140,26 +135,6 @@ def test_flip_tta_averages_flipped_predictions_back():
   np.testing.assert_allclose(twice, plain(x), rtol=1e-6)
 
 
-def test_sliding_window_covers_every_voxel_and_blends_to_the_mean():
-  assert inference.window_starts(10, 4, 0.5) == [0, 2, 4, 6]
-  assert inference.window_starts(11, 4, 0.5) == [0, 2, 4, 6, 7]
-  assert inference.window_starts(3, 4, 0.5) == [0]
-  w = inference.gaussian_weights((8, 8, 4))
-  assert w.shape == (8, 8, 4) and w.max() == 1.0 and w.min() > 0
-  volume = np.random.default_rng(0).normal(size=(21, 19, 5)).astype(np.float32)
-
-  def constant(window):
-    assert window.shape == (8, 8, 4)
-    return np.full(window.shape, 0.25, np.float32)
-
-  out = inference.sliding_window(volume, constant, (8, 8, 4), overlap=0.5)
-  assert out.shape == volume.shape
-  np.testing.assert_allclose(out, 0.25, rtol=1e-6)
-  # An identity "network" returns the input: weights are normalised everywhere.
-  np.testing.assert_allclose(inference.sliding_window(volume, lambda x: x, (8, 8, 4)),
-                             volume, rtol=1e-5, atol=1e-6)
-
-
 def test_brain_output_bounds_the_lesions_is_written_and_scored(tmp_path, capsys):
   """A bright blob outside the brain (scalp fat) looks like lesion to the stand-in
   network; the brain probability keeps it out of the mask."""
@@ -179,8 +154,8 @@ def test_brain_output_bounds_the_lesions_is_written_and_scored(tmp_path, capsys)
 
   cfg = test_config.get_config()
   cfg.predict.overlays = True
-  reference = inference.model_input(*nifti_io.load_image(folder / 'pre' / 'FLAIR.nii.gz'),
-                                  cfg)
+  reference = inference.model_input(
+      nifti_io.load_image(folder / 'pre' / 'FLAIR.nii.gz')[0], cfg)
   lesion_fn = _bright(reference)
   brain_grid = subjects.resize(brain.astype(np.float32), cfg.data.grid)
   with_brain = lambda v: (lesion_fn(v), brain_grid)
@@ -271,13 +246,6 @@ def test_tta_and_ensemble_average_the_brain_probability_alike():
   # An ensemble with a member without a trained brain gives the lesion alone.
   mixed = inference.make_probability_fn([(model, trained), (model, state)])(x)
   assert isinstance(mixed, np.ndarray)
-
-
-def test_sliding_window_blends_lesion_and_brain_alike():
-  volume = np.random.default_rng(0).normal(size=(21, 19, 5)).astype(np.float32)
-  lesion, brain = inference.sliding_window(volume, lambda v: (v, 2 * v), (8, 8, 4))
-  np.testing.assert_allclose(lesion, volume, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(brain, 2 * volume, rtol=1e-5, atol=1e-5)
 
 
 def _flair(path, shape=(48, 40, 10), lesion=(24, 20, 5)):

@@ -1,6 +1,7 @@
 """A run folder that knows what made it: config.json and split.json."""
 
 import json
+import logging
 import os
 import shutil
 
@@ -9,6 +10,7 @@ import pytest
 
 from configs import default as default_config
 from configs import test as test_config
+from configs import trained as trained_config
 from conftest import write_tiny_subject
 from wmh_jax import atomic_write
 from wmh_jax import data
@@ -28,6 +30,38 @@ def test_config_json_round_trips_with_its_tuples(get_config, tmp_path):
   assert isinstance(back.model.encoder_filters[0], tuple)
   assert isinstance(back.train.learning_rate, float)
   assert run_record.load_config(tmp_path / 'none') is None
+
+
+def _old_style(config, **old) -> dict:
+  """``config`` as a config.json written before OBSOLETE's keys were removed."""
+  saved = json.loads(run_record.config_to_json(config))
+  for key, value in {'evaluate.threshold': 0.5, 'predict.method': 'resize',
+                     'predict.spacing': [1.0, 1.0, 3.0], 'predict.window': None,
+                     'predict.overlap': 0.5, **old}.items():
+    section, name = key.split('.')
+    saved[section][name] = value
+  return saved
+
+
+def test_an_old_config_json_loads_without_the_removed_keys(tmp_path, caplog):
+  config = test_config.get_config()
+  path = tmp_path / 'config.json'
+  path.write_text(json.dumps(_old_style(config), indent=1))
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    back = run_record.load_config(tmp_path)
+    from_file = trained_config.get_config(str(path))   # predict's, evaluate's base
+  assert back.to_dict() == config.to_dict()
+  assert from_file.to_dict() == config.to_dict()
+  assert not caplog.text   # nothing the run did differs from what applies now
+  # Values that made the old run differ are said, in one line each.
+  path.write_text(json.dumps(_old_style(config, **{'evaluate.threshold': 0.4,
+                                                   'predict.method': 'sliding_window'})))
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    assert run_record.load_config(tmp_path).to_dict() == config.to_dict()
+  assert (f'{path}: evaluate.threshold=0.4 is no longer a config key; evaluate '
+          'uses predict.threshold=0.5') in caplog.text
+  assert (f"{path}: predict.method='sliding_window' is no longer a config key; "
+          'predict resizes every scan to data.grid') in caplog.text
 
 
 def test_network_keys_are_frozen_others_may_change():

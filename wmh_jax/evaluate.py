@@ -121,7 +121,7 @@ def evaluate(config, workdir, overwrite: bool = False, split: str = 'val') -> di
 
   The mask is the refiner's (``wmh_jax.refine``) when ``config.refine.enabled``
   and one was fitted on this checkpoint, else the U-Net's probability resized
-  back and thresholded at ``config.evaluate.threshold``; with a brain output,
+  back and thresholded at ``config.predict.threshold``; with a brain output,
   lesions outside the predicted brain are dropped first
   (``inference.native_probability``). Writes ``WORKDIR/eval/metrics.csv`` (one row
   a subject: the challenge's five metrics at native resolution on the file's own
@@ -142,8 +142,8 @@ def evaluate(config, workdir, overwrite: bool = False, split: str = 'val') -> di
     raise FileExistsError(f'{out_dir / "metrics.csv"}: already exists (pass '
                           '--overwrite to evaluate again)')
   val = data.load_split(config, workdir, split)  # bad data fails first
-  threshold = config.evaluate.threshold
-  segmenter = inference.load(config, workdir, threshold)
+  threshold = config.predict.threshold
+  segmenter = inference.load(config, workdir)
   step = segmenter.step
   if segmenter.refiner is not None and inference.native_flair_missing(
       val, 'scoring the U-Net alone'):
@@ -154,7 +154,7 @@ def evaluate(config, workdir, overwrite: bool = False, split: str = 'val') -> di
     source = p.get('source', '')
     draw = k < config.evaluate.num_images
     seg = inference.segment(segmenter, inference.ScanInput(
-        p['image'], p['native_shape'], p['spacing'], source or None, on_grid=True),
+        p['image'], p['native_shape'], p['spacing'], source or None),
                             read_image=draw)
     grid_prob, _ = inference.native_probability(seg.output, p['labels'].shape,
                                                 config.predict)

@@ -3,12 +3,13 @@
 The one per-scan pipeline that ``predict``, ``evaluate`` and the refiner's fit
 (``train.fit_refiner``) all call (:func:`segment`):
 
-  read (``read_scan``: canonical RAS, ``subjects.preprocess`` onto the grid or
-  ``predict.spacing``) -> network (``make_probability_fn``: ensemble members and
-  flip TTA; ``sliding_window`` at a spacing) -> native grid (``native_probability``:
-  resized back; with a brain output the native brain mask, and no lesion outside
-  it) -> refine (the native refiner of ``wmh_jax.refine`` on the FLAIR z-scored in
-  that brain) -> threshold.
+  read (``read_scan``: canonical RAS, the whole scan onto ``data.grid`` by
+  ``subjects.preprocess``, as training sees it) -> network
+  (``make_probability_fn``: ensemble members and flip TTA) -> native grid
+  (``native_probability``: resized back; with a brain output the native brain
+  mask, and no lesion outside it) -> refine (the native refiner of
+  ``wmh_jax.refine`` on the FLAIR z-scored in that brain) -> threshold
+  (``predict.threshold`` without a refiner, else the refiner's own).
 
 ``load`` restores what inference needs from a workdir (the weights only,
 ``checkpoints.restore_weights``, and the refiner); a :class:`Segmentation`
@@ -132,92 +133,9 @@ def native_probability(output, native_shape, pconfig
   return prob, mask
 
 
-def window_starts(n: int, window: int, overlap: float) -> list[int]:
-  """Window origins along one axis: steps of ``window * (1 - overlap)``, ends flush."""
-  if n <= window:
-    return [0]
-  step = max(1, int(window * (1.0 - overlap)))
-  starts = list(range(0, n - window + 1, step))
-  return starts if starts[-1] == n - window else starts + [n - window]
-
-
-def gaussian_weights(window, sigma_fraction: float = 0.125) -> np.ndarray:
-  """A separable Gaussian (sigma = window / 8) peaking at the window centre."""
-  axes = []
-  for w in window:
-    x = np.arange(w) - (w - 1) / 2
-    axes.append(np.exp(-0.5 * (x / max(sigma_fraction * w, 1e-3)) ** 2))
-  weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-  return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
-
-
-def to_spacing(image: np.ndarray, affine: np.ndarray, spacing,
-               path='image') -> np.ndarray:
-  """The training preprocessing at a fixed voxel ``spacing`` (mm) instead of a grid."""
-  native = subjects.voxel_spacing(affine)
-  shape = np.maximum(np.round(np.array(image.shape) * native / np.array(spacing)), 2)
-  return subjects.preprocess(image, tuple(int(n) for n in shape), path)
-
-
-def sliding_window(volume: np.ndarray, probability_fn, window,
-                   overlap: float = 0.5):
-  """Gaussian-weighted mean of ``probability_fn`` over overlapping windows (each
-  part of a ``(lesion, brain)`` output blended alike)."""
-  window = tuple(int(w) for w in window)
-  full = tuple(max(n, w) for n, w in zip(volume.shape, window))
-  padded = np.pad(volume, [(0, f - n) for f, n in zip(full, volume.shape)],
-                  constant_values=float(volume.min()))
-  weights = gaussian_weights(window)
-  totals, pair = None, False
-  norm = np.zeros(full, np.float64)
-  for start in itertools.product(*[window_starts(f, w, overlap)
-                                    for f, w in zip(full, window)]):
-    region = tuple(slice(a, a + w) for a, w in zip(start, window))
-    out = probability_fn(padded[region])
-    pair = isinstance(out, tuple)
-    parts = out if pair else (out,)
-    if totals is None:
-      totals = [np.zeros(full, np.float64) for _ in parts]
-    for total, part in zip(totals, parts):
-      total[region] += part * weights
-    norm[region] += weights
-  crop = tuple(slice(0, n) for n in volume.shape)
-  blended = tuple((total / norm)[crop].astype(np.float32) for total in totals)
-  return blended if pair else blended[0]
-
-
-def model_input(image, affine, config, path='image') -> np.ndarray:
-  """What the network sees: the config grid, or the volume at predict.spacing."""
-  if config.predict.method == 'resize':
-    return subjects.preprocess(image, tuple(config.data.grid), path)
-  if config.predict.method == 'sliding_window':
-    return to_spacing(image, affine, config.predict.spacing, path)
-  raise ValueError(f'predict.method must be resize or sliding_window, got '
-                   f'{config.predict.method!r}')
-
-
-def network_window(config) -> tuple[int, ...]:
-  """The shape the network is applied to: the grid, or the sliding window."""
-  if config.predict.method == 'resize':
-    return tuple(config.data.grid)
-  return tuple(config.predict.window or config.train.patch_size or config.data.grid)
-
-
-def center_crop(volume: np.ndarray, window) -> np.ndarray:
-  """The ``window``-shaped middle of ``volume`` (padded with its minimum if smaller)."""
-  padded = np.pad(volume, [(0, max(0, w - n)) for w, n in zip(window, volume.shape)],
-                  constant_values=float(volume.min()))
-  corner = [(n - w) // 2 for n, w in zip(padded.shape, window)]
-  return padded[tuple(slice(c, c + w) for c, w in zip(corner, window))]
-
-
-def probability_on_input(volume, probability_fn, config):
-  """Lesion probability (or ``(lesion, brain)``) on the model-input volume (grid
-  or fixed spacing)."""
-  if config.predict.method == 'resize':
-    return probability_fn(volume)
-  return sliding_window(volume, probability_fn, network_window(config),
-                        config.predict.overlap)
+def model_input(image, config, path='image') -> np.ndarray:
+  """What the network sees: the whole scan preprocessed onto ``data.grid``."""
+  return subjects.preprocess(image, tuple(config.data.grid), path)
 
 
 def load_members(config, workdir) -> list:
@@ -239,18 +157,13 @@ def load_members(config, workdir) -> list:
 
 
 def load_refiner(config, workdir, step: int):
-  """The native refiner fitted on U-Net ``step`` when ``config.refine.enabled``
-  and the scans are predicted as in training (``predict.method='resize'``)."""
+  """The native refiner fitted on U-Net ``step`` when ``config.refine.enabled``."""
   if not config.refine.enabled:
     return None
   refiner = refine.load(workdir, step)
   if refiner is None:
     logging.warning('%s: no refiner for step %d; the U-Net\'s mask alone',
                     refine.path_for(workdir, step), step)
-  elif config.predict.method != 'resize':
-    logging.warning('refine: fitted on predict.method=resize; not applied to %s',
-                    config.predict.method)
-    return None
   return refiner
 
 
@@ -285,9 +198,9 @@ class Segmenter:
   step: int | None = None
 
 
-def load(config, workdir, threshold: float | None = None) -> Segmenter:
-  """The ensemble of ``workdir`` (with flip TTA when ``predict.tta``) and its
-  refiner; ``threshold`` defaults to ``predict.threshold``."""
+def load(config, workdir) -> Segmenter:
+  """The ensemble of ``workdir`` (with flip TTA when ``predict.tta``), its
+  refiner and ``predict.threshold``."""
   pc = config.predict
   members = load_members(config, workdir)
   step = int(members[0][1].step)
@@ -295,7 +208,7 @@ def load(config, workdir, threshold: float | None = None) -> Segmenter:
   return Segmenter(
       probability_fn=make_probability_fn(members, pc.tta_axes if pc.tta else ()),
       config=config,
-      threshold=pc.threshold if threshold is None else threshold,
+      threshold=pc.threshold,
       refiner=refiner,
       candidate=refine.candidate_of(refiner, config.refine.candidate),
       members=tuple(members), step=step)
@@ -305,23 +218,20 @@ def load(config, workdir, threshold: float | None = None) -> Segmenter:
 class ScanInput:
   """One scan as the pipeline takes it.
 
-  ``volume``: what the network sees (:func:`model_input`); ``on_grid``: it is
-  on ``config.data.grid`` whatever ``predict.method`` (evaluate's prepared
-  subjects), so the network sees it whole; ``flair``: the native FLAIR file
-  (the refiner's input), None for a TFDS example.
+  ``volume``: what the network sees (:func:`model_input`: on ``data.grid``);
+  ``flair``: the native FLAIR file (the refiner's input), None for a TFDS example.
   """
   volume: np.ndarray
   native_shape: tuple
   spacing: tuple
   flair: Path | str | None = None
   affine: np.ndarray | None = None
-  on_grid: bool = False
 
 
 def read_scan(path, config) -> ScanInput:
   """Reads and preprocesses the FLAIR at ``path`` (bad input: one line naming it)."""
   image, affine = nifti_io.load_image(path)
-  return ScanInput(model_input(image, affine, config, path), tuple(image.shape),
+  return ScanInput(model_input(image, config, path), tuple(image.shape),
                    tuple(subjects.voxel_spacing(affine)), path, affine)
 
 
@@ -357,8 +267,7 @@ def segment(segmenter: Segmenter, scan: ScanInput, read_image: bool = False,
       (``flair_z``) read: what the refiner is fitted on.
   """
   fn, config = segmenter.probability_fn, segmenter.config
-  out = fn(scan.volume) if scan.on_grid else probability_on_input(scan.volume, fn,
-                                                                  config)
+  out = fn(scan.volume)
   prob, brain = native_probability(out, scan.native_shape, config.predict)
   refiner = None if before_refine else segmenter.refiner
   if refiner is not None and scan.flair is None:

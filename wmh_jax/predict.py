@@ -4,13 +4,10 @@
       --output=out/ [--config.predict.tta=True] [--config.predict.overlays=True]
 
 Each input goes through the training preprocessing (canonical RAS orientation,
-then ``subjects.preprocess``: z-score inside the head mask, resize). With
-``predict.method='resize'`` (the seed's way, the default) the network sees the
-whole scan resized to ``config.data.grid``; with ``'sliding_window'`` the scan is
-resampled to ``predict.spacing`` and the network slides over it in windows of
-``predict.window`` (default: the training patch), the overlapping outputs blended
-with Gaussian weights. The lesion probability (the mean over the ensemble members
-and flip TTA) is resized back to the native grid and thresholded; with a refiner
+then ``subjects.preprocess``: z-score inside the head mask, resize): the network
+sees the whole scan resized to ``config.data.grid``, as in training. The lesion
+probability (the mean over the ensemble members and flip TTA) is resized back to
+the native grid and thresholded (``predict.threshold``); with a refiner
 fitted on the workdir's checkpoint (``wmh_jax.refine``, ``config.refine``) the
 native voxels are decided again from that probability and the FLAIR around them.
 A model with a brain output (``model.brain_output``) also gives the brain
@@ -361,9 +358,7 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
       figures.overlay(paths['overlay'], native, mask, truth, title=s.name,
                       brain=brain)
     if 'activations' in paths:
-      activation_collage(paths['activations'], segmenter.members,
-                         inference.center_crop(scan.volume,
-                                               inference.network_window(config)),
+      activation_collage(paths['activations'], segmenter.members, scan.volume,
                          s.name)
     if overwrite:
       remove_stale(out_dir, s.name, paths)

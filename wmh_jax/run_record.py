@@ -7,7 +7,8 @@ the sha256 of its FLAIR and wmh files). A resumed run, ``--mode=evaluate`` and
 ``--mode=predict`` read them: predict needs only ``--workdir``; a config that
 would change the trained network (its architecture or what it sees) is refused
 naming the key, and so is a split that is not the recorded one, naming the
-first subject that moved or whose file changed.
+first subject that moved or whose file changed. Keys since removed from the
+configs (:data:`OBSOLETE`) are dropped when an older config.json is read.
 """
 
 import hashlib
@@ -27,6 +28,11 @@ SPLITS = ('train', 'val', 'test')
 # choices that leave the parameters as they are may change.
 FROZEN = ('model.', 'data.grid')
 NOT_FROZEN = ('model.conv_impl', 'model.dtype')
+# Keys removed from the configs that older config.json files still hold: they
+# are dropped on load (``drop_obsolete``), so that such a run still loads.
+OBSOLETE = ('evaluate.threshold',   # predict.threshold serves evaluate too
+            'predict.method', 'predict.spacing', 'predict.window',
+            'predict.overlap')      # sliding_window: predict resizes to data.grid
 
 
 class RunRecordError(ValueError):
@@ -48,9 +54,32 @@ def _tuples(value):
   return value
 
 
+def drop_obsolete(saved: dict, path='config.json') -> dict:
+  """``saved`` (a config.json's dict) without the keys of :data:`OBSOLETE`;
+  warns when a dropped value made the run differ from what applies now."""
+  out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+  dropped = {}
+  for key in OBSOLETE:
+    section, name = key.split('.')
+    if isinstance(out.get(section), dict) and name in out[section]:
+      dropped[key] = out[section].pop(name)
+  threshold = (out.get('predict') or {}).get('threshold')
+  if dropped.get('evaluate.threshold', threshold) != threshold:
+    logging.warning('%s: evaluate.threshold=%r is no longer a config key; '
+                    'evaluate uses predict.threshold=%r', path,
+                    dropped['evaluate.threshold'], threshold)
+  if dropped.get('predict.method', 'resize') != 'resize':
+    logging.warning('%s: predict.method=%r is no longer a config key; predict '
+                    'resizes every scan to data.grid', path, dropped['predict.method'])
+  return out
+
+
 def config_from_json(text: str, path='config.json') -> ml_collections.ConfigDict:
   try:
-    return ml_collections.ConfigDict(_tuples(json.loads(text)))
+    saved = json.loads(text)
+    if not isinstance(saved, dict):
+      raise ValueError(f'a JSON {type(saved).__name__}, not an object')
+    return ml_collections.ConfigDict(_tuples(drop_obsolete(saved, path)))
   except ValueError as e:
     raise RunRecordError(f'{path}: not a saved config ({str(e).splitlines()[0]})'
                          ) from e

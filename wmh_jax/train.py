@@ -51,7 +51,7 @@ def validation_dice(predict_fn, state, val_arrays, config, brain: bool = False
     p = np.asarray(jax.nn.sigmoid(logits))[0]
     prob, mask = inference.native_probability(
         (p[..., 0], p[..., 1]) if brain else p[..., 0], labels.shape, config.predict)
-    scores.append(metrics.dice(prob >= config.evaluate.threshold, labels))
+    scores.append(metrics.dice(prob >= config.predict.threshold, labels))
     if mask is not None and has_brain[i]:
       brain_scores.append(challenge_metrics.dice(val_arrays['brain'][i] >= 0.5, mask))
   out = {'val/dice_grid': float(np.mean(scores)) if scores else float('nan')}
@@ -185,7 +185,7 @@ def fit_refiner(config, workdir, train_set, model, state) -> None:
   cases, t0 = [], time.time()
   for k, p in enumerate(picks):  # no lesion candidate outside the predicted brain
     seg = inference.segment(segmenter, inference.ScanInput(
-        p['image'], p['native_shape'], p['spacing'], p['source'], on_grid=True),
+        p['image'], p['native_shape'], p['spacing'], p['source']),
                             before_refine=True)
     cases.append((seg.unet_probability, seg.flair_z, p['spacing'], p['native_labels']))
     logging.info('refine: U-Net probability of training subject %d/%d %s (%.0f s)',
