@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.augment.translate_vox = (8.0, 8.0, 1.0)
   c.augment.flip_lr = True
   c.augment.intensity = 0.25                # x * U(1-a, 1+a) + U(-a, a) on z-scores
+  c.augment.bias_field = 0.0                # exp(degree-2 polynomial), coefficients U(-a, a)
+  c.augment.gamma = 0.0                     # contrast: range ** exp(N(0, gamma))
+  c.augment.noise = 0.0                     # Gaussian noise, sd U(0, noise) in z-score units
 
   c.model = ml_collections.ConfigDict()
   c.model.encoder_filters = ((32, 64), (64, 128), (128, 256))

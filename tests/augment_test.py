@@ -219,3 +219,47 @@ def test_image_and_mask_stay_aligned_under_strong_random_affines():
     np.testing.assert_array_equal(from_image[inner], warped[inner], err_msg=f'seed {s}')
     moved += not np.array_equal(warped, labels)
   assert moved == 8   # every seed moved the volume
+
+
+def test_scanner_look_ops_are_seeded_smooth_and_keep_the_background_dark():
+  image, _ = _volume()
+  seed = tf.constant([4, 2], tf.int64)
+  for op, amount in ((augment.random_bias_field, 0.2), (augment.random_gamma, 0.3),
+                     (augment.random_noise, 0.2)):
+    a, b = op(image, seed, amount).numpy(), op(image, seed, amount).numpy()
+    np.testing.assert_array_equal(a, b)                     # same seed, same volume
+    assert not np.allclose(a, op(image, tf.constant([4, 3], tf.int64), amount))
+    assert not np.allclose(a, image)
+  field = augment.random_bias_field(image, seed, 0.2).numpy()
+  lo = image.min()
+  gain = (field - lo)[image > lo + 0.5] / (image - lo)[image > lo + 0.5]
+  assert gain.min() > np.exp(-0.2 * 9) and gain.max() < np.exp(0.2 * 9)
+  flat = np.full((16, 12, 6), 2.0, np.float32)
+  flat[0, 0, 0] = 0.0                                       # the background level
+  g = augment.random_bias_field(flat, seed, 0.2).numpy()
+  assert g[0, 0, 0] == 0.0                                  # background stays dark
+  steps = np.abs(np.diff(g[1:-1, 1:-1, 1:-1], axis=0))
+  assert steps.max() < 0.1 * g[1:-1].mean()                 # a smooth field
+  gam = augment.random_gamma(image, seed, 0.3).numpy()
+  np.testing.assert_allclose([gam.min(), gam.max()], [image.min(), image.max()],
+                             rtol=1e-5)                     # range kept, order kept
+  assert (np.argsort(gam, axis=None) == np.argsort(image, axis=None)).mean() > 0.99
+  noise = augment.random_noise(image, seed, 0.2).numpy() - image
+  assert 0 < noise.std() < 0.2
+
+
+def test_scanner_look_off_gives_the_batches_of_before_and_on_changes_only_the_image():
+  image, labels = _volume()
+  ex = {'image': image, 'labels': labels,
+        'spacing': np.array([1.0, 1.0, 3.0], np.float32)}
+  cfg = test_config.get_config().augment
+  cfg.enabled = True
+  seed = tf.constant([5, 1], tf.int64)
+  plain = input_pipeline.augment_example(ex, seed, cfg, (8, 8, 4))
+  old = {k: v for k, v in cfg.items() if k not in ('bias_field', 'gamma', 'noise')}
+  before = input_pipeline.augment_example(ex, seed, type(cfg)(old), (8, 8, 4))
+  np.testing.assert_array_equal(plain['image'].numpy(), before['image'].numpy())
+  cfg.bias_field, cfg.gamma, cfg.noise = 0.2, 0.3, 0.1
+  looked = input_pipeline.augment_example(ex, seed, cfg, (8, 8, 4))
+  np.testing.assert_array_equal(looked['labels'].numpy(), plain['labels'].numpy())
+  assert not np.allclose(looked['image'].numpy(), plain['image'].numpy())

@@ -101,6 +101,41 @@ def random_intensity(image, seed, amount=0.1):
   return image * gain + bias
 
 
+def _range(image):
+  lo, hi = tf.reduce_min(image), tf.reduce_max(image)
+  return lo, tf.maximum(hi - lo, 1e-6)
+
+
+def random_gamma(image, seed, log_sd=0.25):
+  """Contrast: the volume's range mapped to [0, 1], raised to ``exp(N(0, log_sd))``
+  and mapped back (gamma < 1 brightens the mid-tones, > 1 darkens them)."""
+  lo, span = _range(image)
+  gamma = tf.exp(tf.random.stateless_normal([], seed) * log_sd)
+  return lo + span * tf.pow(tf.clip_by_value((image - lo) / span, 0.0, 1.0), gamma)
+
+
+def random_bias_field(image, seed, amount=0.3):
+  """A smooth multiplicative field on ``image - min`` (so the background stays
+  dark): ``exp`` of a degree-2 polynomial of the coordinates (each axis on
+  [-1, 1]) with coefficients ``U(-a, a)``, as scanners' coil sensitivity."""
+  shape = tf.shape(image)
+  axes = [tf.linspace(-1.0, 1.0, shape[a]) for a in range(3)]
+  x, y, z = tf.meshgrid(*axes, indexing='ij')
+  terms = tf.stack([x, y, z, x * y, x * z, y * z, x * x - 1 / 3, y * y - 1 / 3,
+                    z * z - 1 / 3])
+  coef = _uniform(seed, [9], -amount, amount)
+  field = tf.exp(tf.tensordot(coef, terms, axes=1))
+  lo = tf.reduce_min(image)
+  return lo + (image - lo) * field
+
+
+def random_noise(image, seed, max_sd=0.1):
+  """Gaussian noise of a standard deviation ``U(0, max_sd)`` (z-score units)."""
+  seeds = tf.random.experimental.stateless_split(seed, 2)
+  sd = _uniform(seeds[0], [], 0.0, max_sd)
+  return image + sd * tf.random.stateless_normal(tf.shape(image), seeds[1])
+
+
 def random_crop(image, labels, size, seed, lesion_fraction=0.5, *soft):
   """A ``size`` crop; with probability ``lesion_fraction`` centred on a lesion
   voxel. Soft volumes are cropped alike: ``(image, labels, *soft)``."""

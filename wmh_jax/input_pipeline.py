@@ -41,6 +41,18 @@ def stack_prepared(prepared: list[dict], grid, soft_targets: bool = False,
   return arrays
 
 
+def _scanner_look(image, seed, aug_config):
+  """The bias field, contrast and noise of ``aug_config`` (each left out at 0,
+  so configs without them give the same batches as before)."""
+  ops = ((augment.random_bias_field, aug_config.get('bias_field', 0.0)),
+         (augment.random_gamma, aug_config.get('gamma', 0.0)),
+         (augment.random_noise, aug_config.get('noise', 0.0)))
+  for k, (op, amount) in enumerate(ops):
+    if amount:
+      image = op(image, tf.random.experimental.stateless_fold_in(seed, k + 1), amount)
+  return image
+
+
 def augment_example(example, seed, aug_config, patch_size=None,
                     lesion_patch_fraction=0.5):
   """Augments one ``{'image', 'labels', 'spacing'[, 'target', 'brain',
@@ -58,6 +70,7 @@ def augment_example(example, seed, aug_config, patch_size=None,
         flip_lr=aug_config.flip_lr)
     image, labels, *soft = augment.affine_pair(image, labels, matrix, offset, *soft)
     image = augment.random_intensity(image, seeds[1], aug_config.intensity)
+    image = _scanner_look(image, seeds[1], aug_config)
   if patch_size is not None:
     image, labels, *soft = augment.random_crop(
         image, labels, tuple(patch_size), seeds[2], lesion_patch_fraction, *soft)
