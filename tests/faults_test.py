@@ -195,3 +195,21 @@ def test_init_from_a_damaged_source_checkpoint_is_refused_in_one_line(
       f'train.init_from={nan_source}: its checkpoint '
       f'{nan_source / "checkpoints" / "6"} holds non-finite values (NaN or inf in '
       "['params']['ConvBlock_1']['Conv3D_0']['kernel'])")
+
+
+def test_predict_refuses_a_checkpoint_without_its_metadata_in_one_line(
+    trained, tiny_dataset, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  (workdir / 'checkpoints' / '4' / 'default' / '_METADATA').unlink()
+  r = subprocess.run(
+      [sys.executable, str(ROOT / 'launch.py'), '--mode=predict', f'--workdir={workdir}',
+       f'--output={tmp_path / "out"}',
+       f'--input={tiny_dataset / "Utrecht" / "0" / "pre" / "FLAIR.nii.gz"}'],
+      capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert 'Traceback' not in r.stderr, r.stderr[-3000:]
+  errors = [l for l in r.stderr.splitlines() if l.startswith('error:')]
+  assert errors == [f'error: {workdir / "checkpoints" / "4"}: cannot restore the '
+                    'checkpoint (FileNotFoundError: its metadata is missing (no '
+                    'default/_METADATA))'], r.stderr[-3000:]
+  assert not (tmp_path / 'out').exists()

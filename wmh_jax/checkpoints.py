@@ -221,6 +221,16 @@ def _weights_manager(directory: Path) -> ocp.CheckpointManager:
       item_handlers=ocp.PyTreeCheckpointHandler())
 
 
+def _stored_weights(manager, step: int) -> dict:
+  """``{'params': ..., 'batch_stats': ...}`` of checkpoint ``step`` as stored
+  shapes (its metadata; no array is read); a missing part is ``{}``."""
+  meta = manager.item_metadata(step)
+  meta = getattr(meta, 'tree', meta)
+  if meta is None:
+    raise FileNotFoundError('its metadata is missing (no default/_METADATA)')
+  return {k: meta.get(k) or {} for k in ('params', 'batch_stats')}
+
+
 def _restore_part(manager, step: int, abstract: dict):
   """The subtrees of ``abstract`` from checkpoint ``step`` (orbax partial restore:
   the optimiser state is never read)."""
@@ -254,9 +264,7 @@ def restore_weights(config, workdir) -> tuple[models.UNet3D, steps.TrainState]:
     where = directory / str(step)
     fail = f'{where}: cannot restore the checkpoint ({{reason}})'
     wanted = abstract_weights(config, model)
-    meta = _read(lambda: manager.item_metadata(step), fail)
-    meta = getattr(meta, 'tree', meta)
-    have = {k: meta.get(k) or {} for k in ('params', 'batch_stats')}
+    have = _read(lambda: _stored_weights(manager, step), fail)
     bad = _first_mismatch(_flat_shapes({k: wanted.get(k, {}) for k in have}),
                           _flat_shapes(have))
     if bad:
@@ -317,12 +325,10 @@ def initialise_from(source, state: steps.TrainState, tx) -> steps.TrainState:
     where = directory / str(step)
     fail = (f'train.init_from={source}: cannot restore its checkpoint {where} '
             '({reason})')
-    meta = _read(lambda: manager.item_metadata(step), fail)
-    meta = getattr(meta, 'tree', meta)
+    have = _read(lambda: _stored_weights(manager, step), fail)
     wanted = {'params': state.params}
     if state.batch_stats:
       wanted['batch_stats'] = state.batch_stats
-    have = {k: meta.get(k) or {} for k in ('params', 'batch_stats')}
     bad = _first_mismatch(_flat_shapes(wanted), _flat_shapes(have))
     if bad:
       raise ValueError(f'train.init_from={source}: its checkpoint (step {step}) is '
