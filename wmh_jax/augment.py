@@ -101,15 +101,11 @@ def random_intensity(image, seed, amount=0.1):
   return image * gain + bias
 
 
-def _range(image):
-  lo, hi = tf.reduce_min(image), tf.reduce_max(image)
-  return lo, tf.maximum(hi - lo, 1e-6)
-
-
 def random_gamma(image, seed, log_sd=0.25):
   """Contrast: the volume's range mapped to [0, 1], raised to ``exp(N(0, log_sd))``
   and mapped back (gamma < 1 brightens the mid-tones, > 1 darkens them)."""
-  lo, span = _range(image)
+  lo = tf.reduce_min(image)
+  span = tf.maximum(tf.reduce_max(image) - lo, 1e-6)
   gamma = tf.exp(tf.random.stateless_normal([], seed) * log_sd)
   return lo + span * tf.pow(tf.clip_by_value((image - lo) / span, 0.0, 1.0), gamma)
 

@@ -46,6 +46,15 @@ def _first_non_finite(tree) -> str | None:
   return None
 
 
+def _require_finite(tree, what: str):
+  """``tree``, or one :class:`CheckpointError` line when a leaf holds a NaN or
+  inf: ``{what} holds non-finite values (NaN or inf in {path})``."""
+  bad = _first_non_finite(tree)
+  if bad:
+    raise CheckpointError(f'{what} holds non-finite values (NaN or inf in {bad})')
+  return tree
+
+
 def _leftover(exc) -> bool:
   """A failure of an array read still in flight when a restore failed."""
   text = f'{type(exc).__name__}: {exc}'
@@ -116,11 +125,7 @@ def restore_step(manager, step: int, state: steps.TrainState) -> steps.TrainStat
   restored = _read(
       lambda: manager.restore(step, args=ocp.args.StandardRestore(abstract)),
       f'{where}: cannot restore the checkpoint ({{reason}})')
-  bad = _first_non_finite(restored)
-  if bad:
-    raise CheckpointError(f'{where}: the checkpoint holds non-finite values '
-                          f'(NaN or inf in {bad})')
-  return restored
+  return _require_finite(restored, f'{where}: the checkpoint')
 
 
 def _set_aside(manager, step: int) -> Path | None:
@@ -274,11 +279,7 @@ def restore_weights(config, workdir) -> tuple[models.UNet3D, steps.TrainState]:
     manager.close()
   state = steps.TrainState(step=restored['step'], params=restored['params'],
                            batch_stats=restored.get('batch_stats', {}), opt_state=None)
-  bad = _first_non_finite(state)
-  if bad:
-    raise CheckpointError(f'{where}: the checkpoint holds non-finite values '
-                          f'(NaN or inf in {bad})')
-  return model, state
+  return model, _require_finite(state, f'{where}: the checkpoint')
 
 
 def _flat_shapes(tree) -> dict[str, tuple]:
@@ -337,10 +338,7 @@ def initialise_from(source, state: steps.TrainState, tx) -> steps.TrainState:
     restored = _read(lambda: _restore_part(manager, step, abstract), fail)
   finally:
     manager.close()
-  bad = _first_non_finite(restored)
-  if bad:
-    raise CheckpointError(f'train.init_from={source}: its checkpoint {where} holds '
-                          f'non-finite values (NaN or inf in {bad})')
+  _require_finite(restored, f'train.init_from={source}: its checkpoint {where}')
   logging.info('Initialised from %s step %d (params%s; step 0, fresh optimiser '
                'state).', source, step,
                ' and batch_stats' if state.batch_stats else '')

@@ -142,8 +142,8 @@ def evaluate(config, workdir, overwrite: bool = False, split: str = 'val') -> di
     raise FileExistsError(f'{out_dir / "metrics.csv"}: already exists (pass '
                           '--overwrite to evaluate again)')
   val = data.load_split(config, workdir, split)  # bad data fails first
-  threshold = config.predict.threshold
   segmenter = inference.load(config, workdir)
+  threshold = segmenter.threshold  # predict.threshold: the U-Net's, unrefined
   step = segmenter.step
   if segmenter.refiner is not None and inference.native_flair_missing(
       val, 'scoring the U-Net alone'):
