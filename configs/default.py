@@ -110,6 +110,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.refine.batch_size = 8192
   c.refine.learning_rate = 1e-2
   c.refine.thresholds = (0.3, 0.4, 0.5, 0.6)  # the best on the fitting subjects is kept
+  c.refine.min_lesion_mm3 = (0.0, 10.0, 20.0, 30.0)  # smaller lesions dropped: the
+                                        # best on the fitting subjects is kept
 
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.num_images = 4             # overlay PNGs written by evaluate

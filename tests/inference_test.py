@@ -1,5 +1,6 @@
 """The inference library: weights-only restore, and one scan through segment."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,7 +101,12 @@ def test_segment_is_the_chain_and_the_refiner_keeps_its_candidate(workdir, tmp_p
   assert seg.refined
   np.testing.assert_array_equal(seg.unet_probability, prob)
   np.testing.assert_array_equal(seg.probability, refined)
-  np.testing.assert_array_equal(seg.mask, refined >= fitted['threshold'])
+  np.testing.assert_array_equal(seg.mask, refine.drop_small_lesions(
+      refined >= fitted['threshold'], scan.spacing, refine.min_lesion_of(fitted)))
+  # The refiner's smallest lesion is applied to the final mask: none is that big.
+  assert (refined >= fitted['threshold']).any()
+  huge = dataclasses.replace(segmenter, refiner={**fitted, 'min_lesion_mm3': 1e12})
+  assert not inference.segment(huge, scan).mask.any()
   # A refiner saved before it stored its candidate: the config's.
   old = {k: v for k, v in fitted.items() if k != 'candidate'}
   assert refine.candidate_of(old, cfg.refine.candidate) == cfg.refine.candidate

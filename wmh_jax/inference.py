@@ -279,6 +279,7 @@ def segment(segmenter: Segmenter, scan: ScanInput, read_image: bool = False,
   final, mask = prob, prob >= segmenter.threshold
   if refiner is not None:
     final = refine.refine(refiner, prob, flair_z, scan.spacing, segmenter.candidate)
-    mask = final >= refiner['threshold']
+    mask = refine.drop_small_lesions(final >= refiner['threshold'], scan.spacing,
+                                     refine.min_lesion_of(refiner))
   return Segmentation(out, prob, final, mask, brain, image, flair_z,
                       refiner is not None)

@@ -16,9 +16,12 @@ U-Net is sure of in the same scan.
 
 To steady it (one MLP's result on a faint-lesion subject moved with its seed),
 ``refine.num_fits`` MLPs are fitted from different seeds and their probabilities
-averaged. A refiner is a plain pytree ``{params: {fit_k: MLP params}, mean, std,
-threshold, candidate, unet_step}`` (all it decided at fit time; the MLP widths
-are read off its kernels) saved with orbax in ``WORKDIR/refine/step_N``, N the
+averaged. The refined mask then loses its lesions (26-connected, as the
+challenge counts them) smaller than a volume chosen at fit time from
+``refine.min_lesion_mm3``: single-voxel specks are most of the false lesions.
+A refiner is a plain pytree ``{params: {fit_k: MLP params}, mean, std,
+threshold, candidate, min_lesion_mm3, unet_step}`` (all it decided at fit time;
+the MLP widths are read off its kernels) saved with orbax in ``WORKDIR/refine/step_N``, N the
 U-Net checkpoint it was fitted on.
 """
 
@@ -125,8 +128,32 @@ def refine(refiner, prob: np.ndarray, image: np.ndarray, spacing,
   return out
 
 
+def drop_small_lesions(mask: np.ndarray, spacing, min_mm3: float) -> np.ndarray:
+  """``mask`` without its lesions (26-connected components, as
+  ``challenge_metrics`` counts them) of less than ``min_mm3`` (voxel size
+  ``spacing`` in mm); ``mask`` itself when ``min_mm3 <= 0``."""
+  if min_mm3 <= 0:
+    return mask
+  cc, n = challenge_metrics.lesions(mask)
+  size = np.bincount(cc.ravel(), minlength=n + 1) * float(np.prod(spacing))
+  keep = size >= min_mm3
+  keep[0] = False
+  return keep[cc]
+
+
+def min_lesion_of(refiner) -> float:
+  """The smallest lesion (mm^3) ``refiner`` keeps: 0 (all) for None or a
+  refiner saved before it chose one."""
+  if refiner is None or 'min_lesion_mm3' not in refiner:
+    return 0.0
+  return float(refiner['min_lesion_mm3'])
+
+
 def fit(cases, rc, seed: int, unet_step: int) -> dict:
-  """Fits a refiner on training ``cases`` and picks its threshold on them.
+  """Fits a refiner on training ``cases`` and picks its threshold on them
+  (best mean Dice), then its smallest lesion kept from ``rc.min_lesion_mm3``
+  (best mean of Dice and lesion F1 at that threshold: Dice alone hardly sees
+  a speck).
 
   Args:
     cases: ``(prob, image, spacing, labels)`` per training subject: the U-Net's
@@ -166,14 +193,33 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
       mask[cand] = q >= t
       dices.append(challenge_metrics.dice(*challenge_metrics.masked_pair(labels, mask)))
     scores[float(t)] = float(np.nanmean(dices))
-  refiner = {**scaled, 'threshold': np.float32(max(scores, key=scores.get)),
-             'candidate': np.float64(rc.candidate), 'unet_step': np.int32(unet_step)}
+  threshold = max(scores, key=scores.get)
+  masks = []
+  for (cand, _), q, (prob, _, _, _) in zip(cands, fitted, cases):
+    masks.append(np.zeros(prob.shape, bool))
+    masks[-1][cand] = q >= threshold
+  by_size = {}
+  for v in rc.get('min_lesion_mm3', (0.0,)):
+    both = []
+    for mask, (_, _, spacing, labels) in zip(masks, cases):
+      truth, pred = challenge_metrics.masked_pair(
+          labels, drop_small_lesions(mask, spacing, float(v)))
+      both.append((challenge_metrics.dice(truth, pred)
+                   + challenge_metrics.lesion_detection(truth, pred)[1]) / 2)
+    by_size[float(v)] = float(np.nanmean(both))
+  refiner = {**scaled, 'threshold': np.float32(threshold),
+             'candidate': np.float64(rc.candidate),
+             'min_lesion_mm3': np.float64(max(by_size, key=by_size.get)),
+             'unet_step': np.int32(unet_step)}
   logging.info('refine: %d MLPs fitted on %d voxels of %d subjects (%.1f%% '
-               'lesion), final BCE %s; Dice on them by threshold %s -> %.2f',
+               'lesion), final BCE %s; Dice on them by threshold %s -> %.2f; '
+               'mean of Dice and lesion F1 by smallest lesion (mm^3) %s -> %g',
                rc.num_fits, len(x), len(cases), 100 * float(y.mean()),
                ' '.join(f'{l:.4f}' for l in losses),
                {t: round(s, 3) for t, s in scores.items()},
-               float(refiner['threshold']))
+               float(refiner['threshold']),
+               {v: round(s, 3) for v, s in by_size.items()},
+               float(refiner['min_lesion_mm3']))
   return refiner
 
 
