@@ -21,8 +21,8 @@ challenge counts them) smaller than a volume chosen at fit time from
 ``refine.min_lesion_mm3``: single-voxel specks are most of the false lesions.
 A refiner is a plain pytree ``{params: {fit_k: MLP params}, mean, std,
 threshold, candidate, min_lesion_mm3, unet_step}`` (all it decided at fit time;
-the MLP widths are read off its kernels) saved with orbax in ``WORKDIR/refine/step_N``, N the
-U-Net checkpoint it was fitted on.
+the MLP widths are read off its kernels) saved with orbax in
+``WORKDIR/refine/step_N``, N the U-Net checkpoint it was fitted on.
 """
 
 from collections.abc import Sequence
@@ -185,19 +185,20 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
     losses.append(float(loss))
   scaled = {'params': members, 'mean': mean, 'std': std}
   fitted = [voxel_probability(scaled, f) for _, f in cands]
-  scores = {}
-  for t in rc.thresholds:
-    dices = []
-    for (cand, _), q, (prob, _, _, labels) in zip(cands, fitted, cases):
+
+  def masks_at(t):
+    for (cand, _), q, (prob, _, _, _) in zip(cands, fitted, cases):
       mask = np.zeros(prob.shape, bool)
       mask[cand] = q >= t
-      dices.append(challenge_metrics.dice(*challenge_metrics.masked_pair(labels, mask)))
-    scores[float(t)] = float(np.nanmean(dices))
+      yield mask
+
+  scores = {}
+  for t in rc.thresholds:
+    scores[float(t)] = float(np.nanmean([
+        challenge_metrics.dice(*challenge_metrics.masked_pair(labels, mask))
+        for mask, (_, _, _, labels) in zip(masks_at(t), cases)]))
   threshold = max(scores, key=scores.get)
-  masks = []
-  for (cand, _), q, (prob, _, _, _) in zip(cands, fitted, cases):
-    masks.append(np.zeros(prob.shape, bool))
-    masks[-1][cand] = q >= threshold
+  masks = list(masks_at(threshold))
   by_size = {}
   for v in rc.get('min_lesion_mm3', (0.0,)):
     both = []
