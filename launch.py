@@ -77,6 +77,27 @@ def check_trained_network(config, workdir, argv) -> None:
   run_record.check_same_network(trained, config, workdir, source)
 
 
+def inherit_network(config, argv) -> None:
+  """With ``train.init_from``, the network (``model.*`` but conv_impl and dtype,
+  ``data.grid``: ``run_record.frozen``) comes from that run's config.json, but
+  for the keys ``argv`` names (``--config.KEY=``): a fine-tune needs its
+  source's architecture, whatever the config file's (configs/finetune.py)."""
+  from wmh_jax import run_record  # pylint: disable=g-import-not-at-top
+  source = config.train.get('init_from', '')
+  trained = run_record.load_config(source) if source else None
+  if trained is None:  # none, or a run made before config.json: as given
+    return
+  named = {a.split('=', 1)[0][len('--config.'):] for a in argv
+           if a.startswith('--config.')}
+  here = run_record.network(config)
+  taken = {k: v for k, v in run_record.network(trained).items()
+           if k in here and k not in named and v != here[k]}
+  if taken:
+    config.update_from_flattened_dict(taken)
+    logging.info('train.init_from=%s: the network as trained there: %s', source,
+                 ', '.join(f'{k}={v!r}' for k, v in sorted(taken.items())))
+
+
 def _run(config):
   # Imported here so that --help and flag errors are instant.
   if config.data.get('max_voxels'):  # the size limit of every NIfTI this run reads
@@ -125,6 +146,7 @@ def _run(config):
     synthesize.synthesize(config, out, overwrite=FLAGS.overwrite)
     return
   if FLAGS.mode in ('train', 'train_and_evaluate'):
+    inherit_network(config, sys.argv)
     from wmh_jax import train  # pylint: disable=g-import-not-at-top
     state = train.train_and_evaluate(config, FLAGS.workdir)
   if FLAGS.mode == 'evaluate':

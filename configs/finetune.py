@@ -2,7 +2,8 @@ r"""Fine-tune a trained run on your own labelled scans (challenge layout).
 
 ``data.root`` holds ``SITE/ID/pre/FLAIR.nii.gz`` with ``SITE/ID/wmh.nii.gz`` (0
 background, 1 WMH, 2 other pathology); ``train.init_from`` is a trained workdir
-with the same ``model.*`` (e.g. runs/default). The new run starts from its weights
+(e.g. runs/default, runs/long), whose network (``model.*``, ``data.grid``) the
+new run takes from its config.json. The new run starts from its weights
 at step 0 with a fresh optimiser, holds out about 20 % of the subjects (or
 ``data.val_ids``), trains, fits its own refiner and evaluates:
 
@@ -22,7 +23,8 @@ def get_config():
   c.data.val_root = ''                  # hold out within data.root (val_fraction / val_ids)
   c.data.test_root = ''
   c.train.init_from = ''                # the trained workdir: --config.train.init_from=DIR
-  # model.* stays the default's: init_from's architecture must match (checked).
+  # model.* and data.grid: taken from init_from's config.json (launch.py), unless
+  # named on the command line (then they must match its checkpoint: checked).
   # A few scans: ~120 crops revisit each of 10 subjects ~12 times, enough to adapt
   # to a scanner's contrast without memorising them (~3 min on a 2-core CPU).
   c.train.num_steps = 120

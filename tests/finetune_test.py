@@ -3,6 +3,7 @@ leave-one-out script's table, on tiny real files."""
 
 import csv
 import importlib.util
+import json
 import logging
 import math
 import subprocess
@@ -105,6 +106,31 @@ def test_init_from_another_architecture_is_one_error_line(source, tiny_dataset,
                               '(step 6) is another architecture: params/')
   assert ' there, (' in errors[0] and ') here' in errors[0]
   assert not list((tmp_path / 'w' / 'checkpoints').glob('[0-9]*'))
+
+
+def test_init_from_takes_the_network_of_the_source_run(source, tiny_dataset, tmp_path):
+  """A config file with another network (a fine-tune config written for another
+  run) trains the source's network: model.* and data.grid come from its
+  config.json, the rest from the file."""
+  src_dir, src_state = source
+  other = tmp_path / 'other.py'
+  other.write_text('from configs import test\n\n\ndef get_config():\n'
+                   '  c = test.get_config()\n  c.model.decoder_filters = (4, 12)\n'
+                   '  c.train.num_steps = 1\n  c.refine.enabled = False\n  return c\n')
+  w = tmp_path / 'w'
+  r = subprocess.run(
+      [sys.executable, str(ROOT / 'launch.py'), f'--config={other}', '--mode=train',
+       f'--workdir={w}', f'--config.data.root={tiny_dataset}',
+       '--config.data.synthetic=False', f'--config.train.init_from={src_dir}'],
+      capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  saved = json.loads((w / 'config.json').read_text())
+  trained = json.loads((src_dir / 'config.json').read_text())
+  assert saved['model'] == trained['model'] and saved['data']['grid'] == trained['data']['grid']
+  assert saved['model']['decoder_filters'] != [4, 12]
+  assert saved['train']['num_steps'] == 1    # the file's own, not the source's
+  assert f'train.init_from={src_dir}: the network as trained there: ' \
+         f'model.decoder_filters={tuple(trained["model"]["decoder_filters"])!r}' in r.stderr
 
 
 def test_init_from_batch_norm_run_names_the_missing_parameter(source):

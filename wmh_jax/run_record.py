@@ -126,6 +126,12 @@ def frozen(key: str) -> bool:
   return key.startswith(FROZEN) and key not in NOT_FROZEN
 
 
+def network(config) -> dict:
+  """The keys of ``config`` that make its trained network (:func:`frozen`),
+  flat, with lists as tuples."""
+  return {k: _tuples(v) for k, v in flat(config).items() if frozen(k)}
+
+
 def first_frozen_change(trained, config) -> tuple[str, object, object] | None:
   """``(key, trained value, new value)`` of the first key that changes the
   trained network, else None."""
