@@ -1,8 +1,9 @@
-r"""The default, trained longer on more subjects: about 45 min on a 2-core CPU.
+r"""The seed's full-width network on more subjects, longer: about 45 min on a 2-core CPU.
 
-Three times the synthetic training subjects (144 of the same seed: the first 48
-are the default's) and 1200 steps instead of 280, the same network, loss, data
-grid and refiner; validation and test subjects as the default's.
+The seed study's filters (``default.SEED_NETWORK``: 32->64 ... 256->512, four
+times the default's work a step), 144 synthetic training subjects of the same
+seed (the first 96 are the default's) and 1200 steps; loss, data grid, refiner,
+validation and test subjects as the default's.
 
   python launch.py --config=configs/long.py --workdir=runs/long
 """
@@ -12,6 +13,7 @@ from configs import default
 
 def get_config():
   c = default.get_config()
+  c.model.update(default.SEED_NETWORK)
   c.data.num_subjects = 144
   c.train.num_steps = 1200
   c.train.warmup_steps = 40

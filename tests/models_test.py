@@ -15,7 +15,7 @@ from configs import default
 from wmh_jax import convs
 from wmh_jax import models
 
-# Parameters of the seed network as configured in configs/default.py.
+# Parameters of the seed network (configs/default.py's SEED_NETWORK, one output).
 SEED_NETWORK_PARAMS = 9_286_017
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +24,14 @@ def _count(params):
   return sum(x.size for x in jax.tree.leaves(params))
 
 
-def test_default_network_shape_and_parameter_count():
+def _seed_network():
   cfg = default.get_config().model
+  cfg.update(default.SEED_NETWORK)
+  return cfg
+
+
+def test_seed_network_shape_and_parameter_count():
+  cfg = _seed_network()
   cfg.brain_output = False      # the seed's network: one output channel
   model = models.create_model(cfg)
   x = jnp.zeros((1, 128, 128, 16, 1))
@@ -356,9 +362,10 @@ def test_launch_sets_the_classic_threefry_before_any_randomness(tmp_path, capsys
 
 
 # Generated from the code before the convolutions moved to wmh_jax/convs.py
-# (commit 8f1adfa): the default config's variables, path and shape. A change
-# here means existing checkpoints (runs/v4 and the like) no longer load.
-DEFAULT_PARAM_TREE = (
+# (commit 8f1adfa): the then default config's variables (the seed network with
+# its brain output), path and shape. A change here means existing checkpoints
+# (runs/v4, runs/long and the like) no longer load.
+SEED_PARAM_TREE = (
     ("['params']['Conv3D_0']['bias']", (2,)),
     ("['params']['Conv3D_0']['kernel']", (1, 1, 1, 32, 2)),
     ("['params']['ConvBlock_0']['Conv3D_0']['bias']", (32,)),
@@ -412,13 +419,30 @@ REFERENCE_LOGITS = {
 }
 
 
-def test_default_param_tree_is_the_one_checkpoints_hold():
-  model = models.create_model(default.get_config().model)
+def _tree(cfg):
+  model = models.create_model(cfg)
   x = jnp.zeros((1, 128, 128, 16, 1))
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
-  got = tuple((jax.tree_util.keystr(k), a.shape)
-              for k, a in jax.tree_util.tree_flatten_with_path(variables)[0])
-  assert got == DEFAULT_PARAM_TREE
+  return tuple((jax.tree_util.keystr(k), a.shape)
+               for k, a in jax.tree_util.tree_flatten_with_path(variables)[0])
+
+
+def test_seed_param_tree_is_the_one_checkpoints_hold():
+  assert _tree(_seed_network()) == SEED_PARAM_TREE
+
+
+def test_default_is_the_seed_network_at_half_width():
+  """Same paths and kernel sizes; every filter count but the input's and the
+  two outputs' halved."""
+  half = _tree(default.get_config().model)
+  assert [k for k, _ in half] == [k for k, _ in SEED_PARAM_TREE]
+  for (key, shape), (_, seed) in zip(half, SEED_PARAM_TREE):
+    if key.endswith("['kernel']"):
+      assert shape[:3] == seed[:3], key
+      assert shape[3] == (1 if seed[3] == 1 else seed[3] // 2), key
+      assert shape[4] == (2 if seed[4] == 2 else seed[4] // 2), key
+    else:
+      assert shape == ((2,) if seed == (2,) else (seed[0] // 2,)), key
 
 
 @pytest.mark.filterwarnings('ignore:conv_impl')
