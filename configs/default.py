@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.augment.noise = 0.0                     # Gaussian noise, sd U(0, noise) in z-score units
 
   c.model = ml_collections.ConfigDict()
-  c.model.encoder_filters = ((16, 32), (32, 64), (64, 128))  # SEED_NETWORK: x2
+  c.model.encoder_filters = ((16, 32), (32, 64), (64, 128))  # half of SEED_NETWORK's
   c.model.kernel_sizes = ((3, 3, 1), (3, 3, 1), (3, 3, 3))
   c.model.pool_sizes = ((2, 2, 1), (2, 2, 1), (2, 2, 2))
   c.model.bottleneck_filters = (128, 256)
