@@ -61,6 +61,12 @@ def evaluate_splits(config, workdir, overwrite: bool, trained_step=None) -> dict
   return summaries
 
 
+def named_config_keys(argv) -> set[str]:
+  """The keys ``argv`` sets with ``--config.KEY=VALUE`` or ``--config.KEY VALUE``."""
+  return {a.split('=', 1)[0][len('--config.'):] for a in argv
+          if a.startswith('--config.')}
+
+
 def check_trained_network(config, workdir, argv) -> None:
   """Refuses a config whose network is not the one trained in ``workdir``
   (``WORKDIR/config.json``; a run made before it existed is not checked)."""
@@ -71,9 +77,8 @@ def check_trained_network(config, workdir, argv) -> None:
   change = run_record.first_frozen_change(trained, config)
   if change is None:
     return
-  overridden = any(a.startswith(f'--config.{change[0]}=') or a == f'--config.{change[0]}'
-                   for a in argv)
-  source = '--config.' if overridden else f'--config={config_file(argv)}: '
+  source = ('--config.' if change[0] in named_config_keys(argv)
+            else f'--config={config_file(argv)}: ')
   run_record.check_same_network(trained, config, workdir, source)
 
 
@@ -87,8 +92,7 @@ def inherit_network(config, argv) -> None:
   trained = run_record.load_config(source) if source else None
   if trained is None:  # none, or a run made before config.json: as given
     return
-  named = {a.split('=', 1)[0][len('--config.'):] for a in argv
-           if a.startswith('--config.')}
+  named = named_config_keys(argv)
   here = run_record.network(config)
   taken = {k: v for k, v in run_record.network(trained).items()
            if k in here and k not in named and v != here[k]}

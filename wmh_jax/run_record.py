@@ -135,9 +135,9 @@ def network(config) -> dict:
 def first_frozen_change(trained, config) -> tuple[str, object, object] | None:
   """``(key, trained value, new value)`` of the first key that changes the
   trained network, else None."""
-  a, b = flat(trained), flat(config)
+  a, b = network(trained), network(config)
   for key in sorted(set(a) | set(b)):
-    if frozen(key) and _tuples(a.get(key)) != _tuples(b.get(key)):
+    if a.get(key) != b.get(key):
       return key, a.get(key), b.get(key)
   return None
 
