@@ -167,6 +167,19 @@ def test_predict_with_the_other_head_says_which_model_brain_output(trained, tiny
   assert not list((tmp_path / 'out').glob('*.nii.gz'))
 
 
+def test_predict_with_another_width_names_the_config_not_brain_output(trained,
+                                                                      tiny_dataset,
+                                                                      tmp_path):
+  cfg, workdir, _ = trained
+  cfg = cfg.copy_and_resolve_references()
+  cfg.model.decoder_filters = tuple(2 * f for f in cfg.model.decoder_filters)
+  with pytest.raises(ValueError, match='trained with another network') as e:
+    predict.predict(cfg, workdir, [str(tiny_dataset / 'Utrecht')], tmp_path / 'out')
+  assert '\n' not in str(e.value) and 'stored shape' in str(e.value)
+  assert 'configs/long.py' in str(e.value) and 'brain_output' not in str(e.value)
+  assert not list((tmp_path / 'out').glob('*.nii.gz'))
+
+
 def test_another_seed_changes_the_initial_weights_not_the_split(tiny_dataset):
   from wmh_jax import data  # pylint: disable=g-import-not-at-top
   from wmh_jax import models  # pylint: disable=g-import-not-at-top

@@ -150,10 +150,26 @@ def load_members(config, workdir) -> list:
         raise
       raise ValueError(
           f'{Path(d) / "checkpoints"}: the checkpoint does not fit this config\'s '
-          f'model.* (trained with model.brain_output='
-          f'{not config.model.get("brain_output", False)}? pass that): '
-          f'{str(e).split(". ")[0]}') from e
+          f'model.* ({_mismatch_hint(config, d)}): {str(e).split(". ")[0]}') from e
   return members
+
+
+def _mismatch_hint(config, workdir) -> str:
+  """What to pass for a checkpoint that does not fit ``config``: the other
+  ``model.brain_output`` when the checkpoint fits that, else the network the
+  run was trained with (a run made before WORKDIR/config.json was written
+  takes its config by hand; the seed's filters were the default then)."""
+  other = config.copy_and_resolve_references()
+  other.model.brain_output = not config.model.get('brain_output', False)
+  try:
+    checkpoints.restore_weights(other, workdir)
+  except ValueError as e:
+    if 'stored shape' not in str(e):
+      raise
+    return ('trained with another network: pass the config it was trained with, '
+            'e.g. --config=configs/long.py for the seed\'s filters, the default '
+            'of runs made before WORKDIR/config.json was written')
+  return f'trained with model.brain_output={other.model.brain_output}? pass that'
 
 
 def load_refiner(config, workdir, step: int):
