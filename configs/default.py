@@ -87,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.name = 'dice_bce'              # dice (the seed's) | dice_bce
   c.loss.smooth = 1.0
   c.loss.bce_weight = 1.0
+  c.loss.pos_weight = 1.0               # BCE: a lesion voxel's weight against background's
   c.loss.soft_targets = True            # targets: lesion fraction of each grid voxel
   c.loss.brain_weight = 0.1             # weight of the brain channel's loss
 

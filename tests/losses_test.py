@@ -129,6 +129,27 @@ def test_bce_on_a_soft_target_is_lowest_at_that_probability_and_ignores_label_2(
   assert bce(0.3) < bce(0.25) and bce(0.3) < bce(0.35)
 
 
+def test_bce_pos_weight_moves_the_minimum_to_the_weighted_odds():
+  # Weighted BCE w*t*log(p) + (1-t)*log(1-p) is lowest at p = w t / (w t + 1 - t).
+  labels = np.zeros((1, 4, 4, 2), np.uint8)
+  target = np.full(labels.shape, 0.3, np.float32)
+  def bce(p, w):
+    logit = np.log(p / (1 - p))
+    return float(losses.bce_loss(jnp.full(labels.shape, logit), labels, target, w))
+  best = 3 * 0.3 / (3 * 0.3 + 0.7)                # 0.5625
+  assert bce(best, 3.0) < bce(best - 0.03, 3.0) and bce(best, 3.0) < bce(best + 0.03, 3.0)
+  # pos_weight 1 is the plain cross-entropy, written out.
+  assert bce(0.2, 1.0) == pytest.approx(-(0.3 * np.log(0.2) + 0.7 * np.log(0.8)), rel=1e-5)
+  # Through the config: a missed lesion costs more with pos_weight > 1.
+  lab = np.zeros((1, 4, 4, 2), np.uint8)
+  lab[0, :2] = 1
+  low = jnp.full(lab.shape, -3.0)
+  cfg = ml_collections.ConfigDict({'name': 'dice_bce', 'smooth': 1.0, 'bce_weight': 1.0})
+  plain = float(losses.segmentation_loss(low, lab, cfg))
+  cfg.pos_weight = 4.0
+  assert float(losses.segmentation_loss(low, lab, cfg)) > plain + 1.0
+
+
 _CFG = ml_collections.ConfigDict({'name': 'dice_bce', 'smooth': 1.0, 'bce_weight': 1.0,
                                   'brain_weight': 1.0})
 

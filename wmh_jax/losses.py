@@ -59,11 +59,15 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, smooth: float = 1.0,
 
 
 def bce_loss(logits: jax.Array, labels: jax.Array,
-             target: jax.Array | None = None) -> jax.Array:
-  """Binary cross-entropy averaged over the non-ignored voxels."""
+             target: jax.Array | None = None, pos_weight: float = 1.0) -> jax.Array:
+  """Binary cross-entropy averaged over the non-ignored voxels; the lesion term
+  weighs ``pos_weight`` times the background term (as torch's
+  ``BCEWithLogitsLoss(pos_weight=...)``): above 1, a missed lesion voxel costs
+  more than a false one."""
   target, mask = targets_and_mask(_match(logits, labels), _soft(logits, target))
-  per_voxel = jnp.maximum(logits, 0) - logits * target + jnp.log1p(
-      jnp.exp(-jnp.abs(logits)))
+  # -log sigmoid(x) = softplus(-x); -log(1 - sigmoid(x)) = softplus(x).
+  per_voxel = (pos_weight * target * jax.nn.softplus(-logits) +
+               (1.0 - target) * jax.nn.softplus(logits))
   return jnp.sum(per_voxel * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
@@ -108,7 +112,8 @@ def segmentation_loss(logits, labels, loss_config, target=None, brain=None,
   if loss_config.name == 'dice':
     loss = dice
   elif loss_config.name == 'dice_bce':
-    loss = dice + loss_config.bce_weight * bce_loss(logits, labels, target)
+    loss = dice + loss_config.bce_weight * bce_loss(
+        logits, labels, target, loss_config.get('pos_weight', 1.0))
   else:
     raise ValueError(f'loss.name must be dice or dice_bce, got {loss_config.name!r}')
   if brain_logits is None or brain is None:
