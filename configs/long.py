@@ -16,6 +16,7 @@ def get_config():
   c.model.update(default.SEED_NETWORK)
   c.data.num_subjects = 144
   c.train.num_steps = 1200
+  c.train.learning_rate = 3e-4          # measured at this width; the default's 1e-3 is not
   c.train.warmup_steps = 40
   c.train.eval_every_steps = 300
   c.train.checkpoint_every_steps = 100
