@@ -107,9 +107,12 @@ def test_segment_is_the_chain_and_the_refiner_keeps_its_candidate(workdir, tmp_p
   assert (refined >= fitted['threshold']).any()
   huge = dataclasses.replace(segmenter, refiner={**fitted, 'min_lesion_mm3': 1e12})
   assert not inference.segment(huge, scan).mask.any()
-  # A refiner saved before it stored its candidate: the config's.
+  # A refiner saved before it stored its candidate: 0.02, what every such refiner
+  # was fitted with, not the config's (2e-4 since stop 20).
   old = {k: v for k, v in fitted.items() if k != 'candidate'}
-  assert refine.candidate_of(old, cfg.refine.candidate) == cfg.refine.candidate
+  assert cfg.refine.candidate != refine.UNSTORED_CANDIDATE == 0.02
+  assert refine.candidate_of(old, cfg.refine.candidate) == 0.02
+  assert refine.candidate_of(None, cfg.refine.candidate) == cfg.refine.candidate
   # A scan without its native FLAIR file cannot be refined.
   with pytest.raises(ValueError, match='native FLAIR'):
     inference.segment(segmenter, inference.ScanInput(

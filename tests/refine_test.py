@@ -158,8 +158,7 @@ def test_save_and_load_give_the_same_refiner(tmp_path):
   assert float(loaded['threshold']) == float(refiner['threshold'])
 
 
-def test_the_refiner_keeps_its_candidate_level_and_an_old_one_takes_the_configs(
-    tmp_path):
+def test_the_refiner_keeps_its_candidate_level_and_an_old_one_its_times(tmp_path):
   cases = [_case(s) for s in range(2)]
   refiner = refine.fit(cases, _rc(candidate=0.07, num_steps=20), seed=1, unet_step=3)
   loaded = refine.load(tmp_path, refine.save(tmp_path, refiner).name.split('_')[1])
@@ -167,6 +166,9 @@ def test_the_refiner_keeps_its_candidate_level_and_an_old_one_takes_the_configs(
   # A Python float: a 0-d float64 array would compare the float32 probability
   # in float64 and move voxels at the edge.
   assert type(refine.candidate_of(loaded, default=0.02)) is float
+  # Saved before refiners stored it: fitted at 0.02 whatever the config says now.
   old = {k: v for k, v in loaded.items() if k != 'candidate'}
   assert refine.candidate_of(old, default=0.02) == 0.02
+  assert refine.candidate_of(old, default=2e-4) == 0.02
   assert refine.candidate_of(None, default=0.02) == 0.02
+  assert refine.candidate_of(None, default=2e-4) == 2e-4

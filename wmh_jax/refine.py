@@ -46,6 +46,9 @@ from wmh_jax import subjects
 FEATURES = ('unet_logit', 'flair', 'flair_over_lesion_reference', 'flair_2mm',
             'flair_minus_6mm', 'flair_2mm_minus_6mm', 'lesion_reference')
 SURE = 0.5  # U-Net probability of the voxels that set the lesion reference
+# The candidate level of a refiner saved before it stored its own: 0.02, the only
+# value until then (the config's is 2e-4 since stop 20).
+UNSTORED_CANDIDATE = 0.02
 
 
 class NothingToFit(ValueError):
@@ -225,12 +228,13 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
 
 
 def candidate_of(refiner, default: float) -> float:
-  """The candidate level ``refiner`` was fitted with; ``default`` (the config's)
-  for a refiner saved before it stored one, or None. A Python float, as the
-  config's (a 0-d float64 array would compare a float32 probability in float64)."""
-  if refiner is None or 'candidate' not in refiner:
+  """The candidate level ``refiner`` was fitted with: ``UNSTORED_CANDIDATE`` for
+  a refiner saved before it stored one, ``default`` (the config's) for None. A
+  Python float, as the config's (a 0-d float64 array would compare a float32
+  probability in float64)."""
+  if refiner is None:
     return float(default)
-  return float(refiner['candidate'])
+  return float(refiner['candidate'] if 'candidate' in refiner else UNSTORED_CANDIDATE)
 
 
 def _fit_mlp(xn, y, rc, key):
