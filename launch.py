@@ -232,14 +232,22 @@ def config_file(argv) -> str:
 def trained_config_argv(argv: list[str]) -> list[str]:
   """``argv`` with ``--config=configs/trained.py:WORKDIR/config.json`` added for
   predict and evaluate without ``--config`` on a workdir that has one: the run's
-  own config is the base, ``--config.KEY=VALUE`` overrides apply to it."""
+  own config is the base, ``--config.KEY=VALUE`` overrides apply to it. A trained
+  workdir without it (a run made before config.json was written) gets
+  ``configs/long.py``: the seed's full-width network, the default then."""
   if _flag(argv, 'mode') not in ('predict', 'evaluate') or _flag(argv, 'config'):
     return list(argv)
-  saved = Path(_flag(argv, 'workdir', DEFAULT_WORKDIR)) / 'config.json'
-  if not saved.is_file():
-    return list(argv)  # a run made before config.json: the default config file
-  return [argv[0], f'--config={ROOT / "configs" / "trained.py"}:{saved.resolve()}',
-          *argv[1:]]
+  workdir = Path(_flag(argv, 'workdir', DEFAULT_WORKDIR))
+  saved = workdir / 'config.json'
+  if saved.is_file():
+    config = f'{ROOT / "configs" / "trained.py"}:{saved.resolve()}'
+  elif (workdir / 'checkpoints').is_dir():
+    config = str(ROOT / 'configs' / 'long.py')
+    print(f'{workdir} has no config.json (trained before it was written): '
+          f'--config={config}, the network of the default then', file=sys.stderr)
+  else:
+    return list(argv)  # nothing trained there: the default config file
+  return [argv[0], f'--config={config}', *argv[1:]]
 
 
 if __name__ == '__main__':

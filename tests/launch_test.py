@@ -69,6 +69,28 @@ def test_config_paths_resolve_to_the_project_from_any_folder(tmp_path, monkeypat
           'launch.py', '--config', str(ROOT / 'configs' / 'test.py'), '--config.seed=1']
 
 
+def test_predict_on_a_run_without_config_json_takes_the_network_of_its_time(tmp_path):
+  import launch  # pylint: disable=g-import-not-at-top
+  old, new, empty = tmp_path / 'old', tmp_path / 'new', tmp_path / 'empty'
+  (old / 'checkpoints').mkdir(parents=True)
+  (new / 'checkpoints').mkdir(parents=True)
+  (new / 'config.json').write_text('{}')
+  empty.mkdir()
+  def argv(w, *more):
+    return launch.trained_config_argv(['launch.py', '--mode=predict', f'--workdir={w}', *more])
+  # Trained before config.json was written: the seed's network, configs/long.py.
+  assert argv(old) == ['launch.py', f'--config={ROOT / "configs" / "long.py"}',
+                       '--mode=predict', f'--workdir={old}']
+  assert argv(new)[1] == f'--config={ROOT / "configs" / "trained.py"}:{new / "config.json"}'
+  # Nothing trained there, or a config named: argv as given.
+  assert argv(empty) == ['launch.py', '--mode=predict', f'--workdir={empty}']
+  assert argv(old, '--config=configs/test.py')[1:] == [
+      '--mode=predict', f'--workdir={old}', '--config=configs/test.py']
+  # Training is not redirected.
+  assert launch.trained_config_argv(['launch.py', '--mode=train', f'--workdir={old}']) == [
+      'launch.py', '--mode=train', f'--workdir={old}']
+
+
 def test_launch_runs_from_another_folder(tmp_path):
   # score: the cheapest mode (no JAX). A configs/default.py in the current folder
   # is not the project's and must not run.
