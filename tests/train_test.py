@@ -17,7 +17,10 @@ from tensorboard.backend.event_processing import event_accumulator
 from conftest import NO_BRAIN
 from configs import test as test_config
 from wmh_jax import challenge_metrics
+from wmh_jax import checkpoints
+from wmh_jax import data
 from wmh_jax import evaluate
+from wmh_jax import inference
 from wmh_jax import predict
 from wmh_jax import score
 from wmh_jax import train
@@ -101,6 +104,25 @@ def test_train_loss_goes_down_writes_checkpoints_events_and_evaluates(trained,
   for b in brains:  # no lesion outside the brain mask
     wmh = nib.load(str(b).replace('_brain.nii.gz', '_wmh.nii.gz')).get_fdata() > 0
     assert not (wmh & (nib.load(str(b)).get_fdata() == 0)).any()
+
+
+def test_refiner_is_fitted_on_the_probability_predict_refines(trained):
+  """With ``predict.tta`` the refiner's training cases are the flip-averaged
+  U-Net probability that predict and evaluate hand it, not the plain one."""
+  cfg, workdir, _ = trained
+  plain_cfg = cfg.copy_and_resolve_references()
+  plain_cfg.refine.num_subjects = 1  # the first training subject
+  tta = plain_cfg.copy_and_resolve_references()
+  tta.predict.tta = True
+  train_set = data.load_split(tta, workdir, 'train')
+  model, state = checkpoints.restore_weights(tta, workdir)
+  (fitted, _, _, _), = train.refiner_cases(tta, train_set, model, state)
+  p = train_set[0]
+  given = inference.segment(inference.load(tta, workdir), inference.ScanInput(
+      p['image'], p['native_shape'], p['spacing'], p['source']), before_refine=True)
+  np.testing.assert_allclose(fitted, given.unet_probability, rtol=0, atol=1e-6)
+  (plain, _, _, _), = train.refiner_cases(plain_cfg, train_set, model, state)
+  assert np.abs(plain - fitted).max() > 1e-3  # the flips did change it
 
 
 def test_resume_continues_where_the_stopped_run_left(tiny_dataset, tmp_path):

@@ -214,6 +214,13 @@ class Segmenter:
   step: int | None = None
 
 
+def tta_axes(config) -> tuple:
+  """The grid axes predict flips for test-time augmentation (``predict.tta``):
+  ``predict.tta_axes``, or none."""
+  pc = config.predict
+  return tuple(pc.tta_axes) if pc.tta else ()
+
+
 def load(config, workdir) -> Segmenter:
   """The ensemble of ``workdir`` (with flip TTA when ``predict.tta``), its
   refiner and ``predict.threshold``."""
@@ -222,7 +229,7 @@ def load(config, workdir) -> Segmenter:
   step = int(members[0][1].step)
   refiner = load_refiner(config, workdir, step)
   return Segmenter(
-      probability_fn=make_probability_fn(members, pc.tta_axes if pc.tta else ()),
+      probability_fn=make_probability_fn(members, tta_axes(config)),
       config=config,
       threshold=pc.threshold,
       refiner=refiner,

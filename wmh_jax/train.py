@@ -167,6 +167,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   return state
 
 
+def refiner_cases(config, train_set, model, state) -> list[tuple]:
+  """``(U-Net probability, z-scored FLAIR, spacing, labels)`` on the native grid
+  of ``config.refine.num_subjects`` training subjects, evenly spread over the
+  sorted list (every site): what ``refine.fit`` takes. The probability is the
+  one predict and evaluate refine (brain-masked; flip-averaged with
+  ``predict.tta``), so the refiner learns the input it will be given."""
+  n = min(config.refine.num_subjects, len(train_set))
+  picks = [train_set[i] for i in np.unique(np.linspace(0, len(train_set) - 1, n)
+                                           .round().astype(int))]
+  segmenter = inference.Segmenter(
+      inference.make_probability_fn([(model, state)], inference.tta_axes(config)),
+      config, config.predict.threshold)
+  cases, t0 = [], time.time()
+  for k, p in enumerate(picks):  # no lesion candidate outside the predicted brain
+    seg = inference.segment(segmenter, inference.ScanInput(
+        p['image'], p['native_shape'], p['spacing'], p['source']),
+                            before_refine=True)
+    cases.append((seg.unet_probability, seg.flair_z, p['spacing'], p['native_labels']))
+    logging.info('refine: U-Net probability of training subject %d/%d %s (%.0f s)',
+                 k + 1, len(picks), p['key'], time.time() - t0)
+  return cases
+
+
 def fit_refiner(config, workdir, train_set, model, state) -> None:
   """Fits and saves the native-resolution refiner (``wmh_jax.refine``) on
   ``config.refine.num_subjects`` training subjects, evenly spread over the
@@ -177,19 +200,8 @@ def fit_refiner(config, workdir, train_set, model, state) -> None:
   if inference.native_flair_missing(
       train_set, 'no refiner fitted, evaluate scores the U-Net alone'):
     return
-  n = min(rc.num_subjects, len(train_set))
-  picks = [train_set[i] for i in np.unique(np.linspace(0, len(train_set) - 1, n)
-                                           .round().astype(int))]
-  segmenter = inference.Segmenter(inference.make_probability_fn([(model, state)]),
-                                  config, config.predict.threshold)
-  cases, t0 = [], time.time()
-  for k, p in enumerate(picks):  # no lesion candidate outside the predicted brain
-    seg = inference.segment(segmenter, inference.ScanInput(
-        p['image'], p['native_shape'], p['spacing'], p['source']),
-                            before_refine=True)
-    cases.append((seg.unet_probability, seg.flair_z, p['spacing'], p['native_labels']))
-    logging.info('refine: U-Net probability of training subject %d/%d %s (%.0f s)',
-                 k + 1, len(picks), p['key'], time.time() - t0)
+  t0 = time.time()
+  cases = refiner_cases(config, train_set, model, state)
   try:
     refiner = refine.fit(cases, rc, config.seed, step)
   except refine.NothingToFit as e:
