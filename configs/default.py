@@ -113,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.refine.enabled = True
   c.refine.num_subjects = 12            # training subjects the MLPs are fitted on
   c.refine.candidate = 2e-4             # U-Net probability a voxel needs to be re-decided
-                                        # (2e-4: nearly every brain voxel; docs/results.md)
+                                        # (2e-4: ~10 % of the brain; docs/results.md)
   c.refine.hidden = (16, 16)            # MLP hidden widths
   c.refine.num_fits = 3                 # MLPs (seeds) whose probabilities are averaged
   c.refine.num_steps = 1500
