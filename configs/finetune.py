@@ -34,4 +34,7 @@ def get_config():
   c.train.warmup_steps = 5              # fresh Adam moments: keep its first steps small
   c.train.eval_every_steps = 60         # grid Dice on the held-out scans twice a run
   c.train.checkpoint_every_steps = 40
+  # A few scans: every MLP of the refiner is fitted on all of them (bagged, each
+  # would see one or two; leave-one-out on MS3SEG was measured this way).
+  c.refine.bag_subjects = False
   return c

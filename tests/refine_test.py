@@ -139,6 +139,51 @@ def test_fit_drops_specks_when_the_fitting_subjects_ask_for_it():
   assert refine.min_lesion_of(None) == 0.0
 
 
+def test_subject_shares_deal_the_subjects_round_robin_to_the_mlps():
+  owner = np.repeat(np.arange(5), 4)          # 5 subjects, 4 voxels each
+  y = np.tile(np.array([0, 1, 0, 0], np.float32), 5)
+  rows = refine.subject_shares(owner, y, 5, _rc(num_fits=3, bag_subjects=True))
+  assert [sorted(set(owner[r])) for r in rows] == [[0, 3], [1, 4], [2]]
+  # Fewer subjects than MLPs: they wrap; without the key (an old config), or
+  # off, every MLP takes every voxel.
+  rows = refine.subject_shares(owner[:8], y[:8], 2, _rc(num_fits=3, bag_subjects=True))
+  assert [sorted(set(owner[r])) for r in rows] == [[0], [1], [0]]
+  for rc in (_rc(num_fits=3), _rc(num_fits=3, bag_subjects=False)):
+    assert all(len(r) == 20 for r in refine.subject_shares(owner, y, 5, rc))
+  # A share without a lesion voxel would teach its MLP nothing: it takes all.
+  y[np.isin(owner, (1, 4))] = 0
+  rows = refine.subject_shares(owner, y, 5, _rc(num_fits=3, bag_subjects=True))
+  assert [len(r) for r in rows] == [8, 20, 4]
+
+
+def test_bagged_mlps_each_learn_their_own_subjects():
+  """Bright lesions in subjects 0 and 2, dark ones in 1 and 3: bagged, MLP 0
+  learns bright and MLP 1 dark; not bagged, both learn the mix (they agree on
+  the bright lesions; on the dark ones their seeds tell)."""
+  cases = []
+  for s in range(4):
+    prob, image, spacing, labels = _case(s)
+    if s % 2:
+      image = np.where(labels == 1, image - 5.0, image)   # 2.5 above -> 2.5 below
+    cases.append((prob, image.astype(np.float32), spacing, labels))
+
+  def member_gap(bag):
+    refiner = refine.fit(cases, _rc(num_steps=300, bag_subjects=bag), 0, 1)
+    gaps = []
+    for prob, image, spacing, labels in cases[:2]:   # one bright, one dark
+      cand, f = refine.features(prob, image, spacing, 0.02)
+      lesion = labels[cand] == 1
+      p = [refine.voxel_probability({**refiner, 'params': {k: refiner['params'][k]}},
+                                    f)[lesion].mean() for k in ('fit_0', 'fit_1')]
+      gaps.append(p[0] - p[1])
+    return gaps
+
+  bright, dark = member_gap(True)
+  assert bright > 0.3 and dark < -0.3, (bright, dark)   # each knows its own
+  bright, _ = member_gap(False)          # both fitted on the mix
+  assert abs(bright) < 0.1, bright
+
+
 def test_fit_refuses_subjects_without_candidates():
   prob, image, spacing, labels = _case(0)
   with pytest.raises(refine.NothingToFit, match='no lesion and non-lesion'):
