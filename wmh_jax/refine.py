@@ -19,9 +19,10 @@ To steady it (one MLP's result on a faint-lesion subject moved with its seed),
 averaged. With ``refine.bag_subjects`` each MLP is fitted on its own share of
 the fitting subjects (every ``num_fits``-th): which 12 subjects an MLP sees
 moved its real-scan Dice by up to 0.14, and the average of MLPs fitted on
-different subjects no longer hangs on one such pick (docs/results.md). The refined mask then loses its lesions (26-connected, as the
-challenge counts them) smaller than a volume chosen at fit time from
-``refine.min_lesion_mm3``: single-voxel specks are most of the false lesions.
+different subjects no longer hangs on one such pick (docs/results.md). The
+refined mask then loses its lesions (26-connected, as the challenge counts
+them) smaller than a volume chosen at fit time from ``refine.min_lesion_mm3``:
+single-voxel specks are most of the false lesions.
 A refiner is a plain pytree ``{params: {fit_k: MLP params}, mean, std,
 threshold, candidate, min_lesion_mm3, unet_step}`` (all it decided at fit time;
 the MLP widths are read off its kernels) saved with orbax in
