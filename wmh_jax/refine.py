@@ -18,7 +18,7 @@ To steady it (one MLP's result on a faint-lesion subject moved with its seed),
 ``refine.num_fits`` MLPs are fitted from different seeds and their probabilities
 averaged. With ``refine.bag_subjects`` each MLP is fitted on its own share of
 the fitting subjects (every ``num_fits``-th): which 12 subjects an MLP sees
-moved its real-scan Dice by up to 0.14, and the average of MLPs fitted on
+moved its real-scan Dice by up to 0.2, and the average of MLPs fitted on
 different subjects no longer hangs on one such pick (docs/results.md). The
 refined mask then loses its lesions (26-connected, as the challenge counts
 them) smaller than a volume chosen at fit time from ``refine.min_lesion_mm3``:
