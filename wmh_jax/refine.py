@@ -265,7 +265,7 @@ def subject_shares(owner: np.ndarray, y: np.ndarray, num_cases: int, rc) -> list
     if not len(rows) or y[rows].min() == y[rows].max():
       logging.warning('refine: MLP %d\'s share of the subjects holds no %s '
                       'voxel; it is fitted on all of them', k,
-                      'lesion and background' if not len(rows) else
+                      'candidate' if not len(rows) else
                       'background' if y[rows].min() else 'lesion')
       rows = every
     shares.append(rows)
