@@ -1,6 +1,7 @@
 """End-to-end: train_and_evaluate and evaluate on tiny NIfTI files."""
 
 import csv
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from wmh_jax import data
 from wmh_jax import evaluate
 from wmh_jax import inference
 from wmh_jax import predict
+from wmh_jax import refine
 from wmh_jax import score
 from wmh_jax import train
 
@@ -221,3 +223,56 @@ def test_another_seed_changes_the_initial_weights_not_the_split(tiny_dataset):
   cfg.data.split_seed = 1              # the split's own seed moves subjects
   _, split = data.load_run_data(cfg, '/nonexistent', ())
   assert [e['key'] for e in split['val']] != [e['key'] for e in splits[0]['val']]
+
+
+def _refiner_spread():
+  spec = importlib.util.spec_from_file_location(
+      'refiner_spread', Path(__file__).resolve().parents[1] / 'bench' / 'refiner_spread.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_refiner_spread_refits_the_runs_own_refiner_and_others(trained,
+                                                                tiny_dataset):
+  """bench/refiner_spread.py: rotation 0 with the run's seed refits the refiner
+  training saved and scores the validation subjects as evaluate does, from the
+  prepared split or from their files; another rotation or seed fits another
+  refiner."""
+  spread = _refiner_spread()
+  cfg, workdir, _ = trained
+  train_set, val_set = data.load_splits(cfg, workdir)
+  assert [p['key'] for p in spread.rotated(train_set, 1)] == (
+      [p['key'] for p in train_set[1:] + train_set[:1]])
+  model, state = checkpoints.restore_weights(cfg, workdir)
+  results = list(spread.spread(cfg, train_set, model, state,
+                               spread.split_scans(val_set), (0, 1),
+                               (cfg.seed, cfg.seed + 1)))
+  assert [(k, s) for k, s, _, _ in results] == [
+      (0, cfg.seed), (0, cfg.seed + 1), (1, cfg.seed), (1, cfg.seed + 1)]
+  saved = refine.load(workdir, int(state.step))
+  own = results[0][2]
+  assert float(own['threshold']) == float(saved['threshold'])
+  for a, b in zip(jax.tree_util.tree_leaves(own['params']),
+                  jax.tree_util.tree_leaves(saved['params'])):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  segmenter = inference.load(cfg, workdir)   # the saved refiner, as evaluate
+  rows = results[0][3]
+  assert [r['subject'] for r in rows] == [p['key'] for p in val_set]
+  for r, (_, scan, p) in zip(rows, spread.split_scans(val_set)):
+    want = evaluate.case_row(p, inference.segment(segmenter, scan).mask)
+    for m in challenge_metrics.METRICS:
+      assert r[m] == pytest.approx(want[m], abs=1e-9, nan_ok=True)
+  files = {key: (key, scan, labels)
+           for key, scan, labels in spread.folder_scans(tiny_dataset, cfg)}
+  from_files = spread.score(segmenter, [files[p['key']] for p in val_set])
+  for a, b in zip(from_files, rows):
+    for m in ('dice', 'lesion_f1', 'avd_percent'):
+      assert a[m] == pytest.approx(b[m], abs=1e-9, nan_ok=True)
+  for _, _, other, _ in results[1:]:  # other draws, other shares: other MLPs
+    leaves = zip(jax.tree_util.tree_leaves(other['params']),
+                 jax.tree_util.tree_leaves(own['params']))
+    assert max(float(np.abs(a - b).max()) for a, b in leaves) > 1e-3
+  text = spread.table(results)
+  assert len(text.splitlines()) == 1 + len(results) + 3
+  assert text.splitlines()[-3].split()[0] == 'mean'

@@ -1,0 +1,173 @@
+r"""How much a trained run's result moves with its refiner's subjects and draws.
+
+  .venv/bin/python bench/refiner_spread.py --workdir=runs/default \
+      [--data=/path/to/labelled_scans | --split=val] [--rotations=0,1,3,5] \
+      [--seeds=0,1]
+
+The refiner (``wmh_jax.refine``) is fitted on ``refine.num_subjects`` training
+subjects spread evenly over the sorted list, with ``seed`` for its MLPs'
+initialisation and sampling. Both choices move the real-scan result (stop 22:
+which 12 subjects moved MS3SEG's Dice by up to 0.13; docs/results.md), so one
+run's figure is one draw. For each rotation k (the training list rotated by k
+places before the picks) and each seed s this script refits the refiner on the
+run's U-Net exactly as training does (``train.refiner_cases``, ``refine.fit``
+with the run's ``config.refine``, JAX's classic threefry as ``launch.py`` sets
+it) and scores, as predict and evaluate do (``inference.segment``),
+
+- the labelled scans of ``--data`` (challenge layout: ``SITE/ID/pre/FLAIR.nii.gz``
+  and ``wmh.nii.gz``), or
+- the run's own ``--split`` (``val`` or ``test``) when ``--data`` is not given.
+
+It prints a row per refit and each metric's mean and range over them. Rotation 0
+with the run's seed is the run's own refiner. Nothing is written to the workdir;
+the training subjects must be where the run found them.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+  sys.path.insert(0, str(REPO))
+
+from wmh_jax import challenge_metrics  # pylint: disable=g-import-not-at-top
+from wmh_jax import checkpoints
+from wmh_jax import data
+from wmh_jax import evaluate
+from wmh_jax import inference
+from wmh_jax import nifti_io
+from wmh_jax import refine
+from wmh_jax import run_record
+from wmh_jax import subjects
+from wmh_jax import train
+
+FLAGS = flags.FLAGS
+SHOWN = challenge_metrics.METRICS
+
+
+def _define_flags():  # not at import: the tests import this module
+  flags.DEFINE_string('workdir', None, 'Trained run (config.json, checkpoint).')
+  flags.DEFINE_string('data', '', 'Challenge-layout folder of labelled scans to '
+                      "score ('': the run's --split).")
+  flags.DEFINE_enum('split', 'val', ['val', 'test'], "The run's subjects scored "
+                    'when --data is not given.')
+  flags.DEFINE_list('rotations', ['0', '1', '3', '5'], 'Rotations of the '
+                    'training list before the picks.')
+  flags.DEFINE_list('seeds', [], "Refiner seeds (default: the run's seed).")
+  flags.mark_flag_as_required('workdir')
+
+
+def rotated(train_set: list, k: int) -> list:
+  """The training list rotated by ``k`` places: the refiner's picks from it are
+  other subjects (rotation 0: the run's own)."""
+  k %= max(len(train_set), 1)
+  return list(train_set[k:]) + list(train_set[:k])
+
+
+def folder_scans(root, config) -> list[tuple]:
+  """``(key, ScanInput, labels)`` of every labelled subject under ``root``: the
+  labels on the scan's canonical grid, as predict reads the scan."""
+  out = []
+  for s in subjects.find_subjects(root, missing_mask='skip'):
+    scan = inference.read_scan(s.flair, config)
+    out.append((s.key, scan, nifti_io.load_labels(s.wmh, scan.affine)))
+  return out
+
+
+def split_scans(prepared: list) -> list[tuple]:
+  """``(key, ScanInput, prepared subject)`` of the run's prepared subjects."""
+  return [(p['key'], inference.ScanInput(p['image'], p['native_shape'],
+                                         p['spacing'], p['source']), p)
+          for p in prepared]
+
+
+def score(segmenter, scans) -> list[dict]:
+  """The challenge metrics of each scan's final mask (``inference.segment``):
+  against a folder's labels on the canonical grid, or a prepared subject's as
+  evaluate scores it (``evaluate.case_row``)."""
+  rows = []
+  for key, scan, truth in scans:
+    mask = inference.segment(segmenter, scan).mask
+    if isinstance(truth, dict):
+      rows.append(evaluate.case_row(truth, mask))
+    else:
+      rows.append({'subject': key, **challenge_metrics.case_metrics(
+          truth, mask, scan.affine)})
+  return rows
+
+
+def spread(config, train_set, model, state, scans, rotations, seeds):
+  """Yields ``(rotation, seed, refiner, rows)`` for every refit."""
+  base = inference.Segmenter(
+      probability_fn=inference.make_probability_fn(
+          [(model, state)], inference.tta_axes(config)),
+      config=config, threshold=config.predict.threshold)
+  step = int(state.step)
+  for k in rotations:
+    cases = train.refiner_cases(config, rotated(train_set, k), model, state)
+    for seed in seeds:
+      refiner = refine.fit(cases, config.refine, seed, step)
+      segmenter = inference.Segmenter(
+          base.probability_fn, config, base.threshold, refiner,
+          refine.candidate_of(refiner, config.refine.candidate))
+      yield k, seed, refiner, score(segmenter, scans)
+
+
+def table(results) -> str:
+  """One line a refit (its means over the scans), then each metric's mean and
+  range over the refits."""
+  head = f"{'rotation':>8} {'seed':>4} {'thr':>4} {'min mm3':>7} " + ' '.join(
+      f'{m:>13}' for m in SHOWN)
+  lines, means = [head], []
+  for k, seed, refiner, rows in results:
+    m = [challenge_metrics.mean_and_count(rows, name)[0] for name in SHOWN]
+    means.append(m)
+    lines.append(f'{k:>8} {seed:>4} {float(refiner["threshold"]):>4.2f} '
+                 f'{refine.min_lesion_of(refiner):>7g} ' +
+                 ' '.join(f'{v:>13.3f}' for v in m))
+  if means:
+    a = np.asarray(means, np.float64)
+    for label, v in (('mean', np.nanmean(a, 0)), ('min', np.nanmin(a, 0)),
+                     ('max', np.nanmax(a, 0))):
+      lines.append(f'{label:>8} {"":>4} {"":>4} {"":>7} ' +
+                   ' '.join(f'{x:>13.3f}' for x in v))
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_threefry_partitionable', False)  # as launch.py
+  config = run_record.load_config(FLAGS.workdir)
+  model, state = checkpoints.restore_weights(config, FLAGS.workdir)
+  names = ('train',) if FLAGS.data else ('train', FLAGS.split)
+  sets, _ = data.load_run_data(config, FLAGS.workdir, names)
+  if FLAGS.data:
+    scans = folder_scans(FLAGS.data, config)
+  else:
+    scans = split_scans(sets[FLAGS.split])
+  if not scans:
+    sys.exit(f'error: {FLAGS.data or FLAGS.split}: no labelled subject to score')
+  seeds = [int(s) for s in FLAGS.seeds] or [int(config.seed)]
+  rotations = [int(k) for k in FLAGS.rotations]
+  t0, results = time.time(), []
+  for result in spread(config, sets['train'], model, state, scans, rotations,
+                       seeds):
+    results.append(result)
+    logging.info('refit %d/%d (rotation %d, seed %d) scored (%.0f s)',
+                 len(results), len(rotations) * len(seeds), result[0], result[1],
+                 time.time() - t0)
+  print(f'{FLAGS.workdir}: refiner refitted on the U-Net of step {int(state.step)}, '
+        f'{len(scans)} scans of {FLAGS.data or FLAGS.split} scored (means over them)')
+  print(table(results))
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
