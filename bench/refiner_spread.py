@@ -20,7 +20,8 @@ it) and scores, as predict and evaluate do (``inference.segment``),
 
 It prints a row per refit and each metric's mean and range over them. Rotation 0
 with the run's seed is the run's own refiner. Nothing is written to the workdir;
-the training subjects must be where the run found them.
+the training subjects must be where the run found them (relative data folders
+are taken from the folder it was trained in, as evaluate does).
 """
 
 import sys
@@ -142,20 +143,31 @@ def table(results) -> str:
 
 def main(argv):
   del argv
+  try:
+    seeds = [int(s) for s in FLAGS.seeds]
+    rotations = [int(k) for k in FLAGS.rotations]
+  except ValueError as e:
+    sys.exit(f'error: --seeds and --rotations take integers ({e})')
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_threefry_partitionable', False)  # as launch.py
   config = run_record.load_config(FLAGS.workdir)
-  model, state = checkpoints.restore_weights(config, FLAGS.workdir)
-  names = ('train',) if FLAGS.data else ('train', FLAGS.split)
-  sets, _ = data.load_run_data(config, FLAGS.workdir, names)
-  if FLAGS.data:
-    scans = folder_scans(FLAGS.data, config)
-  else:
-    scans = split_scans(sets[FLAGS.split])
+  if config is None:
+    sys.exit(f'error: {Path(FLAGS.workdir) / run_record.CONFIG}: no such file '
+             '(not a trained run, or one made before config.json)')
+  # The run's relative data folders are taken from where it was trained.
+  config = run_record.with_absolute_data_paths(config, FLAGS.workdir)
+  try:
+    scans = folder_scans(FLAGS.data, config) if FLAGS.data else None
+    model, state = checkpoints.restore_weights(config, FLAGS.workdir)
+    names = ('train',) if FLAGS.data else ('train', FLAGS.split)
+    sets, _ = data.load_run_data(config, FLAGS.workdir, names)
+    if scans is None:
+      scans = split_scans(sets[FLAGS.split])
+  except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
+    sys.exit(f'error: {e}')
   if not scans:
     sys.exit(f'error: {FLAGS.data or FLAGS.split}: no labelled subject to score')
-  seeds = [int(s) for s in FLAGS.seeds] or [int(config.seed)]
-  rotations = [int(k) for k in FLAGS.rotations]
+  seeds = seeds or [int(config.seed)]
   t0, results = time.time(), []
   for result in spread(config, sets['train'], model, state, scans, rotations,
                        seeds):

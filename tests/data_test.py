@@ -1,6 +1,7 @@
 """A run's dataset: the separate validation folder and the synthetic folders' marker."""
 
 import json
+from pathlib import Path
 import shutil
 
 import pytest
@@ -69,3 +70,22 @@ def test_test_fraction_holds_out_a_third_split_of_the_folder(tiny_dataset, tmp_p
   assert [e['key'] for e in record['test']] == keys['test']
   train, val = data.load_splits(cfg, tmp_path / 'run')
   assert [p['key'] for p in train] == keys['train'] and [p['key'] for p in val] == keys['val']
+
+
+def test_cached_subjects_name_their_flair_as_this_process_finds_it(
+    tiny_dataset, tmp_path, monkeypatch):
+  """Prepared from a relative data.root in one folder and read back from the
+  cache in another, a subject's ``source`` is the FLAIR this process can open
+  (the refiner and evaluate read it), not the name cached from the first."""
+  shutil.copytree(tiny_dataset, tmp_path / 'here' / 'data')
+  monkeypatch.chdir(tmp_path / 'here')
+  first = data.load_split(test_config.for_dataset('data'), 'run', 'val')
+  assert not Path(first[0]['source']).is_absolute()
+  monkeypatch.chdir(tmp_path)
+  cfg = test_config.for_dataset(tmp_path / 'here' / 'data')
+  again = data.load_split(cfg, tmp_path / 'here' / 'run', 'val')
+  assert [p['key'] for p in again] == [p['key'] for p in first]
+  for p in again:
+    assert Path(p['source']).is_file()
+    assert p['source'] == str(tmp_path / 'here' / 'data' / p['key'] / 'pre' /
+                              'FLAIR.nii.gz')

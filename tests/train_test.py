@@ -276,3 +276,21 @@ def test_refiner_spread_refits_the_runs_own_refiner_and_others(trained,
   text = spread.table(results)
   assert len(text.splitlines()) == 1 + len(results) + 3
   assert text.splitlines()[-3].split()[0] == 'mean'
+
+
+def test_refiner_spread_refuses_a_folder_that_is_not_a_run(tmp_path):
+  """bench/refiner_spread.py on a folder without config.json: exit status 1 and
+  one line naming the file, before anything is loaded."""
+  script = Path(__file__).resolve().parents[1] / 'bench' / 'refiner_spread.py'
+  done = subprocess.run([sys.executable, str(script), f'--workdir={tmp_path}'],
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1] == (
+      f'error: {tmp_path / "config.json"}: no such file (not a trained run, or '
+      'one made before config.json)')
+  bad = subprocess.run([sys.executable, str(script), f'--workdir={tmp_path}',
+                        '--seeds=one'], capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert bad.returncode == 1
+  assert bad.stderr.strip().splitlines()[-1].startswith(
+      'error: --seeds and --rotations take integers')

@@ -116,7 +116,9 @@ def prepare_cached(s: subjects_lib.SubjectFiles, grid, workdir) -> dict:
   if path.exists():
     with np.load(path, allow_pickle=False) as z:
       out = {k: z[k] for k in z.files}
-    out['key'], out['source'] = str(out['key']), str(out['source'])
+    # The FLAIR as this process names it: the cached name may be relative to
+    # another folder (a run trained on a relative data.root, evaluated elsewhere).
+    out['key'], out['source'] = str(out['key']), str(s.flair)
     return out
   out = subjects_lib.prepare_subject(s, grid)
   path.parent.mkdir(parents=True, exist_ok=True)
