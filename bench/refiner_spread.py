@@ -24,6 +24,7 @@ the training subjects must be where the run found them (relative data folders
 are taken from the folder it was trained in, as evaluate does).
 """
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -114,9 +115,9 @@ def spread(config, train_set, model, state, scans, rotations, seeds):
     cases = train.refiner_cases(config, rotated(train_set, k), model, state)
     for seed in seeds:
       refiner = refine.fit(cases, config.refine, seed, step)
-      segmenter = inference.Segmenter(
-          base.probability_fn, config, base.threshold, refiner,
-          refine.candidate_of(refiner, config.refine.candidate))
+      segmenter = dataclasses.replace(
+          base, refiner=refiner,
+          candidate=refine.candidate_of(refiner, config.refine.candidate))
       yield k, seed, refiner, score(segmenter, scans)
 
 
