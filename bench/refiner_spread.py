@@ -12,7 +12,8 @@ run's figure is one draw. For each rotation k (the training list rotated by k
 places before the picks) and each seed s this script refits the refiner on the
 run's U-Net exactly as training does (``train.refiner_cases``, ``refine.fit``
 with the run's ``config.refine``, JAX's classic threefry as ``launch.py`` sets
-it) and scores, as predict and evaluate do (``inference.segment``),
+it) and scores, as predict and evaluate do (``inference.segment``; the U-Net once a
+scan, its refine step once a refit),
 
 - the labelled scans of ``--data`` (challenge layout: ``SITE/ID/pre/FLAIR.nii.gz``
   and ``wmh.nii.gz``), or
@@ -89,13 +90,23 @@ def split_scans(prepared: list) -> list[tuple]:
           for p in prepared]
 
 
+def unrefined(segmenter, scans) -> list[tuple]:
+  """``(key, ScanInput, labels, segmentation)`` of each ``(key, ScanInput,
+  labels)``: the segmentation stopped before the refiner
+  (``inference.segment(..., before_refine=True)``), the U-Net's part, run once."""
+  return [(key, scan, truth, inference.segment(segmenter, scan, before_refine=True))
+          for key, scan, truth in scans]
+
+
 def score(segmenter, scans) -> list[dict]:
-  """The challenge metrics of each scan's final mask (``inference.segment``):
-  against a folder's labels on the canonical grid, or a prepared subject's as
-  evaluate scores it (``evaluate.case_row``)."""
+  """The challenge metrics of each scan's final mask: ``segmenter``'s refiner
+  on the scan's segmentation stopped before it (:func:`unrefined`; so one
+  U-Net pass serves every refit), against a folder's labels on
+  the canonical grid, or a prepared subject's as evaluate scores it
+  (``evaluate.case_row``)."""
   rows = []
-  for key, scan, truth in scans:
-    mask = inference.segment(segmenter, scan).mask
+  for key, scan, truth, before in scans:
+    mask = inference.refine_segmentation(segmenter, before, scan.spacing).mask
     if isinstance(truth, dict):
       rows.append(evaluate.case_row(truth, mask))
     else:
@@ -110,9 +121,11 @@ def spread(config, train_set, model, state, scans, rotations, seeds):
       probability_fn=inference.make_probability_fn(
           [(model, state)], inference.tta_axes(config)),
       config=config, threshold=config.predict.threshold)
+  scans = unrefined(base, scans)
   step = int(state.step)
   for k in rotations:
-    cases = train.refiner_cases(config, rotated(train_set, k), model, state)
+    cases = train.refiner_cases(config, rotated(train_set, k), model, state,
+                                base.probability_fn)
     for seed in seeds:
       refiner = refine.fit(cases, config.refine, seed, step)
       segmenter = dataclasses.replace(

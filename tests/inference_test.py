@@ -103,6 +103,14 @@ def test_segment_is_the_chain_and_the_refiner_keeps_its_candidate(workdir, tmp_p
   np.testing.assert_array_equal(seg.probability, refined)
   np.testing.assert_array_equal(seg.mask, refine.drop_small_lesions(
       refined >= fitted['threshold'], scan.spacing, refine.min_lesion_of(fitted)))
+  # The refine step alone, on the segmentation stopped before it, is the same.
+  again = inference.refine_segmentation(segmenter, before, scan.spacing)
+  assert again.refined and not before.refined
+  for field in ('probability', 'mask', 'unet_probability', 'brain', 'flair_z'):
+    np.testing.assert_array_equal(getattr(again, field), getattr(seg, field))
+  with pytest.raises(ValueError, match='no refiner'):
+    inference.refine_segmentation(dataclasses.replace(segmenter, refiner=None),
+                                  before, scan.spacing)
   # The refiner's smallest lesion is applied to the final mask: none is that big.
   assert (refined >= fitted['threshold']).any()
   huge = dataclasses.replace(segmenter, refiner={**fitted, 'min_lesion_mm3': 1e12})

@@ -287,7 +287,8 @@ def segment(segmenter: Segmenter, scan: ScanInput, read_image: bool = False,
     scan: the preprocessed scan (:func:`read_scan`).
     read_image: also read the native FLAIR (``Segmentation.image``; to draw).
     before_refine: stop before refining, with the refiner's input
-      (``flair_z``) read: what the refiner is fitted on.
+      (``flair_z``) read: what the refiner is fitted on, and what
+      :func:`refine_segmentation` finishes.
   """
   fn, config = segmenter.probability_fn, segmenter.config
   out = fn(scan.volume)
@@ -299,10 +300,26 @@ def segment(segmenter: Segmenter, scan: ScanInput, read_image: bool = False,
   image = (nifti_io.load_image(scan.flair)[0]
            if scan.flair is not None and (read_image or need_z) else None)
   flair_z = subjects.zscore(image, scan.flair, brain) if need_z else None
-  final, mask = prob, prob >= segmenter.threshold
-  if refiner is not None:
-    final = refine.refine(refiner, prob, flair_z, scan.spacing, segmenter.candidate)
-    mask = refine.drop_small_lesions(final >= refiner['threshold'], scan.spacing,
-                                     refine.min_lesion_of(refiner))
-  return Segmentation(out, prob, final, mask, brain, image, flair_z,
-                      refiner is not None)
+  unrefined = Segmentation(out, prob, prob, prob >= segmenter.threshold, brain,
+                           image, flair_z)
+  if refiner is None:
+    return unrefined
+  return refine_segmentation(segmenter, unrefined, scan.spacing)
+
+
+def refine_segmentation(segmenter: Segmenter, seg: Segmentation,
+                        spacing) -> Segmentation:
+  """The last step of :func:`segment`: ``segmenter``'s refiner on a scan's
+  segmentation stopped before it (``before_refine``), voxel size ``spacing``.
+  One U-Net pass then serves any number of refiners (``bench/refiner_spread.py``).
+  """
+  refiner = segmenter.refiner
+  if refiner is None:
+    raise ValueError('refine_segmentation: the segmenter has no refiner')
+  if seg.flair_z is None:
+    raise ValueError('refine: a scan without its native FLAIR file cannot be refined')
+  final = refine.refine(refiner, seg.unet_probability, seg.flair_z, spacing,
+                        segmenter.candidate)
+  mask = refine.drop_small_lesions(final >= refiner['threshold'], spacing,
+                                   refine.min_lesion_of(refiner))
+  return dataclasses.replace(seg, probability=final, mask=mask, refined=True)
