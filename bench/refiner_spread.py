@@ -2,7 +2,7 @@ r"""How much a trained run's result moves with its refiner's subjects and draws.
 
   .venv/bin/python bench/refiner_spread.py --workdir=runs/default \
       [--data=/path/to/labelled_scans | --split=val] [--rotations=0,1,3,5] \
-      [--seeds=0,1]
+      [--seeds=0,1] [--set='refine.thresholds=(0.5,)' ...]
 
 The refiner (``wmh_jax.refine``) is fitted on ``refine.num_subjects`` training
 subjects spread evenly over the sorted list, with ``seed`` for its MLPs'
@@ -20,11 +20,14 @@ scan, its refine step once a refit),
 - the run's own ``--split`` (``val`` or ``test``) when ``--data`` is not given.
 
 It prints a row per refit and each metric's mean and range over them. Rotation 0
-with the run's seed is the run's own refiner. Nothing is written to the workdir;
+with the run's seed is the run's own refiner. ``--set=refine.KEY=VALUE`` refits
+with another refiner setting on the same U-Net: a change to the refiner measured
+over its spread, not on one draw. Nothing is written to the workdir;
 the training subjects must be where the run found them (relative data folders
 are taken from the folder it was trained in, as evaluate does).
 """
 
+import ast
 import dataclasses
 import sys
 import time
@@ -63,7 +66,30 @@ def _define_flags():  # not at import: the tests import this module
   flags.DEFINE_list('rotations', ['0', '1', '3', '5'], 'Rotations of the '
                     'training list before the picks.')
   flags.DEFINE_list('seeds', [], "Refiner seeds (default: the run's seed).")
+  flags.DEFINE_multi_string('set', [], 'refine.KEY=VALUE (a Python literal): '
+                            "refit with this refiner setting instead of the run's, "
+                            "e.g. --set='refine.thresholds=(0.5,)'. Repeatable.")
   flags.mark_flag_as_required('workdir')
+
+
+def with_refine_settings(config, settings):
+  """``config`` with ``refine.KEY=VALUE`` settings (Python literals) applied to
+  its ``refine`` block: another refiner setting measured on the same U-Net.
+  Only ``refine.*`` keys the config has (the U-Net's are the checkpoint's).
+  Raises ValueError, one line naming the setting."""
+  config = config.copy_and_resolve_references()
+  for setting in settings:
+    key, eq, value = setting.partition('=')
+    name = key.removeprefix('refine.')
+    if not eq or name == key or name not in config.refine:
+      raise ValueError(f'--set={setting}: not refine.KEY=VALUE with a KEY of '
+                       f'config.refine ({", ".join(sorted(config.refine))})')
+    try:
+      config.refine[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError) as e:
+      raise ValueError(f'--set={setting}: {value!r} is not a value for '
+                       f'refine.{name} ({str(e).splitlines()[0]})') from None
+  return config
 
 
 def rotated(train_set: list, k: int) -> list:
@@ -171,6 +197,10 @@ def main(argv):
   # The run's relative data folders are taken from where it was trained.
   config = run_record.with_absolute_data_paths(config, FLAGS.workdir)
   try:
+    config = with_refine_settings(config, FLAGS.set)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  try:
     scans = folder_scans(FLAGS.data, config) if FLAGS.data else None
     model, state = checkpoints.restore_weights(config, FLAGS.workdir)
     names = ('train',) if FLAGS.data else ('train', FLAGS.split)
@@ -189,7 +219,8 @@ def main(argv):
     logging.info('refit %d/%d (rotation %d, seed %d) scored (%.0f s)',
                  len(results), len(rotations) * len(seeds), result[0], result[1],
                  time.time() - t0)
-  print(f'{FLAGS.workdir}: refiner refitted on the U-Net of step {int(state.step)}, '
+  print(f'{FLAGS.workdir}: refiner refitted on the U-Net of step {int(state.step)}'
+        f'{" with " + ", ".join(FLAGS.set) if FLAGS.set else ""}, '
         f'{len(scans)} scans of {FLAGS.data or FLAGS.split} scored (means over them)')
   print(table(results))
 

@@ -270,6 +270,15 @@ def test_refiner_spread_refits_the_runs_own_refiner_and_others(trained,
   for a, b in zip(from_files, rows):
     for m in ('dice', 'lesion_f1', 'avd_percent'):
       assert a[m] == pytest.approx(b[m], abs=1e-9, nan_ok=True)
+  # Another refiner setting (--set): the same MLPs, its own threshold.
+  fixed = spread.with_refine_settings(cfg, ['refine.thresholds=(0.45,)'])
+  assert tuple(cfg.refine.thresholds) != (0.45,)
+  (_, _, only, _), = spread.spread(fixed, train_set, model, state,
+                                   spread.split_scans(val_set), (0,), (cfg.seed,))
+  assert float(only['threshold']) == pytest.approx(0.45)
+  for a, b in zip(jax.tree_util.tree_leaves(only['params']),
+                  jax.tree_util.tree_leaves(own['params'])):
+    np.testing.assert_array_equal(a, b)
   for _, _, other, _ in results[1:]:  # other draws, other shares: other MLPs
     leaves = zip(jax.tree_util.tree_leaves(other['params']),
                  jax.tree_util.tree_leaves(own['params']))
@@ -277,6 +286,22 @@ def test_refiner_spread_refits_the_runs_own_refiner_and_others(trained,
   text = spread.table(results)
   assert len(text.splitlines()) == 1 + len(results) + 3
   assert text.splitlines()[-3].split()[0] == 'mean'
+
+
+def test_refiner_spread_sets_only_refine_keys_the_config_has():
+  """bench/refiner_spread.py --set: refine.KEY=VALUE literals, applied to a
+  copy; anything else is refused in one line naming the setting."""
+  spread = _refiner_spread()
+  cfg = test_config.get_config()
+  out = spread.with_refine_settings(
+      cfg, ['refine.thresholds=(0.5, 0.6)', 'refine.num_steps=7'])
+  assert tuple(out.refine.thresholds) == (0.5, 0.6) and out.refine.num_steps == 7
+  assert tuple(cfg.refine.thresholds) != (0.5, 0.6)   # the run's config untouched
+  for bad in ('model.norm=1', 'refine.no_such_key=1', 'refine.num_steps',
+              'refine.thresholds=oops', 'refine.num_steps="many"'):
+    with pytest.raises(ValueError, match='^--set=') as e:
+      spread.with_refine_settings(cfg, [bad])
+    assert bad in str(e.value) and '\n' not in str(e.value)
 
 
 def test_refiner_spread_refuses_a_folder_that_is_not_a_run(tmp_path):
