@@ -42,7 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
   sys.path.insert(0, str(REPO))
 
-from wmh_jax import challenge_metrics  # pylint: disable=g-import-not-at-top
+from configs import default  # pylint: disable=g-import-not-at-top
+from wmh_jax import challenge_metrics
 from wmh_jax import checkpoints
 from wmh_jax import data
 from wmh_jax import evaluate
@@ -75,16 +76,21 @@ def _define_flags():  # not at import: the tests import this module
 def with_refine_settings(config, settings):
   """``config`` with ``refine.KEY=VALUE`` settings (Python literals) applied to
   its ``refine`` block: another refiner setting measured on the same U-Net.
-  Only ``refine.*`` keys the config has (the U-Net's are the checkpoint's).
-  Raises ValueError, one line naming the setting."""
+  Only ``refine.*`` keys the config has, or the default config has (a run
+  made before the key); the U-Net's are the checkpoint's. Raises ValueError,
+  one line naming the setting."""
   config = config.copy_and_resolve_references()
+  known = default.get_config().refine
   for setting in settings:
     key, eq, value = setting.partition('=')
     name = key.removeprefix('refine.')
-    if not eq or name == key or name not in config.refine:
+    if not eq or name == key or name not in {*config.refine, *known}:
       raise ValueError(f'--set={setting}: not refine.KEY=VALUE with a KEY of '
-                       f'config.refine ({", ".join(sorted(config.refine))})')
+                       f'config.refine ({", ".join(sorted({*config.refine, *known}))})')
     try:
+      if name not in config.refine:
+        with config.unlocked():
+          config.refine[name] = known[name]
       config.refine[name] = ast.literal_eval(value)
     except (ValueError, SyntaxError, TypeError) as e:
       raise ValueError(f'--set={setting}: {value!r} is not a value for '

@@ -121,7 +121,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.refine.num_steps = 1500
   c.refine.batch_size = 8192
   c.refine.learning_rate = 1e-2
-  c.refine.thresholds = (0.3, 0.4, 0.5, 0.6)  # the best on the fitting subjects is kept
+  c.refine.thresholds = tuple(round(0.2 + 0.05 * i, 2) for i in range(11))  # 0.2 ... 0.7
+  c.refine.threshold_rule = 'one_se'    # the highest threshold within one standard error
+                                        # of the best Dice on the fitting subjects
+                                        # (refine.pick_threshold; 'best': the best; docs/results.md)
   c.refine.min_lesion_mm3 = (0.0, 10.0, 20.0, 30.0)  # smaller lesions dropped: the
                                         # best on the fitting subjects is kept
 

@@ -139,6 +139,49 @@ def test_fit_drops_specks_when_the_fitting_subjects_ask_for_it():
   assert refine.min_lesion_of(None) == 0.0
 
 
+def test_pick_threshold_takes_the_highest_within_one_standard_error_of_the_best():
+  # Per-subject Dice by threshold: 0.3 best on average; 0.4 below it by less
+  # than the spread of the paired differences; 0.5 below it on every subject.
+  per = {0.3: np.array([0.70, 0.60, 0.50, 0.80]),
+         0.4: np.array([0.72, 0.55, 0.49, 0.80]),    # mean -0.01, differences +-0.03
+         0.5: np.array([0.60, 0.50, 0.40, 0.70])}    # -0.10 on each: no error at all
+  assert refine.pick_threshold(per, 'best') == 0.3
+  assert refine.pick_threshold(per, 'one_se') == 0.4
+  # The same means with identical differences on every subject: no error, the best.
+  steady = {0.3: per[0.3], 0.4: per[0.3] - 0.01}
+  assert refine.pick_threshold(steady, 'one_se') == 0.3
+  # One subject: no error to estimate, the best. A subject without truth or
+  # prediction (NaN) is left out of the pairs.
+  assert refine.pick_threshold({t: d[:1] for t, d in per.items()}, 'one_se') == 0.4
+  assert refine.pick_threshold({t: d[1:2] for t, d in per.items()}, 'one_se') == 0.3
+  with_nan = {t: np.append(d, np.nan) for t, d in per.items()}
+  assert refine.pick_threshold(with_nan, 'one_se') == 0.4
+  # The rule a config asks for; one written before the key keeps the best.
+  assert refine.threshold_rule(_rc()) == 'best'
+  assert refine.threshold_rule(_rc(threshold_rule='one_se')) == 'one_se'
+  with pytest.raises(ValueError, match="refine.threshold_rule: 'nope' is not one of"):
+    refine.threshold_rule(_rc(threshold_rule='nope'))
+
+
+def test_fit_keeps_the_threshold_its_rule_picks_with_the_same_mlps():
+  cases = [_case(s) for s in range(3)]
+  grid = tuple(round(0.2 + 0.05 * i, 2) for i in range(11))
+  best = refine.fit(cases, _rc(thresholds=grid), seed=0, unet_step=1)
+  one_se = refine.fit(cases, _rc(thresholds=grid, threshold_rule='one_se'),
+                      seed=0, unet_step=1)
+  for a, b in zip(jax.tree_util.tree_leaves(best['params']),
+                  jax.tree_util.tree_leaves(one_se['params'])):
+    np.testing.assert_array_equal(a, b)
+  # What each rule gives on the fitted probabilities of the fitting subjects.
+  per = {}
+  for t in grid:
+    per[t] = np.array([_dice(labels, refine.refine(best, prob, image, spacing, 0.02) >= t)
+                       for prob, image, spacing, labels in cases])
+  assert float(best['threshold']) == pytest.approx(refine.pick_threshold(per, 'best'))
+  assert float(one_se['threshold']) == pytest.approx(refine.pick_threshold(per, 'one_se'))
+  assert float(one_se['threshold']) >= float(best['threshold'])
+
+
 def test_subject_shares_deal_the_subjects_round_robin_to_the_mlps():
   owner = np.repeat(np.arange(5), 4)          # 5 subjects, 4 voxels each
   y = np.tile(np.array([0, 1, 0, 0], np.float32), 5)

@@ -297,6 +297,13 @@ def test_refiner_spread_sets_only_refine_keys_the_config_has():
       cfg, ['refine.thresholds=(0.5, 0.6)', 'refine.num_steps=7'])
   assert tuple(out.refine.thresholds) == (0.5, 0.6) and out.refine.num_steps == 7
   assert tuple(cfg.refine.thresholds) != (0.5, 0.6)   # the run's config untouched
+  # A key of the default's refine block that a run made before it lacks.
+  old = cfg.copy_and_resolve_references()
+  with old.unlocked():
+    del old.refine['threshold_rule']
+  assert 'threshold_rule' not in old.refine
+  out = spread.with_refine_settings(old, ["refine.threshold_rule='best'"])
+  assert out.refine.threshold_rule == 'best'
   for bad in ('model.norm=1', 'refine.no_such_key=1', 'refine.num_steps',
               'refine.thresholds=oops', 'refine.num_steps="many"'):
     with pytest.raises(ValueError, match='^--set=') as e:

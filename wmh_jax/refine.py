@@ -50,6 +50,7 @@ from wmh_jax import subjects
 FEATURES = ('unet_logit', 'flair', 'flair_over_lesion_reference', 'flair_2mm',
             'flair_minus_6mm', 'flair_2mm_minus_6mm', 'lesion_reference')
 SURE = 0.5  # U-Net probability of the voxels that set the lesion reference
+THRESHOLD_RULES = ('best', 'one_se')  # refine.threshold_rule (pick_threshold)
 # The candidate level of a refiner saved before it stored its own: 0.02, the only
 # value until then (the config's is 2e-4 since stop 20).
 UNSTORED_CANDIDATE = 0.02
@@ -158,9 +159,9 @@ def min_lesion_of(refiner) -> float:
 
 def fit(cases, rc, seed: int, unet_step: int) -> dict:
   """Fits a refiner on training ``cases`` and picks its threshold on them
-  (best mean Dice), then its smallest lesion kept from ``rc.min_lesion_mm3``
-  (best mean of Dice and lesion F1 at that threshold: Dice alone hardly sees
-  a speck).
+  from their Dice (``rc.threshold_rule``: :func:`pick_threshold`), then its
+  smallest lesion kept from ``rc.min_lesion_mm3`` (best mean of Dice and
+  lesion F1 at that threshold: Dice alone hardly sees a speck).
 
   Args:
     cases: ``(prob, image, spacing, labels)`` per training subject: the U-Net's
@@ -202,12 +203,11 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
       mask[cand] = q >= t
       yield mask
 
-  scores = {}
-  for t in rc.thresholds:
-    scores[float(t)] = float(np.nanmean([
-        challenge_metrics.dice(*challenge_metrics.masked_pair(labels, mask))
-        for mask, (_, _, _, labels) in zip(masks_at(t), cases)]))
-  threshold = max(scores, key=scores.get)
+  per_case = {float(t): np.array([
+      challenge_metrics.dice(*challenge_metrics.masked_pair(labels, mask))
+      for mask, (_, _, _, labels) in zip(masks_at(t), cases)]) for t in rc.thresholds}
+  scores = {t: float(np.nanmean(d)) for t, d in per_case.items()}
+  threshold = pick_threshold(per_case, threshold_rule(rc))
   masks = list(masks_at(threshold))
   by_size = {}
   for v in rc.get('min_lesion_mm3', (0.0,)):
@@ -223,16 +223,50 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
              'min_lesion_mm3': np.float64(max(by_size, key=by_size.get)),
              'unet_step': np.int32(unet_step)}
   logging.info('refine: %d MLPs fitted on %d voxels of %d subjects (%.1f%% '
-               'lesion%s), final BCE %s; Dice on them by threshold %s -> %.2f; '
+               'lesion%s), final BCE %s; Dice on them by threshold %s -> %.2f (%s); '
                'mean of Dice and lesion F1 by smallest lesion (mm^3) %s -> %g',
                rc.num_fits, len(x), len(cases), 100 * float(y.mean()),
                ', each MLP on its own share of them' if bagged(rc) else '',
                ' '.join(f'{l:.4f}' for l in losses),
                {t: round(s, 3) for t, s in scores.items()},
-               float(refiner['threshold']),
+               float(refiner['threshold']), threshold_rule(rc),
                {v: round(s, 3) for v, s in by_size.items()},
                float(refiner['min_lesion_mm3']))
   return refiner
+
+
+def threshold_rule(rc) -> str:
+  """How ``fit`` keeps a threshold: ``rc.threshold_rule``, or ``'best'`` for a
+  config written before it (the only rule then)."""
+  rule = rc.get('threshold_rule', 'best')
+  if rule not in THRESHOLD_RULES:
+    raise ValueError(f'refine.threshold_rule: {rule!r} is not one of '
+                     f'{", ".join(THRESHOLD_RULES)}')
+  return rule
+
+
+def pick_threshold(per_case: dict, rule: str) -> float:
+  """The threshold kept from each threshold's per-subject Dice (NaN where a
+  subject has neither truth nor prediction).
+
+  ``'best'``: the best mean. ``'one_se'``: the highest threshold whose mean is
+  within one standard error of the best's, the error of their paired
+  per-subject differences (the one-standard-error rule): where the fitting
+  subjects cannot tell two thresholds apart, the one that marks fewer voxels.
+  With one subject (no error to estimate) both rules keep the best.
+  """
+  means = {t: float(np.nanmean(d)) for t, d in per_case.items()}
+  best = max(means, key=means.get)
+  if rule == 'best':
+    return best
+  near = [best]
+  for t, d in per_case.items():
+    diff = per_case[best] - d
+    diff = diff[np.isfinite(diff)]
+    if len(diff) > 1 and (means[best] - means[t]
+                          <= diff.std(ddof=1) / np.sqrt(len(diff))):
+      near.append(t)
+  return max(near)
 
 
 def bagged(rc) -> bool:

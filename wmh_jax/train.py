@@ -72,6 +72,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   if config.train.batch_size % jax.device_count():
     raise ValueError(f'train.batch_size={config.train.batch_size} must be a '
                      f'multiple of the {jax.device_count()} devices')
+  if config.refine.enabled:
+    refine.threshold_rule(config.refine)   # a bad rule fails now, not after training
   # Bad data, or a split that is not the one of the run resumed, fails here.
   sets, split = data.load_run_data(config, workdir, ('train', 'val'))
   train_set, val_set = sets['train'], sets['val']
