@@ -166,7 +166,7 @@ def test_a_run_trained_before_keys_were_removed_still_predicts(tiny_run, tiny_da
   assert r.stderr.strip().splitlines() == [
       f'error: --config.evaluate.threshold: no such config key in '
       f'{ROOT / "configs" / "trained.py"}:{old / "config.json"}; nearest valid keys: '
-      'refine.thresholds, predict.threshold, evaluate']
+      'refine.thresholds, predict.threshold, refine.threshold_rule']
   assert not (tmp_path / 'refused').exists()
   r = _launch_here(tmp_path, *common, '--output=out')
   assert r.returncode == 0, r.stderr[-3000:]

@@ -251,7 +251,8 @@ def pick_threshold(per_case: dict, rule: str) -> float:
 
   ``'best'``: the best mean. ``'one_se'``: the highest threshold whose mean is
   within one standard error of the best's, the error of their paired
-  per-subject differences (the one-standard-error rule): where the fitting
+  per-subject differences (the one-standard-error rule; the mean difference
+  and its error over the subjects with a Dice at both): where the fitting
   subjects cannot tell two thresholds apart, the one that marks fewer voxels.
   With one subject (no error to estimate) both rules keep the best.
   """
@@ -262,9 +263,8 @@ def pick_threshold(per_case: dict, rule: str) -> float:
   near = [best]
   for t, d in per_case.items():
     diff = per_case[best] - d
-    diff = diff[np.isfinite(diff)]
-    if len(diff) > 1 and (means[best] - means[t]
-                          <= diff.std(ddof=1) / np.sqrt(len(diff))):
+    diff = diff[np.isfinite(diff)]   # the subjects with a Dice at both
+    if len(diff) > 1 and diff.mean() <= diff.std(ddof=1) / np.sqrt(len(diff)):
       near.append(t)
   return max(near)
 
