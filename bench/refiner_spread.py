@@ -150,15 +150,11 @@ def score(segmenter, scans) -> list[dict]:
 
 def spread(config, train_set, model, state, scans, rotations, seeds):
   """Yields ``(rotation, seed, refiner, rows)`` for every refit."""
-  base = inference.Segmenter(
-      probability_fn=inference.make_probability_fn(
-          [(model, state)], inference.tta_axes(config)),
-      config=config, threshold=config.predict.threshold)
+  base = inference.unet_segmenter(config, model, state)
   scans = unrefined(base, scans)
   step = int(state.step)
   for k in rotations:
-    cases = train.refiner_cases(config, rotated(train_set, k), model, state,
-                                base.probability_fn)
+    cases = train.refiner_cases(config, rotated(train_set, k), model, state, base)
     for seed in seeds:
       refiner = refine.fit(cases, config.refine, seed, step)
       segmenter = dataclasses.replace(

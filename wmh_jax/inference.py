@@ -221,6 +221,13 @@ def tta_axes(config) -> tuple:
   return tuple(pc.tta_axes) if pc.tta else ()
 
 
+def unet_segmenter(config, model, state) -> Segmenter:
+  """The U-Net of ``(model, state)`` alone, as the refiner's fit sees it: flip
+  TTA as ``predict.tta``, ``predict.threshold``, no refiner."""
+  return Segmenter(make_probability_fn([(model, state)], tta_axes(config)),
+                   config, config.predict.threshold)
+
+
 def load(config, workdir) -> Segmenter:
   """The ensemble of ``workdir`` (with flip TTA when ``predict.tta``), its
   refiner and ``predict.threshold``."""
@@ -294,8 +301,6 @@ def segment(segmenter: Segmenter, scan: ScanInput, read_image: bool = False,
   out = fn(scan.volume)
   prob, brain = native_probability(out, scan.native_shape, config.predict)
   refiner = None if before_refine else segmenter.refiner
-  if refiner is not None and scan.flair is None:
-    raise ValueError('refine: a scan without its native FLAIR file cannot be refined')
   need_z = scan.flair is not None and (refiner is not None or before_refine)
   image = (nifti_io.load_image(scan.flair)[0]
            if scan.flair is not None and (read_image or need_z) else None)

@@ -170,21 +170,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
 
 
 def refiner_cases(config, train_set, model, state,
-                  probability_fn=None) -> list[tuple]:
+                  segmenter=None) -> list[tuple]:
   """``(U-Net probability, z-scored FLAIR, spacing, labels)`` on the native grid
   of ``config.refine.num_subjects`` training subjects, evenly spread over the
   sorted list (every site): what ``refine.fit`` takes. The probability is the
   one predict and evaluate refine (brain-masked; flip-averaged with
   ``predict.tta``), so the refiner learns the input it will be given.
-  ``probability_fn``: ``inference.make_probability_fn`` of ``(model, state)``
-  when the caller has one already compiled (made here when None)."""
+  ``segmenter``: ``inference.unet_segmenter`` of ``(model, state)`` when the
+  caller has one already compiled (made here when None)."""
   n = min(config.refine.num_subjects, len(train_set))
   picks = [train_set[i] for i in np.unique(np.linspace(0, len(train_set) - 1, n)
                                            .round().astype(int))]
-  segmenter = inference.Segmenter(
-      probability_fn or inference.make_probability_fn(
-          [(model, state)], inference.tta_axes(config)),
-      config, config.predict.threshold)
+  segmenter = segmenter or inference.unet_segmenter(config, model, state)
   cases, t0 = [], time.time()
   for k, p in enumerate(picks):  # no lesion candidate outside the predicted brain
     seg = inference.segment(segmenter, inference.ScanInput(
