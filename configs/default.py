@@ -54,6 +54,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tfds = ''                      # TFDS: wmh_synthetic | wmh_challenge
   c.data.tfds_dir = 'data/tfds'
   c.data.shuffle_buffer = 64
+  c.data.input_norm = 'brain'           # U-Net input z-scored in: head (one pass) | brain
+                                        # (trained on both; the lesion from a second pass
+                                        # on the scan z-scored in the brain the first
+                                        # found: docs/results.md, stop 25)
+  c.data.brain_norm_fraction = 0.5      # input_norm='brain': share of training crops
+                                        # z-scored in the brain (the rest in the head)
   c.data.max_voxels = 0                 # most voxels a NIfTI header may declare; 0: 512^3
   c.data.missing_mask = 'skip'          # subjects without wmh.nii.gz: skip with a warning
 

@@ -263,3 +263,38 @@ def test_scanner_look_off_gives_the_batches_of_before_and_on_changes_only_the_im
   looked = input_pipeline.augment_example(ex, seed, cfg, (8, 8, 4))
   np.testing.assert_array_equal(looked['labels'].numpy(), plain['labels'].numpy())
   assert not np.allclose(looked['image'].numpy(), plain['image'].numpy())
+
+
+def test_brain_normalised_input_is_drawn_in_its_share_of_examples_and_nothing_else_moves():
+  image, labels = _volume()
+  other = (image * 0.5 + 3.0).astype(np.float32)   # the same scan, z-scored elsewhere
+  base = {'image': image, 'labels': labels, 'native_shape': np.array(image.shape),
+          'spacing': np.ones(3), 'lesion_fraction': (labels == 1) * 0.5,
+          'brain_fraction': (labels > 0).astype(np.float32)}
+  prepared = [{**base, 'image_brain': other}, base]   # the second has no brain mask
+  arrays = input_pipeline.stack_prepared(prepared, image.shape, True, True, True)
+  np.testing.assert_array_equal(arrays['image_brain'], [other, image])
+  assert 'image_brain' not in input_pipeline.stack_prepared(prepared, image.shape,
+                                                            True, True)
+  ex = {k: arrays[k][0] for k in ('image', 'labels', 'spacing', 'image_brain')}
+  cfg = test_config.get_config().augment
+  cfg.enabled = True
+  plain = {k: v for k, v in ex.items() if k != 'image_brain'}
+  swapped = {**plain, 'image': other}
+  picks = []
+  for s in range(40):
+    seed = tf.constant([s, 2], tf.int64)
+    out = input_pipeline.augment_example(ex, seed, cfg, (8, 8, 4), 0.5, 0.5)
+    head = input_pipeline.augment_example(plain, seed, cfg, (8, 8, 4), 0.5)
+    brain = input_pipeline.augment_example(swapped, seed, cfg, (8, 8, 4), 0.5)
+    # The same crop and labels either way; the image is one of the two inputs.
+    np.testing.assert_array_equal(out['labels'].numpy(), head['labels'].numpy())
+    is_head = np.array_equal(out['image'].numpy(), head['image'].numpy())
+    is_brain = np.array_equal(out['image'].numpy(), brain['image'].numpy())
+    assert is_head != is_brain
+    picks.append(is_brain)
+    for fraction, want in ((0.0, head), (1.0, brain)):
+      np.testing.assert_array_equal(input_pipeline.augment_example(
+          ex, seed, cfg, (8, 8, 4), 0.5, fraction)['image'].numpy(),
+                                    want['image'].numpy())
+  assert 10 <= sum(picks) <= 30

@@ -71,6 +71,7 @@ def _scan(tmp_path, rng):
 def test_segment_is_the_chain_and_the_refiner_keeps_its_candidate(workdir, tmp_path):
   cfg, wd = workdir
   cfg = cfg.copy_and_resolve_references()
+  cfg.data.input_norm = 'head'   # one pass (the second: the test after this one)
   flair, wmh = _scan(tmp_path, np.random.default_rng(1))
   segmenter = inference.load(cfg, wd)
   assert segmenter.refiner is None and segmenter.step == 5
@@ -125,3 +126,36 @@ def test_segment_is_the_chain_and_the_refiner_keeps_its_candidate(workdir, tmp_p
   with pytest.raises(ValueError, match='native FLAIR'):
     inference.segment(segmenter, inference.ScanInput(
         scan.volume, scan.native_shape, scan.spacing, None))
+
+
+def test_segment_with_brain_norm_takes_the_lesion_from_the_scan_z_scored_in_its_brain(
+    workdir, tmp_path):
+  cfg, wd = workdir
+  cfg = cfg.copy_and_resolve_references()
+  cfg.data.input_norm = 'brain'
+  grid = tuple(cfg.data.grid)
+  flair, _ = _scan(tmp_path, np.random.default_rng(2))
+  # The U-Net alone (an earlier test may have saved a refiner in the workdir).
+  segmenter = dataclasses.replace(inference.load(cfg, wd), refiner=None)
+  scan = inference.read_scan(flair, cfg)
+  seg = inference.segment(segmenter, scan)
+  image, _ = nifti_io.load_image(flair)
+  first = segmenter.probability_fn(subjects.preprocess(image, grid))
+  _, brain = inference.native_probability(first, image.shape, cfg.predict)
+  second = segmenter.probability_fn(subjects.preprocess(image, grid, flair, brain))
+  lesion = inference.native_lesion(inference.split_probability(second)[0],
+                                   image.shape, brain, cfg.predict)
+  np.testing.assert_array_equal(seg.brain, brain)   # the brain of the first pass
+  np.testing.assert_array_equal(seg.unet_probability, lesion)
+  np.testing.assert_array_equal(seg.flair_z, subjects.zscore(image, flair, brain))
+  assert not lesion[~brain].any()
+  # Another lesion than the one pass of data.input_norm='head'.
+  head_cfg = cfg.copy_and_resolve_references()
+  head_cfg.data.input_norm = 'head'
+  head = inference.segment(dataclasses.replace(segmenter, config=head_cfg), scan)
+  np.testing.assert_array_equal(head.brain, brain)
+  assert np.abs(head.unet_probability - seg.unet_probability).max() > 1e-4
+  # Without the native FLAIR (a TFDS example) there is no second pass.
+  alone = inference.segment(segmenter, inference.ScanInput(
+      scan.volume, scan.native_shape, scan.spacing, None))
+  np.testing.assert_array_equal(alone.unet_probability, head.unet_probability)

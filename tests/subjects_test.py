@@ -5,6 +5,7 @@ import pytest
 
 from conftest import NO_BRAIN
 from conftest import write_tiny_subject
+from configs import test as test_config
 from wmh_jax import nifti_io
 from wmh_jax import subjects
 
@@ -149,10 +150,28 @@ def test_prepare_loads_the_brain_mask_when_there(tiny_dataset):
   assert abs(frac.mean() - native.mean()) < 0.02          # the same share of the volume
   # Lesions (label 1 on the grid) lie inside the brain.
   assert (frac[p['labels'] == 1] > 0.5).all()
+  # The input z-scored in that brain (data.input_norm='brain'): mean 0 and sd 1
+  # over the brain, not over the head as 'image' is.
+  image, _ = nifti_io.load_image(s.flair)
+  z = subjects.zscore(image, s.flair, native == 1)
+  assert abs(z[native == 1].mean()) < 1e-4 and abs(z[native == 1].std() - 1) < 1e-4
+  np.testing.assert_array_equal(p['image_brain'], subjects.resize(z, (32, 32, 8)))
+  np.testing.assert_array_equal(p['image'], subjects.preprocess(image, (32, 32, 8)))
+  assert np.abs(p['image_brain'] - p['image']).max() > 1e-2   # another mask's statistics
   # No brain.nii.gz: no brain keys (the loss ignores the brain channel then).
   assert found[NO_BRAIN].brain is None
   p = subjects.prepare_subject(found[NO_BRAIN], (32, 32, 8))
-  assert 'brain_fraction' not in p and 'native_brain' not in p
+  assert not {'brain_fraction', 'native_brain', 'image_brain'} & set(p)
+
+
+def test_input_norm_is_head_for_an_old_config_and_refuses_another():
+  cfg = test_config.get_config()
+  assert subjects.input_norm(cfg.data) == cfg.data.input_norm in subjects.INPUT_NORMS
+  del cfg.data['input_norm']   # a run's config.json from before the key
+  assert subjects.input_norm(cfg.data) == 'head'
+  cfg.data.input_norm = 'skull'
+  with pytest.raises(ValueError, match=r"data.input_norm: 'skull' is not one of"):
+    subjects.input_norm(cfg.data)
 
 
 @pytest.mark.parametrize('case', ['shape', 'affine', 'values', 'fraction'])

@@ -7,7 +7,8 @@ The one per-scan pipeline that ``predict``, ``evaluate`` and the refiner's fit
   ``subjects.preprocess``, as training sees it) -> network
   (``make_probability_fn``: ensemble members and flip TTA) -> native grid
   (``native_probability``: resized back; with a brain output the native brain
-  mask, and no lesion outside it) -> refine (the native refiner of
+  mask, and no lesion outside it) -> with ``data.input_norm='brain'``, the
+  network again on the scan z-scored in that brain, for the lesion -> refine (the native refiner of
   ``wmh_jax.refine`` on the FLAIR z-scored in that brain) -> threshold
   (``predict.threshold`` without a refiner, else the refiner's own).
 
@@ -124,18 +125,35 @@ def native_probability(output, native_shape, pconfig
   a lesion there. The one place predict, evaluate and the refiner's fit do this.
   """
   lesion, brain = split_probability(output)
-  prob, _ = to_native(lesion, native_shape, 0.5)
   if brain is None:
-    return prob, None
+    return to_native(lesion, native_shape, 0.5)[0], None
   mask = brain_mask(to_native(brain, native_shape, 0.5)[0], pconfig.brain_threshold)
+  return native_lesion(lesion, native_shape, mask, pconfig), mask
+
+
+def native_lesion(lesion: np.ndarray, native_shape, brain: np.ndarray,
+                  pconfig) -> np.ndarray:
+  """The grid lesion probability resized back, 0 outside the native ``brain``
+  with ``pconfig.mask_to_brain``."""
+  prob, _ = to_native(lesion, native_shape, 0.5)
   if pconfig.mask_to_brain:
-    prob = np.where(mask, prob, np.float32(0.0))
-  return prob, mask
+    prob = np.where(brain, prob, np.float32(0.0))
+  return prob
 
 
 def model_input(image, config, path='image') -> np.ndarray:
-  """What the network sees: the whole scan preprocessed onto ``data.grid``."""
+  """What the network sees first: the whole scan preprocessed onto ``data.grid``
+  (z-scored in its head mask)."""
   return subjects.preprocess(image, tuple(config.data.grid), path)
+
+
+def brain_normalised(flair_z: np.ndarray, config, path='image') -> np.ndarray:
+  """The second pass's input (``data.input_norm='brain'``): the native FLAIR
+  z-scored in the brain (``flair_z``) on ``data.grid``, as training's
+  ``image_brain``."""
+  grid = tuple(config.data.grid)
+  return subjects.check_finite(subjects.resize(flair_z, grid).astype(np.float32),
+                               path)
 
 
 def load_members(config, workdir) -> list:
@@ -269,7 +287,8 @@ def read_scan(path, config) -> ScanInput:
 class Segmentation:
   """One scan's result, every array on its native grid (canonical RAS).
 
-  ``output``: the network's on its input; ``unet_probability``: that resized
+  ``output``: the network's on its input (with ``data.input_norm='brain'``, the
+  lesion of its second pass and the brain of its first); ``unet_probability``: that resized
   back (0 outside the brain with ``predict.mask_to_brain``); ``probability``
   and ``mask``: the final ones (refined when ``refined``); ``brain``: the brain
   mask or None; ``image``: the native FLAIR when read; ``flair_z``: it z-scored
@@ -301,10 +320,17 @@ def segment(segmenter: Segmenter, scan: ScanInput, read_image: bool = False,
   out = fn(scan.volume)
   prob, brain = native_probability(out, scan.native_shape, config.predict)
   refiner = None if before_refine else segmenter.refiner
-  need_z = scan.flair is not None and (refiner is not None or before_refine)
+  two_pass = (brain is not None and scan.flair is not None
+              and subjects.input_norm(config.data) == 'brain')
+  need_z = scan.flair is not None and (refiner is not None or before_refine
+                                       or two_pass)
   image = (nifti_io.load_image(scan.flair)[0]
            if scan.flair is not None and (read_image or need_z) else None)
   flair_z = subjects.zscore(image, scan.flair, brain) if need_z else None
+  if two_pass:  # the lesion from the scan z-scored in the brain just found
+    out = (split_probability(fn(brain_normalised(flair_z, config, scan.flair)))[0],
+           split_probability(out)[1])
+    prob = native_lesion(out[0], scan.native_shape, brain, config.predict)
   unrefined = Segmentation(out, prob, prob, prob >= segmenter.threshold, brain,
                            image, flair_z)
   if refiner is None:

@@ -16,13 +16,16 @@ SOFT_KEYS = ('target', 'brain')  # soft volumes that follow the labels' geometry
 
 
 def stack_prepared(prepared: list[dict], grid, soft_targets: bool = False,
-                   brain: bool = False) -> dict[str, np.ndarray]:
+                   brain: bool = False, brain_norm: bool = False
+                   ) -> dict[str, np.ndarray]:
   """Stacks prepared subjects.
 
   With ``soft_targets`` adds their lesion fraction on the grid as ``target``.
   With ``brain``, when any subject has a brain mask, adds the brain fraction as
   ``brain`` (zeros for subjects without one) and ``has_brain`` (1 or 0 per
-  subject: the loss's weight for the brain channel).
+  subject: the loss's weight for the brain channel). With ``brain_norm``, when
+  any subject has a brain mask, adds its image z-scored in the brain as
+  ``image_brain`` (the head-z-scored ``image`` for subjects without one).
   """
   arrays = {
       'image': np.stack([p['image'] for p in prepared]).astype(np.float32),
@@ -38,6 +41,9 @@ def stack_prepared(prepared: list[dict], grid, soft_targets: bool = False,
                                 for p in prepared]).astype(np.float32)
     arrays['has_brain'] = np.array(['brain_fraction' in p for p in prepared],
                                    np.float32)
+  if brain_norm and any('image_brain' in p for p in prepared):
+    arrays['image_brain'] = np.stack([p.get('image_brain', p['image'])
+                                      for p in prepared]).astype(np.float32)
   return arrays
 
 
@@ -54,11 +60,17 @@ def _scanner_look(image, seed, aug_config):
 
 
 def augment_example(example, seed, aug_config, patch_size=None,
-                    lesion_patch_fraction=0.5):
+                    lesion_patch_fraction=0.5, brain_norm_fraction=0.5):
   """Augments one ``{'image', 'labels', 'spacing'[, 'target', 'brain',
-  'has_brain']}`` example; adds a channel axis to the image. The soft volumes
-  (``SOFT_KEYS``) follow the labels' geometry; ``has_brain`` passes through."""
+  'has_brain', 'image_brain']}`` example; adds a channel axis to the image. The
+  soft volumes (``SOFT_KEYS``) follow the labels' geometry; ``has_brain`` passes
+  through. With ``image_brain`` (data.input_norm='brain'), the image is that
+  one (z-scored in the brain) with probability ``brain_norm_fraction``."""
   image, labels = example['image'], example['labels']
+  if 'image_brain' in example:  # its own stream: the other draws stay as they were
+    pick = tf.random.stateless_uniform(
+        [], tf.random.experimental.stateless_fold_in(seed, 7))
+    image = tf.where(pick < brain_norm_fraction, example['image_brain'], image)
   keys = [k for k in SOFT_KEYS if k in example]
   soft = [example[k] for k in keys]
   seeds = tf.random.experimental.stateless_split(seed, 3)
@@ -92,7 +104,8 @@ def train_dataset(arrays: dict[str, np.ndarray], config, start_step: int = 0):
   fn = lambda i, ex: augment_example(
       ex, tf.stack([tf.constant(seed, tf.int64), i]), config.augment,
       None if patch is None else tuple(patch),
-      config.train.lesion_patch_fraction)
+      config.train.lesion_patch_fraction,
+      config.data.get('brain_norm_fraction', 0.5))
   ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(config.train.batch_size, drop_remainder=True)
   return ds.prefetch(2)

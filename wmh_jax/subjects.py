@@ -297,19 +297,36 @@ def labels_to_grid(labels: np.ndarray, grid, fraction: np.ndarray | None = None
   return np.where(lesion, 1, np.where(other, 2, 0)).astype(np.uint8)
 
 
-def preprocess(image: np.ndarray, grid, path='image') -> np.ndarray:
-  """What every model input goes through: z-score in the head mask, resize to grid."""
+def preprocess(image: np.ndarray, grid, path='image',
+               mask: np.ndarray | None = None) -> np.ndarray:
+  """What every model input goes through: z-score in the head mask (in ``mask``,
+  the brain, when given), resize to grid."""
   if image.ndim != 3 or min(image.shape) < 2:
     raise nifti_io.NiftiError(f'{path}: image of shape {image.shape} is too '
                               'small to resample')
-  return check_finite(resize(zscore(image, path), grid).astype(np.float32), path)
+  return check_finite(resize(zscore(image, path, mask), grid).astype(np.float32), path)
+
+
+# data.input_norm: what the U-Net's input is z-scored in. 'head': the head mask
+# (one pass); 'brain': trained on both, and at inference a second pass on the
+# scan z-scored in the brain the first pass found (inference.segment).
+INPUT_NORMS = ('head', 'brain')
+
+
+def input_norm(data_config) -> str:
+  """``data.input_norm``, or ``'head'`` for a run made before the key."""
+  norm = data_config.get('input_norm', 'head')
+  if norm not in INPUT_NORMS:
+    raise ValueError(f'data.input_norm: {norm!r} is not one of {INPUT_NORMS}')
+  return norm
 
 
 def prepare_subject(s: SubjectFiles, grid, max_voxels: int | None = None) -> dict:
   """Decodes one subject and returns its grid arrays and native geometry.
 
   With a brain mask: ``brain_fraction`` (the share of each grid voxel inside the
-  brain) and ``native_brain`` (uint8 0/1); without one neither key is there.
+  brain), ``native_brain`` (uint8 0/1) and ``image_brain`` (the FLAIR z-scored
+  in that brain, on the grid); without one none of them is there.
   ``max_voxels``: the FLAIR's size limit (default ``nifti_io.MAX_VOXELS``).
   """
   image, affine = nifti_io.load_image(s.flair, max_voxels=max_voxels)
@@ -330,6 +347,8 @@ def prepare_subject(s: SubjectFiles, grid, max_voxels: int | None = None) -> dic
     brain = nifti_io.load_brain(s.brain, affine, image.shape)
     out['brain_fraction'] = indicator_fraction(brain == 1, grid)
     out['native_brain'] = brain
+    # The input z-scored in the brain (data.input_norm='brain' trains on it).
+    out['image_brain'] = preprocess(image, grid, s.flair, brain == 1)
   return out
 
 

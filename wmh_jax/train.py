@@ -24,6 +24,7 @@ from wmh_jax import models
 from wmh_jax import refine
 from wmh_jax import run_record
 from wmh_jax import steps
+from wmh_jax import subjects
 
 
 def flat_hparams(config: ml_collections.ConfigDict) -> dict:
@@ -38,19 +39,29 @@ def flat_hparams(config: ml_collections.ConfigDict) -> dict:
   return out
 
 
+def _probabilities(predict_fn, state, image) -> np.ndarray:
+  logits = predict_fn(state.params, state.batch_stats, image[None, ..., None])
+  return np.asarray(jax.nn.sigmoid(logits))[0]
+
+
 def validation_dice(predict_fn, state, val_arrays, config, brain: bool = False
                     ) -> dict[str, float]:
   """Mean per-subject Dice on the config grid (label 2 ignored): ``val/dice_grid``;
   with a ``brain`` output, lesions outside the predicted brain are dropped
   (``inference.native_probability`` on the grid) and ``val/brain_dice_grid`` is
-  the brain mask's Dice on the subjects with one."""
+  the brain mask's Dice on the subjects with one. With ``image_brain``
+  (data.input_norm='brain') the lesion comes from that input, z-scored in the
+  given brain (inference's second pass, with the true brain instead of its
+  own), and the brain from ``image`` (its first)."""
   scores, brain_scores = [], []
   has_brain = val_arrays.get('has_brain', np.zeros(len(val_arrays['image'])))
+  second = val_arrays.get('image_brain')
   for i, (image, labels) in enumerate(zip(val_arrays['image'], val_arrays['labels'])):
-    logits = predict_fn(state.params, state.batch_stats, image[None, ..., None])
-    p = np.asarray(jax.nn.sigmoid(logits))[0]
+    p = _probabilities(predict_fn, state, image)
+    lesion = p[..., 0] if second is None else _probabilities(
+        predict_fn, state, second[i])[..., 0]
     prob, mask = inference.native_probability(
-        (p[..., 0], p[..., 1]) if brain else p[..., 0], labels.shape, config.predict)
+        (lesion, p[..., 1]) if brain else lesion, labels.shape, config.predict)
     scores.append(metrics.dice(prob >= config.predict.threshold, labels))
     if mask is not None and has_brain[i]:
       brain_scores.append(challenge_metrics.dice(val_arrays['brain'][i] >= 0.5, mask))
@@ -74,6 +85,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
                      f'multiple of the {jax.device_count()} devices')
   if config.refine.enabled:
     refine.threshold_rule(config.refine)   # a bad rule fails now, not after training
+  subjects.input_norm(config.data)         # and a bad data.input_norm
   # Bad data, or a split that is not the one of the run resumed, fails here.
   sets, split = data.load_run_data(config, workdir, ('train', 'val'))
   train_set, val_set = sets['train'], sets['val']
@@ -82,9 +94,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   # are kept; its network and split were checked against them).
   run_record.record(workdir, config, split)
   brain = config.model.brain_output
+  brain_norm = brain and subjects.input_norm(config.data) == 'brain'
   train_arrays = input_pipeline.stack_prepared(train_set, config.data.grid,
-                                               config.loss.soft_targets, brain)
-  val_arrays = input_pipeline.stack_prepared(val_set, config.data.grid, brain=brain)
+                                               config.loss.soft_targets, brain,
+                                               brain_norm)
+  val_arrays = input_pipeline.stack_prepared(val_set, config.data.grid, brain=brain,
+                                             brain_norm=brain_norm)
   if brain and 'brain' not in train_arrays:
     logging.warning('model.brain_output: no training subject has brain.nii.gz; the '
                     'brain channel stays untrained and predict/evaluate ignore it')
