@@ -69,6 +69,23 @@ def test_config_paths_resolve_to_the_project_from_any_folder(tmp_path, monkeypat
           'launch.py', '--config', str(ROOT / 'configs' / 'test.py'), '--config.seed=1']
 
 
+def test_init_from_a_run_before_input_norm_fine_tunes_it_with_one_pass(tmp_path):
+  import launch  # pylint: disable=g-import-not-at-top
+  from wmh_jax import run_record  # pylint: disable=g-import-not-at-top
+  before = test_config.get_config()
+  del before.data['input_norm']   # its config.json predates the key
+  (tmp_path / 'src').mkdir()
+  (tmp_path / 'src' / 'config.json').write_text(run_record.config_to_json(before))
+  config = test_config.get_config()
+  config.train.init_from = str(tmp_path / 'src')
+  assert config.data.input_norm == 'brain'
+  launch.inherit_network(config, ['launch.py'])
+  assert config.data.input_norm == 'head'
+  config.data.input_norm = 'brain'   # named on the command line: kept
+  launch.inherit_network(config, ['launch.py', '--config.data.input_norm=brain'])
+  assert config.data.input_norm == 'brain'
+
+
 def test_predict_on_a_run_without_config_json_takes_the_network_of_its_time(tmp_path):
   import launch  # pylint: disable=g-import-not-at-top
   old, new, empty = tmp_path / 'old', tmp_path / 'new', tmp_path / 'empty'

@@ -82,6 +82,22 @@ def test_network_keys_are_frozen_others_may_change():
   config = trained.copy_and_resolve_references()
   config.data.grid = (64, 64, 8)
   assert run_record.first_frozen_change(trained, config)[0] == 'data.grid'
+  # What the network was trained to see: the input's normalisation. A config
+  # written before the key is a one-pass ('head') run; brain_norm_fraction is
+  # how training mixed them, not what the trained network takes.
+  config = trained.copy_and_resolve_references()
+  config.data.brain_norm_fraction = 0.9
+  assert run_record.first_frozen_change(trained, config) is None
+  before = trained.copy_and_resolve_references()
+  del before.data['input_norm']
+  assert trained.data.input_norm == 'brain'
+  assert run_record.first_frozen_change(before, trained) == (
+      'data.input_norm', 'head', 'brain')
+  config.data.input_norm = 'head'
+  assert run_record.first_frozen_change(before, config) is None
+  with pytest.raises(run_record.RunRecordError, match=r'^--config.data.input_norm: '
+                     "W was trained with 'head', not 'brain'"):
+    run_record.check_same_network(before, trained, 'W')
 
 
 def _record_only(config, workdir):

@@ -5,6 +5,7 @@ import importlib.util
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import nibabel as nib
@@ -329,3 +330,36 @@ def test_refiner_spread_refuses_a_folder_that_is_not_a_run(tmp_path):
   assert bad.returncode == 1
   assert bad.stderr.strip().splitlines()[-1].startswith(
       'error: --seeds and --rotations take integers')
+
+
+def test_validation_dice_takes_the_lesion_from_the_brain_normalised_input():
+  """With ``image_brain`` (data.input_norm='brain') the lesion comes from it and
+  the brain from ``image``, as inference's two passes; without it, one pass."""
+  cfg = test_config.get_config()
+  shape = (8, 8, 4)
+  labels = np.zeros(shape, np.uint8)
+  labels[2:5, 2:5, 1:3] = 1
+  brain = np.zeros(shape, np.float32)
+  brain[1:7, 1:7, :] = 1.0
+  lesion_here = np.where(labels == 1, 1.0, -1.0).astype(np.float32)
+  elsewhere = np.roll(lesion_here, 3, axis=0)
+  # A stand-in network: lesion logit 10 x the input, brain logit 10 everywhere.
+  def predict_fn(params, batch_stats, x):
+    del params, batch_stats
+    x = np.asarray(x)[..., 0]
+    return np.stack([10 * x, np.full_like(x, 10.0)], -1)
+  state = types.SimpleNamespace(params=None, batch_stats=None)
+  one = {'image': elsewhere[None], 'labels': labels[None], 'brain': brain[None],
+         'has_brain': np.ones(1, np.float32)}
+  two = {**one, 'image_brain': lesion_here[None]}
+  assert train.validation_dice(predict_fn, state, one, cfg, True)['val/dice_grid'] < 0.5
+  assert train.validation_dice(predict_fn, state, two, cfg, True)['val/dice_grid'] == 1.0
+  # The brain comes from 'image': a brain logit that differs between the inputs.
+  def brain_from_input(params, batch_stats, x):
+    del params, batch_stats
+    x = np.asarray(x)[..., 0]
+    return np.stack([10 * x, np.where(x > 0, 10.0, -10.0)], -1)
+  from_first = train.validation_dice(brain_from_input, state,
+                                     {**two, 'image': lesion_here[None]}, cfg, True)
+  from_other = train.validation_dice(brain_from_input, state, two, cfg, True)
+  assert from_first['val/brain_dice_grid'] != from_other['val/brain_dice_grid']

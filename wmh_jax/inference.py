@@ -8,8 +8,9 @@ The one per-scan pipeline that ``predict``, ``evaluate`` and the refiner's fit
   (``make_probability_fn``: ensemble members and flip TTA) -> native grid
   (``native_probability``: resized back; with a brain output the native brain
   mask, and no lesion outside it) -> with ``data.input_norm='brain'``, the
-  network again on the scan z-scored in that brain, for the lesion -> refine (the native refiner of
-  ``wmh_jax.refine`` on the FLAIR z-scored in that brain) -> threshold
+  network again on the scan z-scored in that brain, for the lesion -> refine
+  (the native refiner of ``wmh_jax.refine`` on the FLAIR z-scored in that
+  brain) -> threshold
   (``predict.threshold`` without a refiner, else the refiner's own).
 
 ``load`` restores what inference needs from a workdir (the weights only,
@@ -250,6 +251,7 @@ def load(config, workdir) -> Segmenter:
   """The ensemble of ``workdir`` (with flip TTA when ``predict.tta``), its
   refiner and ``predict.threshold``."""
   pc = config.predict
+  subjects.input_norm(config.data)   # a bad value fails before the model loads
   members = load_members(config, workdir)
   step = int(members[0][1].step)
   refiner = load_refiner(config, workdir, step)
@@ -266,7 +268,9 @@ def load(config, workdir) -> Segmenter:
 class ScanInput:
   """One scan as the pipeline takes it.
 
-  ``volume``: what the network sees (:func:`model_input`: on ``data.grid``);
+  ``volume``: what the network sees first (:func:`model_input`: on
+  ``data.grid``, z-scored in the head mask; a second pass, ``segment``, reads
+  the native FLAIR);
   ``flair``: the native FLAIR file (the refiner's input), None for a TFDS example.
   """
   volume: np.ndarray
@@ -288,11 +292,12 @@ class Segmentation:
   """One scan's result, every array on its native grid (canonical RAS).
 
   ``output``: the network's on its input (with ``data.input_norm='brain'``, the
-  lesion of its second pass and the brain of its first); ``unet_probability``: that resized
-  back (0 outside the brain with ``predict.mask_to_brain``); ``probability``
+  lesion of its second pass and the brain of its first); ``unet_probability``:
+  that resized back (0 outside the brain with ``predict.mask_to_brain``); ``probability``
   and ``mask``: the final ones (refined when ``refined``); ``brain``: the brain
   mask or None; ``image``: the native FLAIR when read; ``flair_z``: it z-scored
-  in the brain (the refiner's input) when refining or stopped before.
+  in the brain (the refiner's input, and the second pass's) when refining,
+  stopped before, or with ``data.input_norm='brain'``.
   """
   output: Any
   unet_probability: np.ndarray
@@ -306,7 +311,9 @@ class Segmentation:
 
 def segment(segmenter: Segmenter, scan: ScanInput, read_image: bool = False,
             before_refine: bool = False) -> Segmentation:
-  """Segments one scan: network -> native grid -> brain -> refine -> threshold.
+  """Segments one scan: network -> native grid -> brain -> (with
+  ``data.input_norm='brain'`` and the native FLAIR: the network again on the
+  scan z-scored in that brain, for the lesion) -> refine -> threshold.
 
   Args:
     segmenter: the model (:func:`load`).

@@ -5,7 +5,10 @@
 
 Each input goes through the training preprocessing (canonical RAS orientation,
 then ``subjects.preprocess``: z-score inside the head mask, resize): the network
-sees the whole scan resized to ``config.data.grid``, as in training. The lesion
+sees the whole scan resized to ``config.data.grid``, as in training; with
+``data.input_norm='brain'`` it sees it again z-scored in the brain it found, and
+the lesion comes from that second pass (``inference.segment``; the activation
+figure shows the first). The lesion
 probability (the mean over the ensemble members and flip TTA) is resized back to
 the native grid and thresholded (``predict.threshold``); with a refiner
 fitted on the workdir's checkpoint (``wmh_jax.refine``, ``config.refine``) the

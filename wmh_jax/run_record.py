@@ -26,8 +26,11 @@ SPLIT = 'split.json'
 SPLITS = ('train', 'val', 'test')
 # Keys that fix the trained network: its architecture and its input. Compute
 # choices that leave the parameters as they are may change.
-FROZEN = ('model.', 'data.grid')
+FROZEN = ('model.', 'data.grid', 'data.input_norm')
 NOT_FROZEN = ('model.conv_impl', 'model.dtype')
+# Frozen keys that a config written before them lacks: the value such a run had
+# (data.input_norm: one pass on the head-z-scored scan, subjects.input_norm).
+FROZEN_BEFORE_THE_KEY = {'data.input_norm': 'head'}
 # Keys removed from the configs that older config.json files still hold: they
 # are dropped on load (``drop_obsolete``), so that such a run still loads.
 OBSOLETE = ('evaluate.threshold',   # predict.threshold serves evaluate too
@@ -128,8 +131,10 @@ def frozen(key: str) -> bool:
 
 def network(config) -> dict:
   """The keys of ``config`` that make its trained network (:func:`frozen`),
-  flat, with lists as tuples."""
-  return {k: _tuples(v) for k, v in flat(config).items() if frozen(k)}
+  flat, with lists as tuples; a key a config predates has the value its run
+  had (:data:`FROZEN_BEFORE_THE_KEY`)."""
+  out = {k: _tuples(v) for k, v in flat(config).items() if frozen(k)}
+  return {**FROZEN_BEFORE_THE_KEY, **out}
 
 
 def first_frozen_change(trained, config) -> tuple[str, object, object] | None:
@@ -144,7 +149,8 @@ def first_frozen_change(trained, config) -> tuple[str, object, object] | None:
 
 def check_same_network(trained, config, workdir, source: str = '--config.') -> None:
   """Refuses, in one line naming the key, a ``config`` whose network (``model.*``
-  but conv_impl and dtype, ``data.grid``) is not the one trained in ``workdir``.
+  but conv_impl and dtype, ``data.grid``, ``data.input_norm``) is not the one
+  trained in ``workdir``.
 
   ``source``: how the key is named, e.g. ``'--config.'`` (an override) or
   ``'--config=FILE: '``.

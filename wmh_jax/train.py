@@ -86,6 +86,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   if config.refine.enabled:
     refine.threshold_rule(config.refine)   # a bad rule fails now, not after training
   subjects.input_norm(config.data)         # and a bad data.input_norm
+  fraction = config.data.get('brain_norm_fraction', 0.5)
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f'data.brain_norm_fraction: {fraction!r} is not in [0, 1]')
   # Bad data, or a split that is not the one of the run resumed, fails here.
   sets, split = data.load_run_data(config, workdir, ('train', 'val'))
   train_set, val_set = sets['train'], sets['val']
@@ -100,6 +103,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
                                                brain_norm)
   val_arrays = input_pipeline.stack_prepared(val_set, config.data.grid, brain=brain,
                                              brain_norm=brain_norm)
+  if brain_norm and 'image_brain' not in train_arrays:
+    logging.warning('data.input_norm=brain: no training subject has brain.nii.gz, so '
+                    'training shows the network only its head-z-scored input; '
+                    'inference takes the lesion from the brain-z-scored one')
   if brain and 'brain' not in train_arrays:
     logging.warning('model.brain_output: no training subject has brain.nii.gz; the '
                     'brain channel stays untrained and predict/evaluate ignore it')
