@@ -172,6 +172,14 @@ def test_input_norm_is_head_for_an_old_config_and_refuses_another():
   cfg.data.input_norm = 'skull'
   with pytest.raises(ValueError, match=r"data.input_norm: 'skull' is not one of"):
     subjects.input_norm(cfg.data)
+  # The share of training crops z-scored in the brain: 0.5 before the key.
+  assert subjects.brain_norm_fraction(cfg.data) == cfg.data.brain_norm_fraction
+  del cfg.data['brain_norm_fraction']
+  assert subjects.brain_norm_fraction(cfg.data) == 0.5
+  for bad in (-0.1, 1.5):
+    cfg.data.brain_norm_fraction = bad
+    with pytest.raises(ValueError, match=rf'data.brain_norm_fraction: {bad} is not in'):
+      subjects.brain_norm_fraction(cfg.data)
 
 
 @pytest.mark.parametrize('case', ['shape', 'affine', 'values', 'fraction'])

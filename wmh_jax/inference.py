@@ -148,15 +148,6 @@ def model_input(image, config, path='image') -> np.ndarray:
   return subjects.preprocess(image, tuple(config.data.grid), path)
 
 
-def brain_normalised(flair_z: np.ndarray, config, path='image') -> np.ndarray:
-  """The second pass's input (``data.input_norm='brain'``): the native FLAIR
-  z-scored in the brain (``flair_z``) on ``data.grid``, as training's
-  ``image_brain``."""
-  grid = tuple(config.data.grid)
-  return subjects.check_finite(subjects.resize(flair_z, grid).astype(np.float32),
-                               path)
-
-
 def load_members(config, workdir) -> list:
   """The ensemble: ``workdir`` plus ``config.predict.ensemble`` (latest checkpoints,
   their weights only: ``checkpoints.restore_weights``)."""
@@ -334,9 +325,10 @@ def segment(segmenter: Segmenter, scan: ScanInput, read_image: bool = False,
   image = (nifti_io.load_image(scan.flair)[0]
            if scan.flair is not None and (read_image or need_z) else None)
   flair_z = subjects.zscore(image, scan.flair, brain) if need_z else None
-  if two_pass:  # the lesion from the scan z-scored in the brain just found
-    out = (split_probability(fn(brain_normalised(flair_z, config, scan.flair)))[0],
-           split_probability(out)[1])
+  if two_pass:  # the lesion from the scan z-scored in the brain just found,
+    # on the grid as training's image_brain (subjects.preprocess with the brain)
+    second = fn(subjects.to_grid(flair_z, tuple(config.data.grid), scan.flair))
+    out = (split_probability(second)[0], split_probability(out)[1])
     prob = native_lesion(out[0], scan.native_shape, brain, config.predict)
   unrefined = Segmentation(out, prob, prob, prob >= segmenter.threshold, brain,
                            image, flair_z)

@@ -105,7 +105,7 @@ def train_dataset(arrays: dict[str, np.ndarray], config, start_step: int = 0):
       ex, tf.stack([tf.constant(seed, tf.int64), i]), config.augment,
       None if patch is None else tuple(patch),
       config.train.lesion_patch_fraction,
-      config.data.get('brain_norm_fraction', 0.5))
+      subjects.brain_norm_fraction(config.data))
   ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(config.train.batch_size, drop_remainder=True)
   return ds.prefetch(2)

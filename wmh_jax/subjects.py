@@ -304,7 +304,14 @@ def preprocess(image: np.ndarray, grid, path='image',
   if image.ndim != 3 or min(image.shape) < 2:
     raise nifti_io.NiftiError(f'{path}: image of shape {image.shape} is too '
                               'small to resample')
-  return check_finite(resize(zscore(image, path, mask), grid).astype(np.float32), path)
+  return to_grid(zscore(image, path, mask), grid, path)
+
+
+def to_grid(volume: np.ndarray, grid, path='image') -> np.ndarray:
+  """A z-scored native volume on ``grid`` (float32), refused in one line when a
+  value is not finite: the last step of :func:`preprocess`, and of inference's
+  second pass on the FLAIR it has z-scored in the brain already."""
+  return check_finite(resize(volume, grid).astype(np.float32), path)
 
 
 # data.input_norm: what the U-Net's input is z-scored in. 'head': the head mask
@@ -319,6 +326,15 @@ def input_norm(data_config) -> str:
   if norm not in INPUT_NORMS:
     raise ValueError(f'data.input_norm: {norm!r} is not one of {INPUT_NORMS}')
   return norm
+
+
+def brain_norm_fraction(data_config) -> float:
+  """``data.brain_norm_fraction`` (the share of training crops z-scored in the
+  brain), or 0.5 for a config made before the key; refused outside [0, 1]."""
+  fraction = data_config.get('brain_norm_fraction', 0.5)
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f'data.brain_norm_fraction: {fraction!r} is not in [0, 1]')
+  return fraction
 
 
 def prepare_subject(s: SubjectFiles, grid, max_voxels: int | None = None) -> dict:

@@ -86,9 +86,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   if config.refine.enabled:
     refine.threshold_rule(config.refine)   # a bad rule fails now, not after training
   subjects.input_norm(config.data)         # and a bad data.input_norm
-  fraction = config.data.get('brain_norm_fraction', 0.5)
-  if not 0.0 <= fraction <= 1.0:
-    raise ValueError(f'data.brain_norm_fraction: {fraction!r} is not in [0, 1]')
+  subjects.brain_norm_fraction(config.data)  # or brain_norm_fraction
   # Bad data, or a split that is not the one of the run resumed, fails here.
   sets, split = data.load_run_data(config, workdir, ('train', 'val'))
   train_set, val_set = sets['train'], sets['val']
