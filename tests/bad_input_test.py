@@ -170,7 +170,9 @@ def run_launch(capsys, *args, **overrides) -> tuple[int, list[str]]:
 
   ``overrides`` (``data__root=...``) stand for ``--config.data.root=...``:
   ml_collections registers override flags from ``sys.argv`` at import time, so
-  in-process runs set them on the parsed config instead.
+  in-process runs set them on the parsed config instead. Predict calls name a
+  ``--workdir`` under ``tmp_path``: the default, ``runs/default`` in the current
+  folder, may hold a trained model of another grid.
   """
   flags.FLAGS.unparse_flags()
   flags.FLAGS(['launch.py', f'--config={ROOT / "configs" / "test.py"}', *args])
@@ -230,8 +232,8 @@ def test_predict_refuses_bad_images(case, tmp_path, capsys):
 def test_predict_on_a_challenge_folder_refuses_bad_masks(case, tmp_path, capsys):
   writer, message = MASK_CASES[case]
   root = _dataset(tmp_path / 'data', mask_writer=writer)
-  code, errors = run_launch(capsys, '--mode=predict', f'--input={root}',
-                            f'--output={tmp_path / "out"}')
+  code, errors = run_launch(capsys, '--mode=predict', f'--workdir={tmp_path / "w"}',
+                            f'--input={root}', f'--output={tmp_path / "out"}')
   _assert_refused(code, errors, root / 'Utrecht' / '0' / 'wmh.nii.gz', message)
   assert not (tmp_path / 'out').exists()
 
@@ -260,16 +262,16 @@ def test_score_refuses_bad_ground_truth_labels(tmp_path, capsys):
 
 def test_missing_paths_and_empty_folders(tmp_path, capsys):
   nothing = tmp_path / 'nothing'
-  code, errors = run_launch(capsys, '--mode=predict', f'--input={nothing}',
-                            f'--output={tmp_path / "out"}')
+  code, errors = run_launch(capsys, '--mode=predict', f'--workdir={tmp_path / "w"}',
+                            f'--input={nothing}', f'--output={tmp_path / "out"}')
   _assert_refused(code, errors, nothing, 'no such file or folder')
   empty = tmp_path / 'empty'
   empty.mkdir()
   code, errors = run_launch(capsys, '--mode=train', f'--workdir={tmp_path / "w"}',
                             data__root=str(empty), data__synthetic=False)
   _assert_refused(code, errors, empty, 'no subjects found')
-  code, errors = run_launch(capsys, '--mode=predict', f'--input={empty}',
-                            f'--output={tmp_path / "out"}')
+  code, errors = run_launch(capsys, '--mode=predict', f'--workdir={tmp_path / "w"}',
+                            f'--input={empty}', f'--output={tmp_path / "out"}')
   _assert_refused(code, errors, empty, 'no NIfTI files')
   code, errors = run_launch(capsys, '--mode=score', f'--gt={empty}', f'--pred={empty}')
   _assert_refused(code, errors, empty, 'no ground truth found')
@@ -298,8 +300,8 @@ def test_unwritable_output_folder(tmp_path, capsys):
   _array(_image())(image)
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a folder')
-  code, errors = run_launch(capsys, '--mode=predict', f'--input={image}',
-                            f'--output={blocker / "out"}')
+  code, errors = run_launch(capsys, '--mode=predict', f'--workdir={tmp_path / "w"}',
+                            f'--input={image}', f'--output={blocker / "out"}')
   _assert_refused(code, errors, blocker / 'out', 'not writable')
 
 
@@ -309,8 +311,8 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path, capsys):
   out = tmp_path / 'out' / 'scan_wmh.nii.gz'
   out.parent.mkdir()
   out.write_bytes(b'precious')
-  code, errors = run_launch(capsys, '--mode=predict', f'--input={image}',
-                            f'--output={tmp_path / "out"}')
+  code, errors = run_launch(capsys, '--mode=predict', f'--workdir={tmp_path / "w"}',
+                            f'--input={image}', f'--output={tmp_path / "out"}')
   _assert_refused(code, errors, out, 'already exists (pass --overwrite')
   assert out.read_bytes() == b'precious'
   # evaluate refuses to replace an earlier evaluation in the same way.
