@@ -155,7 +155,8 @@ def test_prepare_loads_the_brain_mask_when_there(tiny_dataset):
   image, _ = nifti_io.load_image(s.flair)
   z = subjects.zscore(image, s.flair, native == 1)
   assert abs(z[native == 1].mean()) < 1e-4 and abs(z[native == 1].std() - 1) < 1e-4
-  np.testing.assert_array_equal(p['image_brain'], subjects.resize(z, (32, 32, 8)))
+  np.testing.assert_allclose(p['image_brain'], subjects.resize(z, (32, 32, 8)),
+                             rtol=1e-6, atol=1e-5)   # rescored from 'image'
   np.testing.assert_array_equal(p['image'], subjects.preprocess(image, (32, 32, 8)))
   assert np.abs(p['image_brain'] - p['image']).max() > 1e-2   # another mask's statistics
   # No brain.nii.gz: no brain keys (the loss ignores the brain channel then).
@@ -220,6 +221,32 @@ def test_zscore_in_the_brain_ignores_what_lies_outside_it():
   assert abs(a[brain].mean()) < 1e-5 and abs(a[brain].std() - 1) < 1e-4
   assert not np.allclose(subjects.zscore(stripped)[brain],
                          subjects.zscore(skull_on)[brain], atol=1e-2)
+
+
+def test_rescore_is_preprocess_in_another_mask_without_a_second_resize():
+  """The grid image z-scored in the brain, from the head's grid image and the
+  two masks' statistics, equals preprocessing the scan with the brain mask (to
+  float32 rounding); a brain under 64 voxels takes the head's statistics, as
+  zscore does, and a constant brain is refused as zscore refuses it."""
+  rng = np.random.default_rng(3)
+  image = rng.gamma(2.0, 300.0, (40, 36, 12))
+  image[:4] = 4000.0                             # a bright scalp
+  brain = np.zeros(image.shape, bool)
+  brain[8:30, 8:28, 2:10] = True
+  grid_image = subjects.preprocess(image, (16, 16, 4))
+  head = subjects.zscore_stats(image)
+  got = subjects.rescore(grid_image, head, subjects.zscore_stats(image, mask=brain))
+  want = subjects.preprocess(image, (16, 16, 4), mask=brain)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+  assert np.abs(got - grid_image).max() > 0.1    # the brain's statistics, not the head's
+  tiny = np.zeros_like(brain)
+  tiny[10:13, 10:13, 4:6] = True                 # 18 voxels
+  np.testing.assert_array_equal(
+      subjects.rescore(grid_image, head, subjects.zscore_stats(image, mask=tiny)),
+      subjects.preprocess(image, (16, 16, 4), mask=tiny))
+  flat = np.where(brain, 5.0, image)
+  with pytest.raises(nifti_io.NiftiError, match='scan.nii.gz: image is constant'):
+    subjects.zscore_stats(flat, 'scan.nii.gz', brain)
 
 
 def test_a_subject_folder_given_as_the_root_is_that_subject(tmp_path):

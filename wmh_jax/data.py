@@ -22,7 +22,7 @@ from wmh_jax import atomic_write
 from wmh_jax import run_record
 from wmh_jax import subjects as subjects_lib
 
-CACHE_VERSION = 5  # bump when prepare_subject's output changes
+CACHE_VERSION = 6  # bump when prepare_subject's output changes
 
 
 def ensure_synthetic(config) -> Path:

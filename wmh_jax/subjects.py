@@ -217,13 +217,30 @@ def zscore(image: np.ndarray, path='image', mask: np.ndarray | None = None
   the std infinite and every z-score 0 (an empty mask, silently).
   """
   image = np.asarray(image, np.float64)
+  return zscored(image, zscore_stats(image, path, mask), path)
+
+
+def zscored(image: np.ndarray, stats, path='image') -> np.ndarray:
+  """``(image - mean) / std`` in float64, then float32, for ``stats = (mean,
+  std)`` (:func:`zscore_stats`); refused in one line where not finite."""
+  mean, std = stats
+  return check_finite((np.asarray(image, np.float64) - mean) / std,
+                      path).astype(np.float32)
+
+
+def zscore_stats(image: np.ndarray, path='image', mask: np.ndarray | None = None
+                 ) -> tuple[float, float]:
+  """``(mean, std)`` that :func:`zscore` uses (float64): of ``mask`` when it
+  holds 64 voxels or more, else of the head mask; refused in one line when the
+  image is constant there."""
+  image = np.asarray(image, np.float64)
   if mask is None or mask.sum() < 64:
     mask = head_mask(image)
   vals = image[mask]
   std = float(vals.std()) if vals.size else 0.0
   if std <= 1e-6 * max(1.0, abs(float(image.max()))):
     raise nifti_io.NiftiError(f'{path}: image is constant (nothing to segment)')
-  return check_finite((image - vals.mean()) / std, path).astype(np.float32)
+  return float(vals.mean()), std
 
 
 def check_finite(volume: np.ndarray, path='image') -> np.ndarray:
@@ -301,10 +318,30 @@ def preprocess(image: np.ndarray, grid, path='image',
                mask: np.ndarray | None = None) -> np.ndarray:
   """What every model input goes through: z-score in the head mask (in ``mask``,
   the brain, when given), resize to grid."""
+  check_resamplable(image, path)
+  return to_grid(zscore(image, path, mask), grid, path)
+
+
+def check_resamplable(image: np.ndarray, path='image') -> None:
+  """Refuses, in one line, an image that is not 3-D or is under 2 voxels along
+  an axis (nothing to resample)."""
   if image.ndim != 3 or min(image.shape) < 2:
     raise nifti_io.NiftiError(f'{path}: image of shape {image.shape} is too '
                               'small to resample')
-  return to_grid(zscore(image, path, mask), grid, path)
+
+
+def rescore(grid_image: np.ndarray, stats, new_stats, path='image') -> np.ndarray:
+  """``grid_image``, z-scored with ``stats`` (``(mean, std)``) and resized, as
+  if z-scored with ``new_stats`` instead: z-scoring is affine and :func:`resize`
+  keeps affine maps (its weights sum to 1), so ``preprocess(image, grid, path,
+  mask)`` is ``rescore(preprocess(image, grid, path), zscore_stats(image),
+  zscore_stats(image, path, mask))`` to float32 rounding, with one resize of
+  the native volume instead of two."""
+  (mean, std), (new_mean, new_std) = stats, new_stats
+  if (mean, std) == (new_mean, new_std):
+    return grid_image.copy()
+  raw = grid_image.astype(np.float64) * std + mean
+  return check_finite(((raw - new_mean) / new_std).astype(np.float32), path)
 
 
 def to_grid(volume: np.ndarray, grid, path='image') -> np.ndarray:
@@ -346,10 +383,12 @@ def prepare_subject(s: SubjectFiles, grid, max_voxels: int | None = None) -> dic
   ``max_voxels``: the FLAIR's size limit (default ``nifti_io.MAX_VOXELS``).
   """
   image, affine = nifti_io.load_image(s.flair, max_voxels=max_voxels)
+  check_resamplable(image, s.flair)
+  head = zscore_stats(image, s.flair)
   out = {
       'key': s.key,
       'source': str(s.flair),
-      'image': preprocess(image, grid, s.flair),
+      'image': to_grid(zscored(image, head, s.flair), grid, s.flair),  # preprocess
       'native_shape': np.array(image.shape),
       'affine': affine,
       'spacing': voxel_spacing(affine),
@@ -363,8 +402,10 @@ def prepare_subject(s: SubjectFiles, grid, max_voxels: int | None = None) -> dic
     brain = nifti_io.load_brain(s.brain, affine, image.shape)
     out['brain_fraction'] = indicator_fraction(brain == 1, grid)
     out['native_brain'] = brain
-    # The input z-scored in the brain (data.input_norm='brain' trains on it).
-    out['image_brain'] = preprocess(image, grid, s.flair, brain == 1)
+    # The input z-scored in the brain (data.input_norm='brain' trains on it):
+    # preprocess(image, grid, s.flair, brain == 1), without resizing again.
+    out['image_brain'] = rescore(out['image'], head,
+                                 zscore_stats(image, s.flair, brain == 1), s.flair)
   return out
 
 
