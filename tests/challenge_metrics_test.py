@@ -169,3 +169,20 @@ def test_summary_skips_undefined_cases_and_counts_them():
   bare = cm.summarize([{m: float('nan') for m in cm.METRICS}])
   assert bare['hd95_mm_n'] == 0 and math.isnan(bare['hd95_mm'])
   assert bare['hd95_mm_left_out'] == {'undefined': 1}
+
+
+def test_drop_small_lesions_measures_26_connected_lesions_in_mm3():
+  mask = np.zeros((12, 12, 6), bool)
+  mask[1, 1, 1] = True                      # a speck: 2 mm^3
+  mask[5, 5, 1] = mask[6, 6, 2] = True      # touching at a corner: one lesion, 4 mm^3
+  mask[8:10, 8:10, 3:5] = True              # 8 voxels: 16 mm^3
+  spacing = (1.0, 1.0, 2.0)
+  drop = cm.drop_small_lesions
+  assert drop(mask, spacing, 0.0) is mask
+  np.testing.assert_array_equal(drop(mask, spacing, 2.0), mask)
+  kept = drop(mask, spacing, 4.0)
+  np.testing.assert_array_equal(kept, mask & ~(np.arange(12) == 1)[:, None, None])
+  kept = drop(mask, spacing, 4.5)
+  assert kept.sum() == 8 and kept[8:10, 8:10, 3:5].all()
+  assert not drop(mask, spacing, 16.5).any()
+  assert not drop(np.zeros_like(mask), spacing, 4.0).any()

@@ -8,6 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import test as test_config
+from wmh_jax import challenge_metrics
 from wmh_jax import checkpoints
 from wmh_jax import inference
 from wmh_jax import models
@@ -102,7 +103,7 @@ def test_segment_is_the_chain_and_the_refiner_keeps_its_candidate(workdir, tmp_p
   assert seg.refined
   np.testing.assert_array_equal(seg.unet_probability, prob)
   np.testing.assert_array_equal(seg.probability, refined)
-  np.testing.assert_array_equal(seg.mask, refine.drop_small_lesions(
+  np.testing.assert_array_equal(seg.mask, challenge_metrics.drop_small_lesions(
       refined >= fitted['threshold'], scan.spacing, refine.min_lesion_of(fitted)))
   # The refine step alone, on the segmentation stopped before it, is the same.
   again = inference.refine_segmentation(segmenter, before, scan.spacing)

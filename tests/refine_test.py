@@ -82,22 +82,6 @@ def test_fit_learns_the_lesions_finer_than_the_grid_and_is_reproducible():
     np.testing.assert_array_equal(a, b)
 
 
-def test_drop_small_lesions_measures_26_connected_lesions_in_mm3():
-  mask = np.zeros((12, 12, 6), bool)
-  mask[1, 1, 1] = True                      # a speck: 2 mm^3
-  mask[5, 5, 1] = mask[6, 6, 2] = True      # touching at a corner: one lesion, 4 mm^3
-  mask[8:10, 8:10, 3:5] = True              # 8 voxels: 16 mm^3
-  spacing = (1.0, 1.0, 2.0)
-  assert refine.drop_small_lesions(mask, spacing, 0.0) is mask
-  np.testing.assert_array_equal(refine.drop_small_lesions(mask, spacing, 2.0), mask)
-  kept = refine.drop_small_lesions(mask, spacing, 4.0)
-  np.testing.assert_array_equal(kept, mask & ~(np.arange(12) == 1)[:, None, None])
-  kept = refine.drop_small_lesions(mask, spacing, 4.5)
-  assert kept.sum() == 8 and kept[8:10, 8:10, 3:5].all()
-  assert not refine.drop_small_lesions(mask, spacing, 16.5).any()
-  assert not refine.drop_small_lesions(np.zeros_like(mask), spacing, 4.0).any()
-
-
 def _specks(case, seed, n=40):
   """``case`` with ``n`` false one-voxel 'lesions' away from the true ones:
   as bright in the FLAIR and as sure in the U-Net's probability."""
@@ -123,7 +107,7 @@ def test_fit_drops_specks_when_the_fitting_subjects_ask_for_it():
   for prob, image, spacing, labels in speckled:
     refined = refine.refine(refiner, prob, image, spacing, rc.candidate) >= refiner['threshold']
     truth, _ = challenge_metrics.masked_pair(labels, refined)
-    kept = refine.drop_small_lesions(refined, spacing, 10.0)
+    kept = challenge_metrics.drop_small_lesions(refined, spacing, 10.0)
     f1 = [challenge_metrics.lesion_detection(truth, m)[1] for m in (refined, kept)]
     dice = [challenge_metrics.dice(truth, m) for m in (refined, kept)]
     assert f1[1] >= f1[0] and abs(dice[1] - dice[0]) < 0.01, (f1, dice)

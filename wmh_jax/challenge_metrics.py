@@ -92,6 +92,26 @@ def lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
   return ndimage.label(mask, structure=_CONNECT_26)
 
 
+def drop_small_lesions(mask: np.ndarray, spacing, min_mm3: float) -> np.ndarray:
+  """``mask`` without its lesions (26-connected components, as :func:`lesions`
+  counts them) of less than ``min_mm3`` (voxel size ``spacing`` in mm);
+  ``mask`` itself when ``min_mm3 <= 0``. The refiner's last step, and the
+  synthetic generator's rule for the lesions a rater marks."""
+  if min_mm3 <= 0:
+    return mask
+  out = np.zeros(mask.shape, bool)
+  if not mask.any():
+    return out
+  # Labelled inside the mask's bounding box only: a few lesions in a large scan.
+  box = tuple(slice(i.min(), i.max() + 1) for i in np.nonzero(mask))
+  cc, n = lesions(mask[box])
+  size = np.bincount(cc.ravel(), minlength=n + 1) * float(np.prod(spacing))
+  keep = size >= min_mm3
+  keep[0] = False
+  out[box] = keep[cc]
+  return out
+
+
 def lesion_detection(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
   """``(recall, F1)`` of individual lesions (26-connected components)."""
   cc_truth, n_truth = lesions(truth)

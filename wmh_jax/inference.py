@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from scipy import ndimage
 
+from wmh_jax import challenge_metrics
 from wmh_jax import checkpoints
 from wmh_jax import models
 from wmh_jax import nifti_io
@@ -326,7 +327,8 @@ def segment(segmenter: Segmenter, scan: ScanInput, read_image: bool = False,
            if scan.flair is not None and (read_image or need_z) else None)
   flair_z = subjects.zscore(image, scan.flair, brain) if need_z else None
   if two_pass:  # the lesion from the scan z-scored in the brain just found,
-    # on the grid as training's image_brain (subjects.preprocess with the brain)
+    # on the grid as training's image_brain (subjects.preprocess with the brain;
+    # training's is rescored from its head image, equal to float32 rounding)
     second = fn(subjects.to_grid(flair_z, tuple(config.data.grid), scan.flair))
     out = (split_probability(second)[0], split_probability(out)[1])
     prob = native_lesion(out[0], scan.native_shape, brain, config.predict)
@@ -350,6 +352,6 @@ def refine_segmentation(segmenter: Segmenter, seg: Segmentation,
     raise ValueError('refine: a scan without its native FLAIR file cannot be refined')
   final = refine.refine(refiner, seg.unet_probability, seg.flair_z, spacing,
                         segmenter.candidate)
-  mask = refine.drop_small_lesions(final >= refiner['threshold'], spacing,
-                                   refine.min_lesion_of(refiner))
+  mask = challenge_metrics.drop_small_lesions(final >= refiner['threshold'],
+                                              spacing, refine.min_lesion_of(refiner))
   return dataclasses.replace(seg, probability=final, mask=mask, refined=True)

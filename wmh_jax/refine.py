@@ -136,19 +136,6 @@ def refine(refiner, prob: np.ndarray, image: np.ndarray, spacing,
   return out
 
 
-def drop_small_lesions(mask: np.ndarray, spacing, min_mm3: float) -> np.ndarray:
-  """``mask`` without its lesions (26-connected components, as
-  ``challenge_metrics`` counts them) of less than ``min_mm3`` (voxel size
-  ``spacing`` in mm); ``mask`` itself when ``min_mm3 <= 0``."""
-  if min_mm3 <= 0:
-    return mask
-  cc, n = challenge_metrics.lesions(mask)
-  size = np.bincount(cc.ravel(), minlength=n + 1) * float(np.prod(spacing))
-  keep = size >= min_mm3
-  keep[0] = False
-  return keep[cc]
-
-
 def min_lesion_of(refiner) -> float:
   """The smallest lesion (mm^3) ``refiner`` keeps: 0 (all) for None or a
   refiner saved before it chose one."""
@@ -214,7 +201,7 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
     both = []
     for mask, (_, _, spacing, labels) in zip(masks, cases):
       truth, pred = challenge_metrics.masked_pair(
-          labels, drop_small_lesions(mask, spacing, float(v)))
+          labels, challenge_metrics.drop_small_lesions(mask, spacing, float(v)))
       both.append((challenge_metrics.dice(truth, pred)
                    + challenge_metrics.lesion_detection(truth, pred)[1]) / 2)
     by_size[float(v)] = float(np.nanmean(both))
