@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from wmh_jax import challenge_metrics as cm
 from wmh_jax import nifti_io
 from wmh_jax import synthetic
 
@@ -56,6 +57,26 @@ def test_lesion_volume_matches_requested_load(load_ml, geometry):
   s = synthetic.generate_subject(0, 3, load_ml=load_ml, geometry=geo)
   got = (s.labels == 1).sum() * np.prod(geo[1]) / 1000.0
   assert abs(got - load_ml) / load_ml <= 0.10, (got, load_ml)
+
+
+def test_lesions_under_3_mm_are_drawn_but_not_marked(monkeypatch):
+  """wmh.nii.gz marks lesions from 3 mm across (MIN_MARKED_MM3), as raters do;
+  the smaller foci stay in the FLAIR, which is the same with or without the rule."""
+  smallest = synthetic.MIN_MARKED_MM3
+  assert 14.0 < smallest < 14.2                         # a ball 3 mm across
+  geo = synthetic.sample_geometry(np.random.default_rng(1), 'Synth3mm')
+  voxel = float(np.prod(geo[1]))                        # ~1 x 1 x 3 mm
+  s = synthetic.generate_subject(0, 3, load_ml=2.0, geometry=geo)
+  monkeypatch.setattr(synthetic, 'MIN_MARKED_MM3', 0.0)
+  every = synthetic.generate_subject(0, 3, load_ml=2.0, geometry=geo)
+  np.testing.assert_array_equal(s.flair, every.flair)
+  marked, drawn = s.labels == 1, every.labels == 1
+  cc, n = cm.lesions(drawn)
+  size = np.bincount(cc.ravel(), minlength=n + 1)[1:] * voxel
+  small = 1 + np.flatnonzero(size < smallest)
+  assert 0 < small.size < n                             # some foci are too small
+  np.testing.assert_array_equal(marked, drawn & ~np.isin(cc, small))
+  assert (np.bincount(cm.lesions(marked)[0].ravel())[1:] * voxel >= smallest).all()
 
 
 def test_other_pathology_dilated_in_plane_and_lesion_wins():

@@ -4,7 +4,8 @@ Anatomy comes from the MNI152 ICBM 2009a templates that ship inside nilearn's
 wheel (read by path; nothing is downloaded). Each subject is the template under a
 random pose, size, elastic warp and ventricle enlargement, with white matter
 hyperintensities (periventricular caps and rims growing with load, plus many
-small punctate and ovoid lesions), sometimes lacunes (label 2), the lesions'
+small punctate and ovoid lesions; marked in ``wmh.nii.gz`` from 3 mm across, as
+raters mark them), sometimes lacunes (label 2), the lesions'
 look-alikes (bright cortex, choroid plexus, septum pellucidum, CSF flow
 artefacts), FLAIR contrasts drawn per subject, the head around the brain
 (``wmh_jax.head``: scalp, skull, orbits, sinuses, face; whole, defaced or
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from wmh_jax import challenge_metrics
 from wmh_jax import head as head_lib
 from wmh_jax import nifti_io
 from wmh_jax import subjects
@@ -32,7 +34,13 @@ from wmh_jax import subjects
 SITES = ('Synth2D', 'Synth3mm', 'Synth3D')  # acquisition families, one a site
 # Bump when a seed's subjects change: the wmh_synthetic TFDS version and the
 # marker file of generated folders carry it.
-GENERATOR_VERSION = '3.0.0'
+GENERATOR_VERSION = '3.2.0'
+# The smallest lesion a rater marks: a ball 3 mm across (14 mm^3). The MS
+# criteria count lesions of 3 mm or more along their long axis, and STRIVE takes
+# smaller round foci for perivascular spaces. Smaller foci the generator draws
+# stay in the image, unmarked, as on real scans (3.2.0; 3.0.0 marked them;
+# 3.1.0 was stop 23's look-alike generator, not adopted).
+MIN_MARKED_MM3 = float(np.pi / 6 * 3.0 ** 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,7 +421,9 @@ def generate_subject(seed: int, index: int, site: str | None = None,
   flair, les_p, oth_p, brain_p = _resample(
       to_tpl.astype(np.float32), warps,
       [img, les_f, other.astype(np.float32), tpl.brain.astype(np.float32)])
-  labels = other_pathology_labels(_mask_keeping_volume(les_p), oth_p >= 0.35)
+  marked = challenge_metrics.drop_small_lesions(_mask_keeping_volume(les_p), spacing,
+                                                MIN_MARKED_MM3)
+  labels = other_pathology_labels(marked, oth_p >= 0.35)
 
   # Bias field (smooth, multiplicative) and Rician noise.
   u = [np.linspace(-1, 1, s, dtype=np.float32) for s in shape]

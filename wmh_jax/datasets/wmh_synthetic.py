@@ -30,8 +30,12 @@ class WmhSynthetic(tfds.core.GeneratorBasedBuilder):
   """Synthetic FLAIR + WMH on the MNI152 anatomy, deterministic by seed."""
 
   VERSION = tfds.core.Version(synthetic.GENERATOR_VERSION)
-  RELEASE_NOTES = {synthetic.GENERATOR_VERSION: 'Lesion load asked of the subject '
-                   '(not the template); subject ids carry the seed.'}
+  RELEASE_NOTES = {
+      '3.0.0': 'Lesion load asked of the subject (not the template); subject ids '
+               'carry the seed.',
+      '3.2.0': 'Lesions under 3 mm across are drawn but not marked '
+               '(synthetic.MIN_MARKED_MM3).',
+  }
   BUILDER_CONFIGS = [SyntheticConfig(name='default', description=(
       '48 training subjects (seed 2017), 12 validation subjects (seed 2018).'))]
 
