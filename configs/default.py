@@ -130,9 +130,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.refine.thresholds = tuple(round(0.2 + 0.05 * i, 2) for i in range(11))  # 0.2 ... 0.7
   c.refine.threshold_rule = 'one_se'    # the highest threshold within one standard error
                                         # of the best Dice on the fitting subjects
-                                        # (refine.pick_threshold; 'best': the best; docs/results.md)
-  c.refine.min_lesion_mm3 = (0.0, 10.0, 20.0, 30.0)  # smaller lesions dropped: the
-                                        # best on the fitting subjects is kept
+                                        # (refine.pick; 'best': the best; docs/results.md)
+  c.refine.min_lesion_mm3 = (0.0, 10.0, 20.0, 30.0)  # smaller lesions dropped: chosen
+                                        # on the fitting subjects by min_lesion_rule
+  c.refine.min_lesion_rule = 'one_se'   # the largest within one standard error of the
+                                        # best mean of Dice and lesion F1 there
+                                        # (refine.pick; 'best': the best; docs/results.md)
 
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.num_images = 4             # overlay PNGs written by evaluate

@@ -41,4 +41,5 @@ def get_config():
   # kept, from the coarse grid leave-one-out on MS3SEG was measured with.
   c.refine.thresholds = (0.3, 0.4, 0.5, 0.6)
   c.refine.threshold_rule = 'best'
+  c.refine.min_lesion_rule = 'best'     # and the best smallest lesion, for the same reason
   return c

@@ -123,33 +123,37 @@ def test_fit_drops_specks_when_the_fitting_subjects_ask_for_it():
   assert refine.min_lesion_of(None) == 0.0
 
 
-def test_pick_threshold_takes_the_highest_within_one_standard_error_of_the_best():
+def test_pick_takes_the_highest_within_one_standard_error_of_the_best():
   # Per-subject Dice by threshold: 0.3 best on average; 0.4 below it by less
   # than the spread of the paired differences; 0.5 below it on every subject.
   per = {0.3: np.array([0.70, 0.60, 0.50, 0.80]),
          0.4: np.array([0.72, 0.55, 0.49, 0.80]),    # mean -0.01, differences +-0.03
          0.5: np.array([0.60, 0.50, 0.40, 0.70])}    # -0.10 on each: no error at all
-  assert refine.pick_threshold(per, 'best') == 0.3
-  assert refine.pick_threshold(per, 'one_se') == 0.4
+  assert refine.pick(per, 'best') == 0.3
+  assert refine.pick(per, 'one_se') == 0.4
   # The same means with identical differences on every subject: no error, the best.
   steady = {0.3: per[0.3], 0.4: per[0.3] - 0.01}
-  assert refine.pick_threshold(steady, 'one_se') == 0.3
+  assert refine.pick(steady, 'one_se') == 0.3
   # One subject: no error to estimate, the best. A subject without truth or
   # prediction (NaN) is left out of the pairs.
-  assert refine.pick_threshold({t: d[:1] for t, d in per.items()}, 'one_se') == 0.4
-  assert refine.pick_threshold({t: d[1:2] for t, d in per.items()}, 'one_se') == 0.3
+  assert refine.pick({t: d[:1] for t, d in per.items()}, 'one_se') == 0.4
+  assert refine.pick({t: d[1:2] for t, d in per.items()}, 'one_se') == 0.3
   with_nan = {t: np.append(d, np.nan) for t, d in per.items()}
-  assert refine.pick_threshold(with_nan, 'one_se') == 0.4
+  assert refine.pick(with_nan, 'one_se') == 0.4
   # A subject with a Dice at 0.3 only: out of the paired difference (0.01, within
   # its error), though it lifts 0.3's own mean 0.06 above 0.4's.
   uneven = {0.3: np.append(per[0.3], 0.9), 0.4: np.append(per[0.4], np.nan)}
-  assert refine.pick_threshold(uneven, 'best') == 0.3
-  assert refine.pick_threshold(uneven, 'one_se') == 0.4
+  assert refine.pick(uneven, 'best') == 0.3
+  assert refine.pick(uneven, 'one_se') == 0.4
   # The rule a config asks for; one written before the key keeps the best.
   assert refine.threshold_rule(_rc()) == 'best'
   assert refine.threshold_rule(_rc(threshold_rule='one_se')) == 'one_se'
   with pytest.raises(ValueError, match="refine.threshold_rule: 'nope' is not one of"):
     refine.threshold_rule(_rc(threshold_rule='nope'))
+  assert refine.min_lesion_rule(_rc(threshold_rule='one_se')) == 'best'
+  assert refine.min_lesion_rule(_rc(min_lesion_rule='one_se')) == 'one_se'
+  with pytest.raises(ValueError, match="refine.min_lesion_rule: 'x' is not one of"):
+    refine.min_lesion_rule(_rc(min_lesion_rule='x'))
 
 
 def test_fit_keeps_the_threshold_its_rule_picks_with_the_same_mlps():
@@ -166,10 +170,40 @@ def test_fit_keeps_the_threshold_its_rule_picks_with_the_same_mlps():
   for t in grid:
     per[t] = np.array([_dice(labels, refine.refine(best, prob, image, spacing, 0.02) >= t)
                        for prob, image, spacing, labels in cases])
-  assert float(best['threshold']) == pytest.approx(refine.pick_threshold(per, 'best'))
-  assert float(one_se['threshold']) == pytest.approx(refine.pick_threshold(per, 'one_se'))
+  assert float(best['threshold']) == pytest.approx(refine.pick(per, 'best'))
+  assert float(one_se['threshold']) == pytest.approx(refine.pick(per, 'one_se'))
   # On these subjects the two rules differ: fit applies the one asked for.
   assert float(one_se['threshold']) > float(best['threshold'])
+
+
+def test_fit_keeps_the_smallest_lesion_its_rule_picks():
+  # Specks (2 mm^3) and true lesions from 16 mm^3: 10 and 12 mm^3 drop the same
+  # specks, 40 also some true lesions.
+  cases = [_specks(_case(s), s) for s in range(3)]
+  sizes = (0.0, 10.0, 12.0, 40.0)
+  fits = {rule: refine.fit(cases, _rc(min_lesion_mm3=sizes, min_lesion_rule=rule),
+                           seed=0, unet_step=1) for rule in ('best', 'one_se')}
+  # The mean of Dice and lesion F1 of each size on the fitting subjects, at the
+  # threshold both kept (the MLPs and the threshold do not depend on the rule).
+  assert float(fits['best']['threshold']) == float(fits['one_se']['threshold'])
+  per = {v: [] for v in sizes}
+  for prob, image, spacing, labels in cases:
+    mask = (refine.refine(fits['best'], prob, image, spacing, 0.02)
+            >= fits['best']['threshold'])
+    for v in sizes:
+      truth, pred = challenge_metrics.masked_pair(
+          labels, challenge_metrics.drop_small_lesions(mask, spacing, v))
+      per[v].append((challenge_metrics.dice(truth, pred)
+                     + challenge_metrics.lesion_detection(truth, pred)[1]) / 2)
+  per = {v: np.array(d) for v, d in per.items()}
+  np.testing.assert_array_equal(per[10.0], per[12.0])
+  assert per[10.0].mean() > per[0.0].mean()
+  for rule, fitted in fits.items():
+    assert float(fitted['min_lesion_mm3']) == refine.pick(per, rule), rule
+  # 'one_se' keeps the largest size it cannot tell from the best: of the tied
+  # 10 and 12, never 10 ('best' keeps the first of a tie).
+  assert float(fits['one_se']['min_lesion_mm3']) >= float(fits['best']['min_lesion_mm3'])
+  assert float(fits['one_se']['min_lesion_mm3']) in (12.0, 40.0)
 
 
 def test_subject_shares_deal_the_subjects_round_robin_to_the_mlps():

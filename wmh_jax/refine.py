@@ -21,8 +21,9 @@ the fitting subjects (every ``num_fits``-th): which 12 subjects an MLP sees
 moved its real-scan Dice by up to 0.2, and the average of MLPs fitted on
 different subjects no longer hangs on one such pick (docs/results.md). The
 refined mask then loses its lesions (26-connected, as the challenge counts
-them) smaller than a volume chosen at fit time from ``refine.min_lesion_mm3``:
-single-voxel specks are most of the false lesions.
+them) smaller than a volume chosen at fit time from ``refine.min_lesion_mm3``
+(``refine.min_lesion_rule``: by default the largest the fitting subjects
+cannot tell from the best): single-voxel specks are most of the false lesions.
 A refiner is a plain pytree ``{params: {fit_k: MLP params}, mean, std,
 threshold, candidate, min_lesion_mm3, unet_step}`` (all it decided at fit time;
 the MLP widths are read off its kernels) saved with orbax in
@@ -50,7 +51,8 @@ from wmh_jax import subjects
 FEATURES = ('unet_logit', 'flair', 'flair_over_lesion_reference', 'flair_2mm',
             'flair_minus_6mm', 'flair_2mm_minus_6mm', 'lesion_reference')
 SURE = 0.5  # U-Net probability of the voxels that set the lesion reference
-THRESHOLD_RULES = ('best', 'one_se')  # refine.threshold_rule (pick_threshold)
+# refine.threshold_rule and refine.min_lesion_rule (:func:`pick`).
+RULES = ('best', 'one_se')
 # The candidate level of a refiner saved before it stored its own: 0.02, the only
 # value until then (the config's is 2e-4 since stop 20).
 UNSTORED_CANDIDATE = 0.02
@@ -146,9 +148,9 @@ def min_lesion_of(refiner) -> float:
 
 def fit(cases, rc, seed: int, unet_step: int) -> dict:
   """Fits a refiner on training ``cases`` and picks its threshold on them
-  from their Dice (``rc.threshold_rule``: :func:`pick_threshold`), then its
-  smallest lesion kept from ``rc.min_lesion_mm3`` (best mean of Dice and
-  lesion F1 at that threshold: Dice alone hardly sees a speck).
+  from their Dice (``rc.threshold_rule``: :func:`pick`), then its smallest
+  lesion kept from ``rc.min_lesion_mm3``, from their mean of Dice and lesion F1
+  at that threshold (Dice alone hardly sees a speck; ``rc.min_lesion_rule``).
 
   Args:
     cases: ``(prob, image, spacing, labels)`` per training subject: the U-Net's
@@ -194,7 +196,7 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
       challenge_metrics.dice(*challenge_metrics.masked_pair(labels, mask))
       for mask, (_, _, _, labels) in zip(masks_at(t), cases)]) for t in rc.thresholds}
   scores = {t: float(np.nanmean(d)) for t, d in per_case.items()}
-  threshold = pick_threshold(per_case, threshold_rule(rc))
+  threshold = pick(per_case, threshold_rule(rc))
   masks = list(masks_at(threshold))
   by_size = {}
   for v in rc.get('min_lesion_mm3', (0.0,)):
@@ -204,44 +206,55 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
           labels, challenge_metrics.drop_small_lesions(mask, spacing, float(v)))
       both.append((challenge_metrics.dice(truth, pred)
                    + challenge_metrics.lesion_detection(truth, pred)[1]) / 2)
-    by_size[float(v)] = float(np.nanmean(both))
+    by_size[float(v)] = np.array(both)
   refiner = {**scaled, 'threshold': np.float32(threshold),
              'candidate': np.float64(rc.candidate),
-             'min_lesion_mm3': np.float64(max(by_size, key=by_size.get)),
+             'min_lesion_mm3': np.float64(pick(by_size, min_lesion_rule(rc))),
              'unet_step': np.int32(unet_step)}
   logging.info('refine: %d MLPs fitted on %d voxels of %d subjects (%.1f%% '
                'lesion%s), final BCE %s; Dice on them by threshold %s -> %.2f (%s); '
-               'mean of Dice and lesion F1 by smallest lesion (mm^3) %s -> %g',
+               'mean of Dice and lesion F1 by smallest lesion (mm^3) %s -> %g (%s)',
                rc.num_fits, len(x), len(cases), 100 * float(y.mean()),
                ', each MLP on its own share of them' if bagged(rc) else '',
                ' '.join(f'{l:.4f}' for l in losses),
                {t: round(s, 3) for t, s in scores.items()},
                float(refiner['threshold']), threshold_rule(rc),
-               {v: round(s, 3) for v, s in by_size.items()},
-               float(refiner['min_lesion_mm3']))
+               {v: round(float(np.nanmean(s)), 3) for v, s in by_size.items()},
+               float(refiner['min_lesion_mm3']), min_lesion_rule(rc))
   return refiner
 
 
 def threshold_rule(rc) -> str:
   """How ``fit`` keeps a threshold: ``rc.threshold_rule``, or ``'best'`` for a
   config written before it (the only rule then)."""
-  rule = rc.get('threshold_rule', 'best')
-  if rule not in THRESHOLD_RULES:
-    raise ValueError(f'refine.threshold_rule: {rule!r} is not one of '
-                     f'{", ".join(THRESHOLD_RULES)}')
+  return _rule(rc, 'threshold_rule')
+
+
+def min_lesion_rule(rc) -> str:
+  """How ``fit`` keeps its smallest lesion: ``rc.min_lesion_rule``, or
+  ``'best'`` for a config written before it (the only rule then)."""
+  return _rule(rc, 'min_lesion_rule')
+
+
+def _rule(rc, key: str) -> str:
+  rule = rc.get(key, 'best')
+  if rule not in RULES:
+    raise ValueError(f'refine.{key}: {rule!r} is not one of {", ".join(RULES)}')
   return rule
 
 
-def pick_threshold(per_case: dict, rule: str) -> float:
-  """The threshold kept from each threshold's per-subject Dice (NaN where a
-  subject has neither truth nor prediction).
+def pick(per_case: dict, rule: str) -> float:
+  """The value kept from each candidate value's per-subject scores (NaN where
+  a subject has none): a threshold from its Dice, a smallest lesion from its
+  mean of Dice and lesion F1.
 
-  ``'best'``: the best mean. ``'one_se'``: the highest threshold whose mean is
+  ``'best'``: the best mean. ``'one_se'``: the highest value whose mean is
   within one standard error of the best's, the error of their paired
   per-subject differences (the one-standard-error rule; the mean difference
-  and its error over the subjects with a Dice at both): where the fitting
-  subjects cannot tell two thresholds apart, the one that marks fewer voxels.
-  With one subject (no error to estimate) both rules keep the best.
+  and its error over the subjects with a score at both): where the fitting
+  subjects cannot tell two values apart, the one that marks fewer voxels (the
+  higher threshold, the larger smallest lesion). With one subject (no error to
+  estimate) both rules keep the best.
   """
   means = {t: float(np.nanmean(d)) for t, d in per_case.items()}
   best = max(means, key=means.get)
