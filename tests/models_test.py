@@ -307,6 +307,26 @@ def test_bfloat16_compute_keeps_float32_params_and_optimizer_state():
   np.testing.assert_allclose(outputs['bfloat16'], outputs['float32'], atol=0.1)
 
 
+@pytest.mark.parametrize('norm', ['none', 'batch'])
+def test_the_initial_state_holds_the_weights_op_by_op_init_gives(norm):
+  """create_train_state runs model.init jit-compiled (fast); the weights, and so
+  every run from a seed, are those of model.init run op by op."""
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from wmh_jax import steps  # pylint: disable=g-import-not-at-top
+  cfg = test_config.get_config()
+  cfg.model.norm = norm
+  model = models.create_model(cfg.model)
+  state = steps.create_train_state(cfg, jax.random.PRNGKey(3), model,
+                                   steps.create_optimizer(cfg.train))
+  eager = model.init(jax.random.PRNGKey(3), jnp.zeros(steps.input_shape(cfg)),
+                     train=False)
+  got = {'params': state.params, **({'batch_stats': state.batch_stats}
+                                    if norm == 'batch' else {})}
+  assert jax.tree.structure(got) == jax.tree.structure(eager)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(eager)):
+    np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize('pool', [(2, 2, 1), (2, 2, 2), (1, 2, 2), (1, 1, 1)])
 def test_sub_pixel_up_convolution_matches_upsample_then_convolve(pool):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 5, 6))  # (B, Z, X, Y, C)
