@@ -214,6 +214,17 @@ def test_train_refuses_bad_data(case, tmp_path, capsys):
   assert not _files(tmp_path / 'w')
 
 
+@pytest.mark.parametrize('key', ['threshold_rule', 'min_lesion_rule'])
+def test_train_refuses_a_bad_refiner_rule_before_it_trains(key, tmp_path, capsys):
+  root = _dataset(tmp_path / 'data')
+  code, errors = run_launch(capsys, '--mode=train', f'--workdir={tmp_path / "w"}',
+                            data__root=str(root), data__synthetic=False,
+                            **{f'refine__{key}': 'nope'})
+  assert code == 1
+  assert errors == [f"error: refine.{key}: 'nope' is not one of best, one_se"], errors
+  assert not _files(tmp_path / 'w')
+
+
 @pytest.mark.parametrize('case', sorted(IMAGE_CASES))
 def test_predict_refuses_bad_images(case, tmp_path, capsys):
   writer, message = IMAGE_CASES[case]

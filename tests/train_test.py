@@ -307,8 +307,8 @@ def test_refiner_spread_sets_only_refine_keys_the_config_has():
   assert out.refine.threshold_rule == 'best'
   for bad in ('model.norm=1', 'refine.no_such_key=1', 'refine.num_steps',
               'refine.thresholds=oops', 'refine.num_steps="many"',
-              "refine.threshold_rule='nope'"):
-    with pytest.raises(ValueError, match='--set=|threshold_rule') as e:
+              "refine.threshold_rule='nope'", "refine.min_lesion_rule='nope'"):
+    with pytest.raises(ValueError, match='--set=|_rule') as e:
       spread.with_refine_settings(cfg, [bad])
     assert '\n' not in str(e.value)
     assert bad in str(e.value) or "'nope'" in str(e.value)

@@ -263,7 +263,7 @@ def pick(per_case: dict, rule: str) -> float:
   near = [best]
   for t, d in per_case.items():
     diff = per_case[best] - d
-    diff = diff[np.isfinite(diff)]   # the subjects with a Dice at both
+    diff = diff[np.isfinite(diff)]   # the subjects with a score at both
     if len(diff) > 1 and diff.mean() <= diff.std(ddof=1) / np.sqrt(len(diff)):
       near.append(t)
   return max(near)
