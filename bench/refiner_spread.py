@@ -95,8 +95,7 @@ def with_refine_settings(config, settings):
     except (ValueError, SyntaxError, TypeError) as e:
       raise ValueError(f'--set={setting}: {value!r} is not a value for '
                        f'refine.{name} ({str(e).splitlines()[0]})') from None
-  refine.threshold_rule(config.refine)   # a bad rule now, not after the U-Net
-  refine.min_lesion_rule(config.refine)
+  refine.check_rules(config.refine)      # a bad rule now, not after the U-Net
   return config
 
 

@@ -236,6 +236,13 @@ def min_lesion_rule(rc) -> str:
   return _rule(rc, 'min_lesion_rule')
 
 
+def check_rules(rc) -> None:
+  """Raises ValueError (one line) if ``rc`` names a rule that is not one of
+  :data:`RULES`: before training or a refit, not after the U-Net."""
+  threshold_rule(rc)
+  min_lesion_rule(rc)
+
+
 def _rule(rc, key: str) -> str:
   rule = rc.get(key, 'best')
   if rule not in RULES:

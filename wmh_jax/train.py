@@ -84,8 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     raise ValueError(f'train.batch_size={config.train.batch_size} must be a '
                      f'multiple of the {jax.device_count()} devices')
   if config.refine.enabled:
-    refine.threshold_rule(config.refine)   # a bad rule fails now, not after training
-    refine.min_lesion_rule(config.refine)
+    refine.check_rules(config.refine)      # a bad rule fails now, not after training
   subjects.input_norm(config.data)         # and a bad data.input_norm
   subjects.brain_norm_fraction(config.data)  # or brain_norm_fraction
   # Bad data, or a split that is not the one of the run resumed, fails here.
