@@ -4,7 +4,8 @@ Anatomy comes from the MNI152 ICBM 2009a templates that ship inside nilearn's
 wheel (read by path; nothing is downloaded). Each subject is the template under a
 random pose, size, elastic warp and ventricle enlargement, with white matter
 hyperintensities (periventricular caps and rims growing with load, plus many
-small punctate and ovoid lesions; marked in ``wmh.nii.gz`` from 3 mm across, as
+small punctate and ovoid lesions, in half the subjects some below the
+ventricles too: temporal lobes, brainstem, cerebellum; marked in ``wmh.nii.gz`` from 3 mm across, as
 raters mark them), sometimes lacunes (label 2), the lesions'
 look-alikes (bright cortex, choroid plexus, septum pellucidum, CSF flow
 artefacts), FLAIR contrasts drawn per subject, the head around the brain
@@ -34,7 +35,7 @@ from wmh_jax import subjects
 SITES = ('Synth2D', 'Synth3mm', 'Synth3D')  # acquisition families, one a site
 # Bump when a seed's subjects change: the wmh_synthetic TFDS version and the
 # marker file of generated folders carry it.
-GENERATOR_VERSION = '3.2.0'
+GENERATOR_VERSION = '3.3.0'
 # The smallest lesion a rater marks: a ball 3 mm across (14 mm^3). The MS
 # criteria count lesions of 3 mm or more along their long axis, and STRIVE takes
 # smaller round foci for perivascular spaces. Smaller foci the generator draws
@@ -207,12 +208,20 @@ def lesion_map(rng, tpl: Template, load_ml: float, vent_grow: float,
   if n_peri > 0:
     thr = np.partition(values, values.size - n_peri)[values.size - n_peri]
     les = eligible & (field >= thr)
-  # Deep lesions: noisy ellipsoids, radius log-uniform in 1-4 mm (most small),
-  # each axis stretched by up to 1.6 (ovoid).
-  deep_target = load_ml * 1000 - les.sum()
-  cand = np.argwhere(eligible & (dist > 8))
+  _scatter(rng, les, np.argwhere(eligible & (dist > 8)), eligible,
+           load_ml * 1000 - les.sum(), rough)
+  return les
+
+
+def _scatter(rng, les: np.ndarray, cand: np.ndarray, eligible: np.ndarray,
+             target: float, rough: np.ndarray) -> None:
+  """Adds to ``les`` (in place) small lesions centred on rows of ``cand``,
+  inside ``eligible``, until ``target`` voxels are added (600 at most): noisy
+  ellipsoids, radius log-uniform in 1-4 mm (most small), each axis stretched by
+  up to 1.6 (ovoid)."""
+  shape = les.shape
   for _ in range(600):
-    if deep_target <= 0 or cand.size == 0:
+    if target <= 0 or cand.size == 0:
       break
     c = cand[rng.integers(len(cand))]
     r = float(np.exp(rng.uniform(np.log(1.0), np.log(4.0))))
@@ -224,8 +233,27 @@ def lesion_map(rng, tpl: Template, load_ml: float, vent_grow: float,
     ball = (np.sqrt(d2) + 0.25 * r * rough[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
             < r) & eligible[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     sub = les[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    deep_target -= (ball & ~sub).sum()
+    target -= (ball & ~sub).sum()
     sub |= ball
+
+
+def inferior_lesions(rng, tpl: Template, load_ml: float, wm: np.ndarray,
+                     vent: np.ndarray, rough: np.ndarray) -> np.ndarray:
+  """Lesions below the lateral ventricles' floor, on the template grid: in
+  the temporal white matter (beside the temporal horns), the brainstem and the
+  cerebellar white matter and peduncles, the midline included (pontine
+  lesions), where MS and small-vessel disease put them too. Half the subjects
+  have some: ``U(0.05, 0.3) * load_ml`` mL (1 mm voxels) of the load, drawn as
+  :func:`lesion_map`'s deep lesions.
+  """
+  les = np.zeros(wm.shape, bool)
+  if rng.uniform() >= 0.5:
+    return les
+  floor = int(np.nonzero(tpl.vent.any(axis=(0, 1)))[0].min())
+  eligible = (wm > 0.5) & ~vent
+  eligible[:, :, floor:] = False
+  _scatter(rng, les, np.argwhere(eligible), eligible,
+           rng.uniform(0.05, 0.3) * load_ml * 1000, rough)
   return les
 
 
@@ -371,7 +399,12 @@ def generate_subject(seed: int, index: int, site: str | None = None,
   # The MNI152 brain is larger than most (~1.9 L with its CSF): scaled down a little.
   scale = rng.uniform(0.86, 1.02) * (1 + rng.uniform(-0.04, 0.04, 3))
   fine_noise = _smooth_noise(rng, wm.shape, 1.5, coarse=2)
-  les = lesion_map(rng, tpl, load_ml / float(np.prod(scale)), grow, wm, fine_noise)
+  tpl_load = load_ml / float(np.prod(scale))
+  # Their own stream: a subject without them is as in 3.2.0.
+  below = inferior_lesions(np.random.default_rng([seed, index, 1]), tpl, tpl_load,
+                           wm, vent, fine_noise)
+  les = lesion_map(rng, tpl, tpl_load - below.sum() / 1000, grow, wm,
+                   fine_noise) | below
   other = np.zeros_like(les)
   drawn = rng.uniform() < 0.35   # drawn even when `lacunes` is given
   if drawn if lacunes is None else lacunes:

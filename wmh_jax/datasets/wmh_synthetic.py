@@ -35,6 +35,9 @@ class WmhSynthetic(tfds.core.GeneratorBasedBuilder):
                'carry the seed.',
       '3.2.0': 'Lesions under 3 mm across are drawn but not marked '
                '(synthetic.MIN_MARKED_MM3).',
+      '3.3.0': 'Half the subjects have lesions below the lateral ventricles: '
+               'temporal white matter, brainstem, cerebellum '
+               '(synthetic.inferior_lesions).',
   }
   BUILDER_CONFIGS = [SyntheticConfig(name='default', description=(
       '48 training subjects (seed 2017), 12 validation subjects (seed 2018).'))]
