@@ -79,6 +79,27 @@ def test_lesions_under_3_mm_are_drawn_but_not_marked(monkeypatch):
   assert (np.bincount(cm.lesions(marked)[0].ravel())[1:] * voxel >= smallest).all()
 
 
+def test_inferior_lesions_lie_below_the_ventricles_in_half_the_subjects():
+  """Generator 3.3.0: a subject's lesions below the lateral ventricles' floor
+  (temporal lobes, brainstem, cerebellum) are in white matter, a share of the
+  load; a draw >= 0.5 gives none (the subject is as in 3.2.0)."""
+  tpl = synthetic.load_template()
+  rough = np.zeros(tpl.wm.shape, np.float32)
+  floor = int(np.nonzero(tpl.vent.any(axis=(0, 1)))[0].min())
+  assert np.random.default_rng(0).uniform() >= 0.5
+  assert not synthetic.inferior_lesions(np.random.default_rng(0), tpl, 8.0, tpl.wm,
+                                        tpl.vent, rough).any()
+  assert np.random.default_rng(2).uniform() < 0.5
+  les = synthetic.inferior_lesions(np.random.default_rng(2), tpl, 8.0, tpl.wm,
+                                   tpl.vent, rough)
+  assert les.any() and not les[:, :, floor:].any()
+  assert (tpl.wm[les] > 0.5).all() and not tpl.vent[les].any()
+  # U(0.05, 0.3) of 8 mL on 1 mm voxels; the last lesion may overshoot by one
+  # ball (radius <= 4 mm stretched <= 1.6: < 1.1 mL).
+  assert 0.4 <= les.sum() / 1000 <= 2.4 + 1.1
+  assert cm.lesions(les)[1] > 1                           # several small lesions
+
+
 def test_other_pathology_dilated_in_plane_and_lesion_wins():
   lesion = np.zeros((9, 9, 3), bool)
   other = np.zeros_like(lesion)
