@@ -4,6 +4,8 @@
       --config.data.root=/tmp/wmh_test_data
 """
 
+import os
+
 from configs import default
 
 
@@ -12,7 +14,9 @@ def get_config():
   # The tests run many small programs in one process (launch.main in-process):
   # the allocator stays as the process started (host_memory has its own test).
   c.keep_freed_memory = False
-  c.data.root = '/tmp/wmh_jax_test_data'
+  # The tests' own folder (tests/conftest.py sets it for each session), so that
+  # a folder left by another generator version is never read.
+  c.data.root = os.environ.get('WMH_JAX_TEST_DATA', '/tmp/wmh_jax_test_data')
   c.data.num_subjects = 6
   c.data.val_root = ''                  # split data.root by subject
   c.data.test_root = ''                 # no test set: the tests stay fast

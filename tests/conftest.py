@@ -21,6 +21,12 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # launches write theirs into a folder of their own, never the user's ~/.cache.
 os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='wmh_jax_test_cache_')
 atexit.register(shutil.rmtree, os.environ['XDG_CACHE_HOME'], ignore_errors=True)
+# configs/test.py's synthetic data folder: this session's own (a folder made by
+# an earlier generator version is refused, rightly, and would fail the tests).
+os.environ['WMH_JAX_TEST_DATA'] = os.path.join(
+    tempfile.mkdtemp(prefix='wmh_jax_test_data_'), 'synthetic')
+atexit.register(shutil.rmtree, os.path.dirname(os.environ['WMH_JAX_TEST_DATA']),
+                ignore_errors=True)
 # The global JAX settings launch.py makes (in ``_run``), so that the tests draw
 # the random numbers a launch draws; the environment variable carries them into
 # the Python subprocesses the tests start (sharding_check.py).
