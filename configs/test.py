@@ -1,7 +1,7 @@
 """Tiny CPU config for the tests: a two-level U-Net on a 32x32x8 grid, a few steps.
 
   python launch.py --config=configs/test.py --workdir=/tmp/wmh_test \
-      --config.data.root=/tmp/wmh_test_data
+      --config.data.root=/tmp/wmh_jax_test_data
 """
 
 import os

@@ -4,8 +4,8 @@ Anatomy comes from the MNI152 ICBM 2009a templates that ship inside nilearn's
 wheel (read by path; nothing is downloaded). Each subject is the template under a
 random pose, size, elastic warp and ventricle enlargement, with white matter
 hyperintensities (periventricular caps and rims growing with load, plus many
-small punctate and ovoid lesions, in half the subjects some below the
-ventricles too: temporal lobes, brainstem, cerebellum; marked in ``wmh.nii.gz`` from 3 mm across, as
+small punctate and ovoid lesions, in half the subjects some more below the
+ventricles: temporal lobes, brainstem, cerebellum; marked in ``wmh.nii.gz`` from 3 mm across, as
 raters mark them), sometimes lacunes (label 2), the lesions'
 look-alikes (bright cortex, choroid plexus, septum pellucidum, CSF flow
 artefacts), FLAIR contrasts drawn per subject, the head around the brain
@@ -239,12 +239,13 @@ def _scatter(rng, les: np.ndarray, cand: np.ndarray, eligible: np.ndarray,
 
 def inferior_lesions(rng, tpl: Template, load_ml: float, wm: np.ndarray,
                      vent: np.ndarray, rough: np.ndarray) -> np.ndarray:
-  """Lesions below the lateral ventricles' floor, on the template grid: in
-  the temporal white matter (beside the temporal horns), the brainstem and the
-  cerebellar white matter and peduncles, the midline included (pontine
-  lesions), where MS and small-vessel disease put them too. Half the subjects
-  have some: ``U(0.05, 0.3) * load_ml`` mL (1 mm voxels) of the load, drawn as
-  :func:`lesion_map`'s deep lesions.
+  """Lesions in the white matter below the lateral ventricles' floor (MNI z
+  -3 mm), on the template grid: temporal (beside the temporal horns), inferior
+  frontal and occipital white matter, the brainstem and the cerebellar white
+  matter and peduncles, the midline included (pontine lesions), where MS and
+  small-vessel disease put them too. Half the subjects have some:
+  ``U(0.05, 0.3) * load_ml`` mL (1 mm voxels; at the smallest loads one lesion
+  may hold more), drawn as :func:`lesion_map`'s deep lesions.
   """
   les = np.zeros(wm.shape, bool)
   if rng.uniform() >= 0.5:
@@ -403,7 +404,7 @@ def generate_subject(seed: int, index: int, site: str | None = None,
   # Their own stream: a subject without them is as in 3.2.0.
   below = inferior_lesions(np.random.default_rng([seed, index, 1]), tpl, tpl_load,
                            wm, vent, fine_noise)
-  les = lesion_map(rng, tpl, tpl_load - below.sum() / 1000, grow, wm,
+  les = lesion_map(rng, tpl, max(tpl_load - below.sum() / 1000, 0.0), grow, wm,
                    fine_noise) | below
   other = np.zeros_like(les)
   drawn = rng.uniform() < 0.35   # drawn even when `lacunes` is given

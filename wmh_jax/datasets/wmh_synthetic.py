@@ -35,8 +35,8 @@ class WmhSynthetic(tfds.core.GeneratorBasedBuilder):
                'carry the seed.',
       '3.2.0': 'Lesions under 3 mm across are drawn but not marked '
                '(synthetic.MIN_MARKED_MM3).',
-      '3.3.0': 'Half the subjects have lesions below the lateral ventricles: '
-               'temporal white matter, brainstem, cerebellum '
+      '3.3.0': 'Half the subjects have lesions in the white matter below the '
+               'lateral ventricles: temporal lobes, brainstem, cerebellum '
                '(synthetic.inferior_lesions).',
   }
   BUILDER_CONFIGS = [SyntheticConfig(name='default', description=(
