@@ -94,7 +94,7 @@ def test_inferior_lesions_lie_below_the_ventricles_in_half_the_subjects():
                                    tpl.vent, rough)
   assert les.any() and not les[:, :, floor:].any()
   world_z = (tpl.affine @ np.c_[np.argwhere(les), np.ones(les.sum())].T)[2]
-  assert world_z.max() < -2.5                              # MNI mm: below the ventricles
+  assert world_z.max() < -2.5                   # MNI mm: below the ventricles
   assert (tpl.wm[les] > 0.5).all() and not tpl.vent[les].any()
   # U(0.05, 0.3) of 8 mL on 1 mm voxels; the last lesion may overshoot by one
   # ball (radius <= 4 mm stretched <= 1.6: < 1.1 mL).

@@ -5,9 +5,9 @@ wheel (read by path; nothing is downloaded). Each subject is the template under 
 random pose, size, elastic warp and ventricle enlargement, with white matter
 hyperintensities (periventricular caps and rims growing with load, plus many
 small punctate and ovoid lesions, in half the subjects some more below the
-ventricles: temporal lobes, brainstem, cerebellum; marked in ``wmh.nii.gz`` from 3 mm across, as
-raters mark them), sometimes lacunes (label 2), the lesions'
-look-alikes (bright cortex, choroid plexus, septum pellucidum, CSF flow
+ventricles: temporal lobes, brainstem, cerebellum; marked in ``wmh.nii.gz``
+from 3 mm across, as raters mark them), sometimes lacunes (label 2), the
+lesions' look-alikes (bright cortex, choroid plexus, septum pellucidum, CSF flow
 artefacts), FLAIR contrasts drawn per subject, the head around the brain
 (``wmh_jax.head``: scalp, skull, orbits, sinuses, face; whole, defaced or
 stripped), texture, bias field and Rician noise, acquired on a randomised grid
