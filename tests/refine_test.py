@@ -55,6 +55,31 @@ def test_features_decide_the_candidates_and_set_the_lesion_reference():
   assert not cand.any() and f.shape == (0, len(refine.FEATURES))
 
 
+def test_the_logit_feature_tells_apart_candidates_below_1e_4():
+  """The U-Net's logit is clipped at 1e-4, or at the candidate level when that
+  is lower: a refiner that decides voxels of 1e-6 sees 1e-6 and 1e-5 apart,
+  and one at 2e-4 gets the features it always had."""
+  _, image, spacing, _ = _case(0)
+  prob = np.full(image.shape, 1e-7, np.float32)
+  prob[:8] = 1e-6
+  prob[8:16] = 1e-5
+  prob[16:24] = 3e-4
+  prob[24:26] = 0.9   # sure voxels: the lesion reference
+  logit = refine.FEATURES.index('unet_logit')
+  cand, f = refine.features(prob, image, spacing, candidate=1e-6)
+  assert cand.sum() == int((prob >= 1e-6).sum())
+  got = dict(zip(np.round(prob[cand], 8), f[:, logit]))
+  for p in (1e-6, 1e-5, 3e-4):
+    np.testing.assert_allclose(got[np.float32(round(p, 8))], np.log(p / (1 - p)),
+                               rtol=1e-4)
+  # candidate 2e-4: the clip stays at 1e-4, below every candidate it decides.
+  cand, f = refine.features(prob, image, spacing, candidate=2e-4)
+  np.testing.assert_array_equal(cand, prob >= 2e-4)
+  np.testing.assert_allclose(np.sort(np.unique(f[:, logit])),
+                             np.log(np.array([3e-4, 0.9]) / (1 - np.array([3e-4, 0.9]))),
+                             rtol=1e-4)
+
+
 def test_fit_learns_the_lesions_finer_than_the_grid_and_is_reproducible():
   cases = [_case(s) for s in range(3)]
   rc = _rc()

@@ -363,3 +363,31 @@ def test_validation_dice_takes_the_lesion_from_the_brain_normalised_input():
                                      {**two, 'image': lesion_here[None]}, cfg, True)
   from_other = train.validation_dice(brain_from_input, state, two, cfg, True)
   assert from_first['val/brain_dice_grid'] != from_other['val/brain_dice_grid']
+
+
+def test_lesion_misses_finds_what_evaluate_counts_as_detected(trained):
+  """bench/lesion_misses.py on a trained run's validation subjects: the share
+  of each subject's true lesions it calls found is evaluate's lesion recall,
+  and every other lesion has a fate that the refiner explains."""
+  spec = importlib.util.spec_from_file_location(
+      'lesion_misses', Path(__file__).resolve().parents[1] / 'bench' / 'lesion_misses.py')
+  misses = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(misses)
+  cfg, workdir, _ = trained
+  _, val_set = data.load_splits(cfg, workdir)
+  segmenter = inference.load(cfg, workdir)
+  assert segmenter.refiner is not None
+  spread = _refiner_spread()
+  checked = 0
+  for scan in spread.split_scans(val_set):
+    rows = misses.scan_fates(segmenter, [scan])
+    want = evaluate.case_row(scan[2], inference.segment(segmenter, scan[1]).mask)
+    if not rows:
+      continue
+    checked += 1
+    assert np.mean([f == 'found' for _, f, _ in rows]) == pytest.approx(
+        want['lesion_recall'], abs=1e-9)
+    for _, fate, unet_max in rows:
+      assert fate in misses.FATES
+      assert (fate == 'no_candidate') == (unet_max < segmenter.candidate)
+  assert checked
