@@ -12,7 +12,7 @@ scored scans gets one fate, from the run's segmentation as predict gives it:
   candidate level, so the refiner never decides it;
 - ``below_threshold``: candidates, but the refiner keeps none of its voxels;
 - ``dropped_small``: the refiner keeps some, but as a lesion smaller than the
-  refiner's smallest kept (``refine.min_lesion_mm3``), or outside the brain.
+  refiner's smallest kept (``refine.min_lesion_mm3``).
 
 A run without a refiner has ``found`` and ``below_threshold`` (the U-Net's
 ``predict.threshold``) only. Per lesion size (mm^3, edges ``--sizes``) it prints
@@ -40,7 +40,6 @@ from wmh_jax import challenge_metrics
 from wmh_jax import data
 from wmh_jax import inference
 from wmh_jax import refine
-from wmh_jax import run_record
 
 FLAGS = flags.FLAGS
 FATES = ('found', 'no_candidate', 'below_threshold', 'dropped_small')
@@ -87,9 +86,12 @@ def lesion_fates(truth: np.ndarray, unet: np.ndarray, probability: np.ndarray,
   if candidate is None:
     fates = np.where(found, 'found', 'below_threshold')
   else:
+    # Compared in the probability's own dtype, as the refiner picks its
+    # candidates (refine.features).
+    decided = touched(np.asarray(unet) >= candidate)
     kept = touched(probability >= threshold)
     fates = np.where(found, 'found', np.where(
-        unet_max < candidate, 'no_candidate',
+        ~decided, 'no_candidate',
         np.where(kept, 'dropped_small', 'below_threshold')))
   return [(float(v), str(f), float(u)) for v, f, u in zip(volume, fates, unet_max)]
 
@@ -142,13 +144,7 @@ def main(argv):
     levels = [float(s) for s in FLAGS.levels]
   except ValueError as e:
     sys.exit(f'error: --sizes and --levels take numbers ({e})')
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update('jax_threefry_partitionable', False)  # as launch.py
-  config = run_record.load_config(FLAGS.workdir)
-  if config is None:
-    sys.exit(f'error: {Path(FLAGS.workdir) / run_record.CONFIG}: no such file '
-             '(not a trained run, or one made before config.json)')
-  config = run_record.with_absolute_data_paths(config, FLAGS.workdir)
+  config = refiner_spread.run_config(FLAGS.workdir)
   try:
     segmenter = inference.load(config, FLAGS.workdir)
     if FLAGS.data:

@@ -163,6 +163,19 @@ def spread(config, train_set, model, state, scans, rotations, seeds):
       yield k, seed, refiner, score(segmenter, scans)
 
 
+def run_config(workdir):
+  """A trained run's config, its relative data folders taken from where it was
+  trained, with ``launch.py``'s PRNG mode set; exits with a one-line error when
+  ``workdir`` holds no ``config.json``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_threefry_partitionable', False)  # as launch.py
+  config = run_record.load_config(workdir)
+  if config is None:
+    sys.exit(f'error: {Path(workdir) / run_record.CONFIG}: no such file '
+             '(not a trained run, or one made before config.json)')
+  return run_record.with_absolute_data_paths(config, workdir)
+
+
 def table(results) -> str:
   """One line a refit (its means over the scans), then each metric's mean and
   range over the refits."""
@@ -191,14 +204,7 @@ def main(argv):
     rotations = [int(k) for k in FLAGS.rotations]
   except ValueError as e:
     sys.exit(f'error: --seeds and --rotations take integers ({e})')
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update('jax_threefry_partitionable', False)  # as launch.py
-  config = run_record.load_config(FLAGS.workdir)
-  if config is None:
-    sys.exit(f'error: {Path(FLAGS.workdir) / run_record.CONFIG}: no such file '
-             '(not a trained run, or one made before config.json)')
-  # The run's relative data folders are taken from where it was trained.
-  config = run_record.with_absolute_data_paths(config, FLAGS.workdir)
+  config = run_config(FLAGS.workdir)
   try:
     config = with_refine_settings(config, FLAGS.set)
   except ValueError as e:

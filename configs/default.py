@@ -94,6 +94,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.smooth = 1.0
   c.loss.bce_weight = 1.0
   c.loss.pos_weight = 1.0               # BCE: a lesion voxel's weight against background's
+  c.loss.small_lesion_weight = 0.0      # BCE: a small lesion's voxels weigh up to 1 + this
+  c.loss.small_lesion_mass = 4.0        # ... below this lesion mass (grid voxels) around
+                                        # them (losses.lesion_mass; docs/results.md)
   c.loss.soft_targets = True            # targets: lesion fraction of each grid voxel
   c.loss.brain_weight = 0.1             # weight of the brain channel's loss
 

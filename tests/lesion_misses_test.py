@@ -1,18 +1,9 @@
 """bench/lesion_misses.py: each true lesion's fate, by size."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-
-def _module():
-  spec = importlib.util.spec_from_file_location(
-      'lesion_misses', Path(__file__).resolve().parents[1] / 'bench' / 'lesion_misses.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from bench import lesion_misses as misses
 
 
 def _scan():
@@ -39,7 +30,6 @@ def _scan():
 
 
 def test_each_true_lesion_gets_its_fate_volume_and_unet_maximum():
-  misses = _module()
   truth, unet, prob, mask, boxes = _scan()
   spacing = (1.0, 1.0, 2.0)
   rows = misses.lesion_fates(truth, unet, prob, mask, spacing, candidate=1e-5,
@@ -56,10 +46,16 @@ def test_each_true_lesion_gets_its_fate_volume_and_unet_maximum():
                                             'found']
   assert misses.lesion_fates(np.zeros_like(truth), unet, prob, mask, spacing,
                              1e-5, 0.5) == []
+  # A U-Net probability equal to the candidate level, in float32 as the refiner
+  # compares it, is a candidate.
+  level = unet.copy()
+  level[boxes['no_candidate']] = np.float32(2e-4)
+  rows = misses.lesion_fates(truth, level, prob, mask, spacing, candidate=2e-4,
+                             threshold=0.5)
+  assert 'no_candidate' not in [f for _, f, _ in rows]
 
 
 def test_table_shares_by_size_and_the_lower_levels():
-  misses = _module()
   rows = [(10.0, 'found', 0.9), (20.0, 'no_candidate', 3e-6),
           (30.0, 'no_candidate', 2e-8), (200.0, 'below_threshold', 0.01)]
   lines = misses.table(rows, ['50'], [1e-5, 1e-6, 1e-7]).splitlines()

@@ -150,6 +150,31 @@ def test_bce_pos_weight_moves_the_minimum_to_the_weighted_odds():
   assert float(losses.segmentation_loss(low, lab, cfg)) > plain + 1.0
 
 
+def test_small_lesion_weight_adds_to_small_lesions_only():
+  """A one-voxel lesion (lesion mass 1 of 4 around it) weighs 1 + a * 0.75 in
+  BCE; a voxel of a large lesion (mass >= 4) and the background as before."""
+  labels = np.zeros((1, 16, 16, 8), np.uint8)
+  labels[0, 2, 2, 2] = 1                 # alone
+  labels[0, 8:12, 8:12, 3:6] = 1         # large: every voxel sees >= 18 of it
+  target = labels.astype(np.float32)
+  mass = np.asarray(losses.lesion_mass(jnp.asarray(target)))
+  assert mass[0, 2, 2, 2] == 1.0 and mass[0, 10, 10, 4] == 4 * 4 * 3
+  assert mass[0, 8:12, 8:12, 3:6].min() == 18.0 and mass[0, 5, 2, 2] == 0.0
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=labels.shape), jnp.float32)
+  plain = float(losses.bce_loss(logits, labels, target))
+  assert float(losses.bce_loss(logits, labels, target, small_lesion_weight=0.0)) == plain
+  a = 3.0
+  weighted = float(losses.bce_loss(logits, labels, target, small_lesion_weight=a))
+  extra = a * 0.75 * float(jax.nn.softplus(-logits[0, 2, 2, 2])) / labels.size
+  assert weighted - plain == pytest.approx(extra, rel=1e-4)
+  # Through the config, with the default mass.
+  cfg = ml_collections.ConfigDict({'name': 'dice_bce', 'smooth': 1.0, 'bce_weight': 1.0})
+  base = float(losses.segmentation_loss(logits, labels, cfg, target))
+  cfg.small_lesion_weight = a
+  assert float(losses.segmentation_loss(logits, labels, cfg, target)) == pytest.approx(
+      base + extra, rel=1e-4)
+
+
 _CFG = ml_collections.ConfigDict({'name': 'dice_bce', 'smooth': 1.0, 'bce_weight': 1.0,
                                   'brain_weight': 1.0})
 

@@ -56,9 +56,9 @@ def test_features_decide_the_candidates_and_set_the_lesion_reference():
 
 
 def test_the_logit_feature_tells_apart_candidates_below_1e_4():
-  """The U-Net's logit is clipped at 1e-4, or at the candidate level when that
-  is lower: a refiner that decides voxels of 1e-6 sees 1e-6 and 1e-5 apart,
-  and one at 2e-4 gets the features it always had."""
+  """The U-Net's logit is clipped at 1e-4, or at a positive candidate level
+  below it: a refiner that decides voxels of 1e-6 sees 1e-6 and 1e-5 apart;
+  at candidate 0 a probability of 0 still gives a finite logit."""
   _, image, spacing, _ = _case(0)
   prob = np.full(image.shape, 1e-7, np.float32)
   prob[:8] = 1e-6
@@ -72,12 +72,12 @@ def test_the_logit_feature_tells_apart_candidates_below_1e_4():
   for p in (1e-6, 1e-5, 3e-4):
     np.testing.assert_allclose(got[np.float32(round(p, 8))], np.log(p / (1 - p)),
                                rtol=1e-4)
-  # candidate 2e-4: the clip stays at 1e-4, below every candidate it decides.
-  cand, f = refine.features(prob, image, spacing, candidate=2e-4)
-  np.testing.assert_array_equal(cand, prob >= 2e-4)
-  np.testing.assert_allclose(np.sort(np.unique(f[:, logit])),
-                             np.log(np.array([3e-4, 0.9]) / (1 - np.array([3e-4, 0.9]))),
-                             rtol=1e-4)
+  # candidate 0 (every voxel decided): probability 0 is clipped at 1e-4 as
+  # before, never an infinite logit.
+  prob[26:28] = 0.0
+  cand, f = refine.features(prob, image, spacing, candidate=0.0)
+  assert cand.all() and np.isfinite(f).all()
+  np.testing.assert_allclose(f[:, logit].min(), np.log(1e-4 / (1 - 1e-4)), rtol=1e-4)
 
 
 def test_fit_learns_the_lesions_finer_than_the_grid_and_is_reproducible():

@@ -1,6 +1,7 @@
 """End-to-end: train_and_evaluate and evaluate on tiny NIfTI files."""
 
 import csv
+import dataclasses
 import importlib.util
 import shutil
 import subprocess
@@ -367,27 +368,52 @@ def test_validation_dice_takes_the_lesion_from_the_brain_normalised_input():
 
 def test_lesion_misses_finds_what_evaluate_counts_as_detected(trained):
   """bench/lesion_misses.py on a trained run's validation subjects: the share
-  of each subject's true lesions it calls found is evaluate's lesion recall,
-  and every other lesion has a fate that the refiner explains."""
-  spec = importlib.util.spec_from_file_location(
-      'lesion_misses', Path(__file__).resolve().parents[1] / 'bench' / 'lesion_misses.py')
-  misses = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(misses)
+  of each subject's true lesions it calls found is evaluate's lesion recall;
+  a lesion has no candidate exactly when the refiner's own features pick none
+  of its voxels; and with no smallest lesion the ones dropped as small are
+  found, the others keep their fate."""
+  from bench import lesion_misses as misses  # pylint: disable=g-import-not-at-top
   cfg, workdir, _ = trained
   _, val_set = data.load_splits(cfg, workdir)
   segmenter = inference.load(cfg, workdir)
   assert segmenter.refiner is not None
-  spread = _refiner_spread()
+  keep_all = dataclasses.replace(
+      segmenter, refiner={**segmenter.refiner, 'min_lesion_mm3': np.float64(0.0)})
   checked = 0
-  for scan in spread.split_scans(val_set):
-    rows = misses.scan_fates(segmenter, [scan])
-    want = evaluate.case_row(scan[2], inference.segment(segmenter, scan[1]).mask)
+  for key, scan, p in _refiner_spread().split_scans(val_set):
+    rows = misses.scan_fates(segmenter, [(key, scan, p)])
     if not rows:
       continue
     checked += 1
+    want = evaluate.case_row(p, inference.segment(segmenter, scan).mask)
     assert np.mean([f == 'found' for _, f, _ in rows]) == pytest.approx(
         want['lesion_recall'], abs=1e-9)
-    for _, fate, unet_max in rows:
-      assert fate in misses.FATES
-      assert (fate == 'no_candidate') == (unet_max < segmenter.candidate)
+    before = inference.segment(segmenter, scan, before_refine=True)
+    cand, _ = refine.features(before.unet_probability, before.flair_z,
+                              scan.spacing, segmenter.candidate)
+    lesions, n = challenge_metrics.lesions(p['native_labels'] == 1)
+    decided = [bool(cand[lesions == i].any()) for i in range(1, n + 1)]
+    assert [f != 'no_candidate' for _, f, _ in rows] == decided
+    again = misses.scan_fates(keep_all, [(key, scan, p)])
+    assert [f for _, f, _ in again] == [
+        'found' if f == 'dropped_small' else f for _, f, _ in rows]
   assert checked
+
+
+def test_lesion_misses_refuses_a_folder_that_is_not_a_run(tmp_path):
+  """bench/lesion_misses.py, run from another folder, on a folder without
+  config.json or with a bad --sizes: exit status 1 and one line."""
+  script = Path(__file__).resolve().parents[1] / 'bench' / 'lesion_misses.py'
+  done = subprocess.run([sys.executable, str(script), f'--workdir={tmp_path}'],
+                        capture_output=True, text=True, timeout=300, check=False,
+                        cwd=tmp_path)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1] == (
+      f'error: {tmp_path / "config.json"}: no such file (not a trained run, or '
+      'one made before config.json)')
+  bad = subprocess.run([sys.executable, str(script), f'--workdir={tmp_path}',
+                        '--sizes=small'], capture_output=True, text=True,
+                       timeout=300, check=False, cwd=tmp_path)
+  assert bad.returncode == 1
+  assert bad.stderr.strip().splitlines()[-1].startswith(
+      'error: --sizes and --levels take numbers')

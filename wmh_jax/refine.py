@@ -81,9 +81,11 @@ def features(prob: np.ndarray, image: np.ndarray, spacing, candidate: float
   spacing = np.asarray(spacing, np.float64)
   near = ndimage.gaussian_filter(image, 2.0 / spacing)
   background = ndimage.gaussian_filter(image, 6.0 / spacing)
-  # Clipped at 1e-4, or at the candidate level when that is lower (a refiner
-  # with a lower one tells its candidates' logits apart).
-  p = np.clip(prob[cand], min(1e-4, candidate), 1 - 1e-4)
+  # Clipped at 1e-4, or at a positive candidate level below it (a refiner with
+  # a lower one tells its candidates' logits apart; at 0, a probability of 0
+  # must not give an infinite logit).
+  lowest = min(1e-4, candidate) if candidate > 0 else 1e-4
+  p = np.clip(prob[cand], lowest, 1 - 1e-4)
   z, zn, zb = image[cand], near[cand], background[cand]
   f = np.stack([np.log(p / (1 - p)), z, z / max(ref, 0.3), zn, z - zb, zn - zb,
                 np.full_like(z, ref)], -1)
