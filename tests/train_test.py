@@ -315,22 +315,27 @@ def test_refiner_spread_sets_only_refine_keys_the_config_has():
     assert bad in str(e.value) or "'nope'" in str(e.value)
 
 
-def test_refiner_spread_refuses_a_folder_that_is_not_a_run(tmp_path):
-  """bench/refiner_spread.py on a folder without config.json: exit status 1 and
-  one line naming the file, before anything is loaded."""
-  script = Path(__file__).resolve().parents[1] / 'bench' / 'refiner_spread.py'
-  done = subprocess.run([sys.executable, str(script), f'--workdir={tmp_path}'],
-                        capture_output=True, text=True, timeout=300, check=False)
+@pytest.mark.parametrize('script, bad_flag, message', [
+    ('refiner_spread.py', '--seeds=one', 'error: --seeds and --rotations take integers'),
+    ('lesion_misses.py', '--sizes=small', 'error: --sizes and --levels take numbers')])
+def test_bench_scripts_refuse_a_folder_that_is_not_a_run(tmp_path, script, bad_flag,
+                                                          message):
+  """bench/refiner_spread.py and bench/lesion_misses.py, run from another
+  folder, on a folder without config.json: exit status 1 and one line naming
+  the file, before anything is loaded; a bad flag value: one line too."""
+  path = Path(__file__).resolve().parents[1] / 'bench' / script
+  done = subprocess.run([sys.executable, str(path), f'--workdir={tmp_path}'],
+                        capture_output=True, text=True, timeout=300, check=False,
+                        cwd=tmp_path)
   assert done.returncode == 1
   assert done.stderr.strip().splitlines()[-1] == (
       f'error: {tmp_path / "config.json"}: no such file (not a trained run, or '
       'one made before config.json)')
-  bad = subprocess.run([sys.executable, str(script), f'--workdir={tmp_path}',
-                        '--seeds=one'], capture_output=True, text=True,
-                       timeout=300, check=False)
+  bad = subprocess.run([sys.executable, str(path), f'--workdir={tmp_path}', bad_flag],
+                       capture_output=True, text=True, timeout=300, check=False,
+                       cwd=tmp_path)
   assert bad.returncode == 1
-  assert bad.stderr.strip().splitlines()[-1].startswith(
-      'error: --seeds and --rotations take integers')
+  assert bad.stderr.strip().splitlines()[-1].startswith(message)
 
 
 def test_validation_dice_takes_the_lesion_from_the_brain_normalised_input():
@@ -398,22 +403,3 @@ def test_lesion_misses_finds_what_evaluate_counts_as_detected(trained):
     assert [f for _, f, _ in again] == [
         'found' if f == 'dropped_small' else f for _, f, _ in rows]
   assert checked
-
-
-def test_lesion_misses_refuses_a_folder_that_is_not_a_run(tmp_path):
-  """bench/lesion_misses.py, run from another folder, on a folder without
-  config.json or with a bad --sizes: exit status 1 and one line."""
-  script = Path(__file__).resolve().parents[1] / 'bench' / 'lesion_misses.py'
-  done = subprocess.run([sys.executable, str(script), f'--workdir={tmp_path}'],
-                        capture_output=True, text=True, timeout=300, check=False,
-                        cwd=tmp_path)
-  assert done.returncode == 1
-  assert done.stderr.strip().splitlines()[-1] == (
-      f'error: {tmp_path / "config.json"}: no such file (not a trained run, or '
-      'one made before config.json)')
-  bad = subprocess.run([sys.executable, str(script), f'--workdir={tmp_path}',
-                        '--sizes=small'], capture_output=True, text=True,
-                       timeout=300, check=False, cwd=tmp_path)
-  assert bad.returncode == 1
-  assert bad.stderr.strip().splitlines()[-1].startswith(
-      'error: --sizes and --levels take numbers')
