@@ -173,6 +173,20 @@ def test_small_lesion_weight_adds_to_small_lesions_only():
   cfg.small_lesion_weight = a
   assert float(losses.segmentation_loss(logits, labels, cfg, target)) == pytest.approx(
       base + extra, rel=1e-4)
+  # With a channel axis, with pos_weight (the lone voxel weighs w + a * 0.75)
+  # and with another mass (8: 1 - 1/8 of it).
+  five = logits[..., None]
+  assert float(losses.bce_loss(five, labels, target[..., None],
+                               small_lesion_weight=a)) == pytest.approx(weighted, rel=1e-6)
+  w = 2.0
+  both = float(losses.bce_loss(logits, labels, target, w, small_lesion_weight=a))
+  only_w = float(losses.bce_loss(logits, labels, target, w))
+  assert both - only_w == pytest.approx(extra, rel=1e-4)
+  wider = float(losses.bce_loss(logits, labels, target, small_lesion_weight=a,
+                                small_lesion_mass=8.0))
+  assert wider - plain == pytest.approx(extra / 0.75 * (1 - 1 / 8), rel=1e-4)
+  with pytest.raises(ValueError, match='small_lesion_mass must be positive'):
+    losses.bce_loss(logits, labels, target, small_lesion_weight=a, small_lesion_mass=0.0)
 
 
 _CFG = ml_collections.ConfigDict({'name': 'dice_bce', 'smooth': 1.0, 'bce_weight': 1.0,

@@ -79,9 +79,14 @@ def bce_loss(logits: jax.Array, labels: jax.Array,
   weighs ``pos_weight`` times the background term (as torch's
   ``BCEWithLogitsLoss(pos_weight=...)``): above 1, a missed lesion voxel costs
   more than a false one. With ``small_lesion_weight`` = a, a lesion voxel's term
-  weighs up to 1 + a more where its :func:`lesion_mass` is small: times
-  ``1 + a * max(0, 1 - mass / small_lesion_mass)``, so small lesions count
-  more and large ones as before."""
+  weighs ``pos_weight + a * max(0, 1 - mass / small_lesion_mass)`` times the
+  background's, its :func:`lesion_mass` the ``mass``: small lesions count up to
+  a more, large ones as before. Raises ValueError for a weight with a
+  ``small_lesion_mass`` that is not positive."""
+  if small_lesion_weight and not small_lesion_mass > 0:
+    raise ValueError(f'loss.small_lesion_mass must be positive with '
+                     f'loss.small_lesion_weight={small_lesion_weight}, not '
+                     f'{small_lesion_mass}')
   target, mask = targets_and_mask(_match(logits, labels), _soft(logits, target))
   per_voxel = jnp.maximum(logits, 0) - logits * target + jnp.log1p(
       jnp.exp(-jnp.abs(logits)))
