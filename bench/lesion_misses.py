@@ -30,6 +30,7 @@ from pathlib import Path
 from absl import app
 from absl import flags
 import numpy as np
+from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
@@ -75,9 +76,8 @@ def lesion_fates(truth: np.ndarray, unet: np.ndarray, probability: np.ndarray,
   if not n:
     return []
   volume = np.bincount(labels.ravel(), minlength=n + 1)[1:] * float(np.prod(spacing))
-  unet_max = np.zeros(n + 1)
-  np.maximum.at(unet_max, labels.ravel(), np.asarray(unet, np.float64).ravel())
-  unet_max = unet_max[1:]
+  unet_max = np.asarray(ndimage.maximum(unet, labels, np.arange(1, n + 1)),
+                        np.float64)
 
   def touched(m):
     return np.bincount(labels[m], minlength=n + 1)[1:] > 0

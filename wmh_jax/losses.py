@@ -93,13 +93,11 @@ def bce_loss(logits: jax.Array, labels: jax.Array,
   # The lesion term, -t log sigmoid(x) = t softplus(-x), once more times the
   # extra weight (at none the graph is the plain loss's: runs stay bit-for-bit
   # reproducible).
-  extra = 0.0
-  if pos_weight != 1.0:
-    extra = pos_weight - 1.0
-  if small_lesion_weight:
-    small = jnp.clip(1.0 - lesion_mass(target) / small_lesion_mass, 0.0, 1.0)
-    extra = extra + small_lesion_weight * small
   if pos_weight != 1.0 or small_lesion_weight:
+    extra = pos_weight - 1.0
+    if small_lesion_weight:
+      small = jnp.clip(1.0 - lesion_mass(target) / small_lesion_mass, 0.0, 1.0)
+      extra = extra + small_lesion_weight * small
     per_voxel = per_voxel + extra * target * jax.nn.softplus(-logits)
   return jnp.sum(per_voxel * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
