@@ -66,21 +66,61 @@ def test_random_affine_keeps_label_set_and_lesion():
     assert 0.6 < (out == 1).sum() / (labels == 1).sum() < 1.6
 
 
+def _crop(volumes, labels, size, seed, fraction, matrix=None, offset=None):
+  """``volumes`` cut at :func:`augment.crop_start`'s start (identity affine
+  unless given)."""
+  matrix = tf.eye(3) if matrix is None else matrix
+  offset = tf.zeros(3) if offset is None else offset
+  start = augment.crop_start(labels, matrix, offset, size, seed, fraction)
+  return [tf.slice(v, start, size).numpy() for v in volumes]
+
+
 def test_lesion_centred_crop_contains_lesion():
   image, labels = _volume()
   for s in range(5):
-    _, crop = augment.random_crop(image, labels, (6, 6, 2),
-                                  tf.constant([s, 1], tf.int64), 1.0)
-    assert (crop.numpy() == 1).any()
+    _, crop = _crop([image, labels], labels, (6, 6, 2), tf.constant([s, 1], tf.int64), 1.0)
+    assert (crop == 1).any()
 
 
 def test_crop_of_lesion_free_volume():
   image, labels = _volume()
   labels[labels == 1] = 0
   for s in range(3):
-    img, crop = augment.random_crop(image, labels, (6, 6, 2),
-                                    tf.constant([s, 1], tf.int64), 1.0)
-    assert img.shape == (6, 6, 2) and not (crop.numpy() == 1).any()
+    img, crop = _crop([image, labels], labels, (6, 6, 2), tf.constant([s, 1], tf.int64),
+                      1.0)
+    assert img.shape == (6, 6, 2) and not (crop == 1).any()
+
+
+def test_the_warped_crop_is_the_crop_of_the_warped_volume():
+  image, labels = _volume()
+  target = (labels == 1).astype(np.float32) * 0.8
+  size = (6, 6, 2)
+  for s in range(6):
+    m, off = augment.random_affine(tf.constant([s, 0]), tf.shape(image),
+                                   tf.constant([1.0, 1.0, 3.0]))
+    start = augment.crop_start(labels, m, off, size, tf.constant([s, 1], tf.int64), 0.8)
+    whole = augment.affine_pair(image, labels, m, off, target)
+    cm, coff = augment.crop_affine(m, off, start)
+    crop = augment.affine_pair(image, labels, cm, coff, target, out_shape=size)
+    for w, c in zip(whole, crop):
+      assert c.shape == size
+      np.testing.assert_allclose(c.numpy(), tf.slice(w, start, size).numpy(),
+                                 atol=1e-4, err_msg=f'seed {s}')
+
+
+def test_lesion_centred_crop_of_a_warped_volume_holds_the_lesion():
+  image = np.random.default_rng(1).normal(size=(40, 36, 10)).astype(np.float32)
+  labels = np.zeros(image.shape, np.uint8)
+  labels[6:10, 26:30, 2:5] = 1          # off-centre lesions, so shifts and flips show
+  labels[30:33, 5:8, 6:8] = 1
+  size = (8, 8, 4)
+  for s in range(10):
+    m, off = augment.random_affine(tf.constant([s, 3]), tf.shape(image),
+                                   tf.constant([1.0, 1.0, 3.0]), rotate_deg=(5., 5., 30.),
+                                   translate_vox=(6.0, 6.0, 1.0))
+    start = augment.crop_start(labels, m, off, size, tf.constant([s, 4], tf.int64), 1.0)
+    _, warped = augment.affine_pair(image, labels, m, off)
+    assert (tf.slice(warped, start, size).numpy() == 1).any(), s
 
 
 def test_pipeline_is_deterministic_and_resumable():
@@ -109,10 +149,10 @@ def test_soft_target_follows_the_labels_through_affine_and_crop():
   assert 0.0 <= warped_target.min() and warped_target.max() <= 0.8 + 1e-6
   # Same geometry: where the warped fraction is high the warped label is lesion.
   assert (warped_labels.numpy()[warped_target > 0.6] == 1).all()
-  _, crop_labels, crop_target = augment.random_crop(
-      image, labels, (6, 6, 2), tf.constant([1, 1], tf.int64), 1.0, target)
-  np.testing.assert_allclose(crop_target.numpy(),
-                             (crop_labels.numpy() == 1) * 0.8)
+  crop_labels, crop_target = _crop([labels, target], labels, (6, 6, 2),
+                                   tf.constant([1, 1], tf.int64), 1.0)
+  assert (crop_labels == 1).any()
+  np.testing.assert_allclose(crop_target, (crop_labels == 1) * 0.8)
 
 
 def test_pipeline_carries_the_soft_target_when_asked():
@@ -143,10 +183,8 @@ def test_brain_and_target_follow_the_labels_together():
   np.testing.assert_allclose(b2.numpy(), augment.sample_linear(brain, m, off).numpy(),
                              atol=1e-6)
   assert (b2.numpy()[l2.numpy() > 0] > 0.4).all()  # lesions stay inside the brain
-  crops = augment.random_crop(image, labels, (6, 6, 2), tf.constant([2, 1], tf.int64),
-                              1.0, target, brain)
-  assert len(crops) == 4
-  _, crop_labels, crop_target, crop_brain = (c.numpy() for c in crops)
+  crop_labels, crop_target, crop_brain = _crop(
+      [labels, target, brain], labels, (6, 6, 2), tf.constant([2, 1], tf.int64), 1.0)
   np.testing.assert_allclose(crop_target, (crop_labels == 1) * 0.8)
   # The lesion voxels of the crop are brain voxels of the same crop.
   assert (crop_brain[crop_labels == 1] == 1.0).all()

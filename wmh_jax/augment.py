@@ -77,20 +77,21 @@ def sample_linear(volume, matrix, offset, out_shape=None):
   return tf.reshape(out, out_shape)
 
 
-def affine_pair(image, labels, matrix, offset, *soft):
+def affine_pair(image, labels, matrix, offset, *soft, out_shape=None):
   """Applies one affine to an image (linear) and its {0,1,2} labels.
 
   Labels are resampled through their lesion and other-pathology indicators
   (threshold 0.5; lesion wins), so a lesion never becomes label 2. Soft volumes
   in [0, 1] (the lesion fraction, the brain fraction) are resampled linearly and
-  returned after them: ``(image, labels, *soft)``.
+  returned after them: ``(image, labels, *soft)``, each of ``out_shape`` (the
+  input's shape when None; a crop of the warped volume: :func:`crop_affine`).
   """
-  image = sample_linear(image, matrix, offset)
-  lesion = sample_linear(tf.cast(labels == 1, tf.float32), matrix, offset) >= 0.5
-  other = sample_linear(tf.cast(labels == 2, tf.float32), matrix, offset) >= 0.5
+  warp = lambda v: sample_linear(v, matrix, offset, out_shape)
+  lesion = warp(tf.cast(labels == 1, tf.float32)) >= 0.5
+  other = warp(tf.cast(labels == 2, tf.float32)) >= 0.5
   labels = tf.cast(tf.where(lesion, 1, tf.where(other, 2, 0)), tf.uint8)
-  return (image, labels, *(tf.clip_by_value(sample_linear(v, matrix, offset), 0., 1.)
-                           for v in soft))
+  return (warp(image), labels,
+          *(tf.clip_by_value(warp(v), 0., 1.) for v in soft))
 
 
 def random_intensity(image, seed, amount=0.1):
@@ -110,12 +111,19 @@ def random_gamma(image, seed, log_sd=0.25):
   return lo + span * tf.pow(tf.clip_by_value((image - lo) / span, 0.0, 1.0), gamma)
 
 
-def random_bias_field(image, seed, amount=0.3):
+def random_bias_field(image, seed, amount=0.3, full_shape=None, start=None):
   """A smooth multiplicative field on ``image - min`` (so the background stays
   dark): ``exp`` of a degree-2 polynomial of the coordinates (each axis on
-  [-1, 1]) with coefficients ``U(-a, a)``, as scanners' coil sensitivity."""
+  [-1, 1]) with coefficients ``U(-a, a)``, as scanners' coil sensitivity.
+
+  When ``image`` is a crop starting at ``start`` of a volume of ``full_shape``,
+  the coordinates are the whole volume's, so a crop gets its part of the field.
+  """
   shape = tf.shape(image)
-  axes = [tf.linspace(-1.0, 1.0, shape[a]) for a in range(3)]
+  full_shape = shape if full_shape is None else tf.cast(full_shape, tf.int32)
+  start = tf.zeros([3], tf.int32) if start is None else tf.cast(start, tf.int32)
+  axes = [tf.linspace(-1.0, 1.0, full_shape[a])[start[a]:start[a] + shape[a]]
+          for a in range(3)]
   x, y, z = tf.meshgrid(*axes, indexing='ij')
   terms = tf.stack([x, y, z, x * y, x * z, y * z, x * x - 1 / 3, y * y - 1 / 3,
                     z * z - 1 / 3])
@@ -132,22 +140,38 @@ def random_noise(image, seed, max_sd=0.1):
   return image + sd * tf.random.stateless_normal(tf.shape(image), seeds[1])
 
 
-def random_crop(image, labels, size, seed, lesion_fraction=0.5, *soft):
-  """A ``size`` crop; with probability ``lesion_fraction`` centred on a lesion
-  voxel. Soft volumes are cropped alike: ``(image, labels, *soft)``."""
+def crop_start(labels, matrix, offset, size, seed, lesion_fraction=0.5):
+  """Where a ``size`` crop of ``labels`` warped by the affine starts, chosen
+  before warping (so that only the crop need be resampled: :func:`crop_affine`).
+
+  With probability ``lesion_fraction``, when ``labels`` holds a lesion, the crop
+  is centred where the affine takes one of its lesion voxels, drawn uniformly
+  (output index ``i`` reads input index ``matrix @ i + offset``, so input voxel
+  ``v`` lands at ``inv(matrix) @ (v - offset)``); otherwise it starts uniformly.
+  Both are clipped to the volume. With the identity affine this is the crop of
+  the labels themselves.
+  """
   seeds = tf.random.experimental.stateless_split(seed, 3)
-  shape = tf.shape(image)
+  shape = tf.shape(labels)
   size = tf.constant(size, tf.int32)
   room = shape - size
   uniform_start = tf.cast(
       tf.floor(_uniform(seeds[0], [3], 0.0, 1.0) * tf.cast(room + 1, tf.float32)),
       tf.int32)
-  lesions = tf.cast(tf.where(labels == 1), tf.int32)
+  lesions = tf.cast(tf.where(labels == 1), tf.float32)
   n = tf.shape(lesions)[0]
   pick = tf.random.stateless_uniform([], seeds[1], 0, tf.maximum(n, 1), tf.int32)
   # A dummy row keeps the gather valid when there is no lesion (then unused).
-  centre = tf.gather(tf.concat([lesions, tf.zeros([1, 3], tf.int32)], 0), pick)
-  lesion_start = tf.clip_by_value(centre - size // 2, 0, room)
+  voxel = tf.gather(tf.concat([lesions, tf.zeros([1, 3])], 0), pick)
+  centre = tf.linalg.matvec(tf.linalg.inv(tf.cast(matrix, tf.float32)),
+                            voxel - tf.cast(offset, tf.float32))
+  lesion_start = tf.clip_by_value(tf.cast(tf.round(centre), tf.int32) - size // 2,
+                                  0, room)
   use_lesion = (n > 0) & (_uniform(seeds[2], [], 0.0, 1.0) < lesion_fraction)
-  start = tf.where(use_lesion, lesion_start, uniform_start)
-  return tuple(tf.slice(v, start, size) for v in (image, labels, *soft))
+  return tf.where(use_lesion, lesion_start, uniform_start)
+
+
+def crop_affine(matrix, offset, start):
+  """The affine of the crop at ``start`` of the warped volume: its index ``j``
+  is the warped volume's ``start + j``, read at ``matrix @ (start + j) + offset``."""
+  return matrix, offset + tf.linalg.matvec(matrix, tf.cast(start, tf.float32))

@@ -47,10 +47,13 @@ def stack_prepared(prepared: list[dict], grid, soft_targets: bool = False,
   return arrays
 
 
-def _scanner_look(image, seed, aug_config):
+def _scanner_look(image, seed, aug_config, full_shape, start):
   """The bias field, contrast and noise of ``aug_config`` (each left out at 0,
-  so configs without them give the same batches as before)."""
-  ops = ((augment.random_bias_field, aug_config.get('bias_field', 0.0)),
+  so configs without them give the same batches as before). ``image`` is the
+  crop at ``start`` of a warped volume of ``full_shape``: the bias field is the
+  whole volume's; the contrast maps the crop's own range."""
+  ops = ((lambda x, s, a: augment.random_bias_field(x, s, a, full_shape, start),
+          aug_config.get('bias_field', 0.0)),
          (augment.random_gamma, aug_config.get('gamma', 0.0)),
          (augment.random_noise, aug_config.get('noise', 0.0)))
   for k, (op, amount) in enumerate(ops):
@@ -65,7 +68,12 @@ def augment_example(example, seed, aug_config, patch_size=None,
   'has_brain', 'image_brain']}`` example; adds a channel axis to the image. The
   soft volumes (``SOFT_KEYS``) follow the labels' geometry; ``has_brain`` passes
   through. With ``image_brain`` (data.input_norm='brain'), the image is that
-  one (z-scored in the brain) with probability ``brain_norm_fraction``."""
+  one (z-scored in the brain) with probability ``brain_norm_fraction``.
+
+  With ``patch_size`` the crop's place is chosen before warping
+  (``augment.crop_start``) and only the crop is resampled: the voxels of the
+  warped volume's crop there, for a crop's work instead of the volume's.
+  """
   image, labels = example['image'], example['labels']
   if 'image_brain' in example:  # its own stream: the other draws stay as they were
     pick = tf.random.stateless_uniform(
@@ -74,18 +82,28 @@ def augment_example(example, seed, aug_config, patch_size=None,
   keys = [k for k in SOFT_KEYS if k in example]
   soft = [example[k] for k in keys]
   seeds = tf.random.experimental.stateless_split(seed, 3)
+  shape = tf.shape(image)
+  matrix, offset = tf.eye(3), tf.zeros([3])
   if aug_config.enabled:
     matrix, offset = augment.random_affine(
-        seeds[0], tf.shape(image), example['spacing'],
+        seeds[0], shape, example['spacing'],
         rotate_deg=tuple(aug_config.rotate_deg), scale=aug_config.scale,
         shear=aug_config.shear, translate_vox=tuple(aug_config.translate_vox),
         flip_lr=aug_config.flip_lr)
-    image, labels, *soft = augment.affine_pair(image, labels, matrix, offset, *soft)
-    image = augment.random_intensity(image, seeds[1], aug_config.intensity)
-    image = _scanner_look(image, seeds[1], aug_config)
+  start, out_shape = tf.zeros([3], tf.int32), None
   if patch_size is not None:
-    image, labels, *soft = augment.random_crop(
-        image, labels, tuple(patch_size), seeds[2], lesion_patch_fraction, *soft)
+    out_shape = tuple(patch_size)
+    start = augment.crop_start(labels, matrix, offset, out_shape, seeds[2],
+                               lesion_patch_fraction)
+  if aug_config.enabled:
+    matrix, offset = augment.crop_affine(matrix, offset, start)
+    image, labels, *soft = augment.affine_pair(image, labels, matrix, offset, *soft,
+                                               out_shape=out_shape)
+    image = augment.random_intensity(image, seeds[1], aug_config.intensity)
+    image = _scanner_look(image, seeds[1], aug_config, shape, start)
+  elif out_shape is not None:
+    image, labels, *soft = (tf.slice(v, start, out_shape)
+                            for v in (image, labels, *soft))
   out = {'image': image[..., None], 'labels': labels, **dict(zip(keys, soft))}
   if 'has_brain' in example:
     out['has_brain'] = example['has_brain']
