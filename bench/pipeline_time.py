@@ -55,6 +55,7 @@ def _arrays(grid, n=8, lesions=10):
 def main(_):
   config = default.get_config()
   config.data.grid = tuple(int(v) for v in FLAGS.grid)
+  config.train.batch_size = 1  # a batch is an example
   it = input_pipeline.train_dataset(_arrays(config.data.grid), config).as_numpy_iterator()
   for _ in range(5):
     next(it)  # start the workers

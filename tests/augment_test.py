@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from configs import test as test_config
@@ -248,14 +249,20 @@ def test_image_and_mask_stay_aligned_under_strong_random_affines():
         'spacing': np.array([1.0, 1.2, 3.0], np.float32)}
   moved = 0
   for s in range(8):
-    out = input_pipeline.augment_example(ex, tf.constant([s, 11], tf.int64), cfg)
+    # Whole volumes, and crops resampled alone (the default's training path).
+    patch = None if s % 2 else (36, 32, 10)
+    out = input_pipeline.augment_example(ex, tf.constant([s, 11], tf.int64), cfg, patch)
     warped_image, warped = out['image'].numpy()[..., 0], out['labels'].numpy()
     from_image = np.where(warped_image > 5, 1, np.where(warped_image < -5, 2, 0))
     inner = _uniform_neighbourhood(warped)
+    if patch:   # a crop's edge voxels have neighbours outside it: not judged
+      edge = np.ones_like(inner)
+      edge[1:-1, 1:-1, 1:-1] = False
+      inner &= ~edge
     for k in (0, 1, 2):   # each label has voxels to compare
       assert (inner & (warped == k)).sum() > 20, (s, k)
     np.testing.assert_array_equal(from_image[inner], warped[inner], err_msg=f'seed {s}')
-    moved += not np.array_equal(warped, labels)
+    moved += warped.shape != labels.shape or not np.array_equal(warped, labels)
   assert moved == 8   # every seed moved the volume
 
 
@@ -336,3 +343,50 @@ def test_brain_normalised_input_is_drawn_in_its_share_of_examples_and_nothing_el
           ex, seed, cfg, (8, 8, 4), 0.5, fraction)['image'].numpy(),
                                     want['image'].numpy())
   assert 10 <= sum(picks) <= 30
+
+
+def test_crop_without_augmentation_cuts_every_volume_at_one_place():
+  shape = (16, 12, 6)
+  idx = np.indices(shape).astype(np.float32)
+  code = idx[0] * 10000 + idx[1] * 100 + idx[2]        # each voxel names its place
+  _, labels = _volume()
+  ex = {'image': code, 'labels': labels, 'spacing': np.ones(3, np.float32),
+        'target': code + 0.5, 'brain': code + 0.25}
+  cfg = test_config.get_config().augment
+  cfg.enabled = False
+  for s in range(6):
+    out = input_pipeline.augment_example(ex, tf.constant([s, 5], tf.int64), cfg, (8, 6, 4),
+                                         0.5)
+    image = out['image'].numpy()[..., 0]
+    x, y, z = (int(v) for v in (image[0, 0, 0] // 10000, image[0, 0, 0] // 100 % 100,
+                                image[0, 0, 0] % 100))
+    window = np.s_[x:x + 8, y:y + 6, z:z + 4]
+    np.testing.assert_array_equal(image, code[window])
+    np.testing.assert_array_equal(out['labels'].numpy(), labels[window])
+    np.testing.assert_array_equal(out['target'].numpy(), code[window] + 0.5)
+    np.testing.assert_array_equal(out['brain'].numpy(), code[window] + 0.25)
+
+
+def test_bias_field_on_a_crop_is_the_crop_of_the_volume_field():
+  image, _ = _volume()
+  image = image - image.min() + 1.0
+  image[0, 0, 0] = 0.0                                     # the background level
+  seed = tf.constant([7, 1], tf.int64)
+  whole = augment.random_bias_field(image, seed, 0.3).numpy()
+  start, size = (5, 3, 2), (8, 6, 3)
+  crop = image[5:13, 3:9, 2:5]
+  part = augment.random_bias_field(crop, seed, 0.3, image.shape, start, 0.0).numpy()
+  np.testing.assert_allclose(part, whole[5:13, 3:9, 2:5], rtol=1e-5, atol=1e-5)
+  # Without the volume's place and minimum the crop gets another field.
+  assert not np.allclose(augment.random_bias_field(crop, seed, 0.3).numpy(), part,
+                         atol=1e-3)
+
+
+def test_a_crop_larger_than_the_grid_is_refused():
+  image, labels = _volume()
+  arrays = {'image': image[None], 'labels': labels[None], 'spacing': np.ones((1, 3),
+                                                                             np.float32)}
+  cfg = test_config.get_config()
+  cfg.train.patch_size = (8, 16, 4)                      # Y: 16 > 12
+  with pytest.raises(ValueError, match=r'patch_size \(8, 16, 4\) is larger than the grid'):
+    input_pipeline.train_dataset(arrays, cfg)

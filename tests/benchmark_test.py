@@ -60,10 +60,10 @@ def test_cpuinfo_names_the_model_and_the_vector_extensions():
 def test_pipeline_time_script_prints_cpu_seconds_a_crop(tmp_path):
   """bench/pipeline_time.py: the default config's crops on a small grid."""
   script = Path(__file__).resolve().parents[1] / 'bench' / 'pipeline_time.py'
-  out = subprocess.run([sys.executable, str(script), '--grid=72,80,16', '--examples=3',
-                        '--repeats=2'], cwd=tmp_path, capture_output=True, text=True,
-                       check=True).stdout
-  rec = json.loads([l for l in out.splitlines() if l.startswith('{')][-1])
+  run = subprocess.run([sys.executable, str(script), '--grid=72,80,16', '--examples=3',
+                        '--repeats=2'], cwd=tmp_path, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-2000:]
+  rec = json.loads([l for l in run.stdout.splitlines() if l.startswith('{')][-1])
   assert rec['grid'] == [72, 80, 16] and rec['patch'] == [64, 64, 16]
   assert rec['examples'] == 3 and len(rec['cpu_s_per_example_all']) == 2
   assert rec['cpu_s_per_example'] > 0 and rec['wall_s_per_example'] > 0

@@ -111,13 +111,14 @@ def random_gamma(image, seed, log_sd=0.25):
   return lo + span * tf.pow(tf.clip_by_value((image - lo) / span, 0.0, 1.0), gamma)
 
 
-def random_bias_field(image, seed, amount=0.3, full_shape=None, start=None):
-  """A smooth multiplicative field on ``image - min`` (so the background stays
-  dark): ``exp`` of a degree-2 polynomial of the coordinates (each axis on
-  [-1, 1]) with coefficients ``U(-a, a)``, as scanners' coil sensitivity.
+def random_bias_field(image, seed, amount=0.3, full_shape=None, start=None, lo=None):
+  """A smooth multiplicative field on ``image - lo`` (``lo``: the image's minimum
+  unless given, so the background stays dark): ``exp`` of a degree-2
+  polynomial of the coordinates (each axis on [-1, 1]) with coefficients
+  ``U(-a, a)``, as scanners' coil sensitivity.
 
-  When ``image`` is a crop starting at ``start`` of a volume of ``full_shape``,
-  the coordinates are the whole volume's, so a crop gets its part of the field.
+  When ``image`` is a crop starting at ``start`` of a volume of ``full_shape``
+  whose minimum is ``lo``, the crop gets exactly its part of that volume's field.
   """
   shape = tf.shape(image)
   full_shape = shape if full_shape is None else tf.cast(full_shape, tf.int32)
@@ -129,7 +130,7 @@ def random_bias_field(image, seed, amount=0.3, full_shape=None, start=None):
                     z * z - 1 / 3])
   coef = _uniform(seed, [9], -amount, amount)
   field = tf.exp(tf.tensordot(coef, terms, axes=1))
-  lo = tf.reduce_min(image)
+  lo = tf.reduce_min(image) if lo is None else lo
   return lo + (image - lo) * field
 
 

@@ -47,12 +47,13 @@ def stack_prepared(prepared: list[dict], grid, soft_targets: bool = False,
   return arrays
 
 
-def _scanner_look(image, seed, aug_config, full_shape, start):
+def _scanner_look(image, seed, aug_config, full_shape, start, lo):
   """The bias field, contrast and noise of ``aug_config`` (each left out at 0,
-  so configs without them give the same batches as before). ``image`` is the
-  crop at ``start`` of a warped volume of ``full_shape``: the bias field is the
-  whole volume's; the contrast maps the crop's own range."""
-  ops = ((lambda x, s, a: augment.random_bias_field(x, s, a, full_shape, start),
+  so configs without them give the batches of configs without these keys).
+  ``image`` is the crop at ``start`` of a warped volume of ``full_shape`` and
+  minimum ``lo``: the bias field is the crop of that volume's; the contrast
+  maps the crop's own range (before stop 30, the whole volume's)."""
+  ops = ((lambda x, s, a: augment.random_bias_field(x, s, a, full_shape, start, lo),
           aug_config.get('bias_field', 0.0)),
          (augment.random_gamma, aug_config.get('gamma', 0.0)),
          (augment.random_noise, aug_config.get('noise', 0.0)))
@@ -97,10 +98,13 @@ def augment_example(example, seed, aug_config, patch_size=None,
                                lesion_patch_fraction)
   if aug_config.enabled:
     matrix, offset = augment.crop_affine(matrix, offset, start)
+    # The warped volume's minimum: the input's (trilinear weights are convex, and
+    # the background is sampled), as the bias field needs it for a crop.
+    lo = augment.random_intensity(tf.reduce_min(image), seeds[1], aug_config.intensity)
     image, labels, *soft = augment.affine_pair(image, labels, matrix, offset, *soft,
                                                out_shape=out_shape)
     image = augment.random_intensity(image, seeds[1], aug_config.intensity)
-    image = _scanner_look(image, seeds[1], aug_config, shape, start)
+    image = _scanner_look(image, seeds[1], aug_config, shape, start, lo)
   elif out_shape is not None:
     image, labels, *soft = (tf.slice(v, start, out_shape)
                             for v in (image, labels, *soft))
@@ -119,6 +123,9 @@ def train_dataset(arrays: dict[str, np.ndarray], config, start_step: int = 0):
                   reshuffle_each_iteration=True).repeat()
   ds = ds.enumerate().skip(start_step * config.train.batch_size)
   patch = config.train.patch_size
+  if patch is not None and any(p > g for p, g in zip(patch, arrays['image'].shape[1:])):
+    raise ValueError(f'train.patch_size {tuple(patch)} is larger than the grid '
+                     f'{tuple(arrays["image"].shape[1:])} (data.grid)')
   fn = lambda i, ex: augment_example(
       ex, tf.stack([tf.constant(seed, tf.int64), i]), config.augment,
       None if patch is None else tuple(patch),
