@@ -98,9 +98,10 @@ def augment_example(example, seed, aug_config, patch_size=None,
                                lesion_patch_fraction)
   if aug_config.enabled:
     matrix, offset = augment.crop_affine(matrix, offset, start)
-    # The warped volume's minimum: the input's (trilinear weights are convex, and
-    # the background is sampled), as the bias field needs it for a crop.
-    lo = augment.random_intensity(tf.reduce_min(image), seeds[1], aug_config.intensity)
+    lo = None  # the warped volume's minimum, which the bias field needs for a crop:
+    if aug_config.get('bias_field', 0.0):  # the input's (convex trilinear weights,
+      lo = augment.random_intensity(       # and the background is sampled)
+          tf.reduce_min(image), seeds[1], aug_config.intensity)
     image, labels, *soft = augment.affine_pair(image, labels, matrix, offset, *soft,
                                                out_shape=out_shape)
     image = augment.random_intensity(image, seeds[1], aug_config.intensity)
