@@ -309,3 +309,58 @@ def test_the_refiner_keeps_its_candidate_level_and_an_old_one_its_times(tmp_path
   assert refine.candidate_of(old, default=2e-4) == 0.02
   assert refine.candidate_of(None, default=0.02) == 0.02
   assert refine.candidate_of(None, default=2e-4) == 2e-4
+
+
+def test_features_smooth_only_near_the_candidates_with_the_same_values():
+  """The 2 and 6 mm means are computed on the candidates' box grown by the
+  kernels' reach: equal to smoothing the whole scan, also for candidates at
+  the scan's edge and in a far corner."""
+  prob, image, spacing, _ = _case(3, shape=(64, 56, 20))
+  prob = np.zeros_like(prob)
+  prob[30:34, 20:25, 8:11] = 0.3      # inside: the box ends within the scan
+  prob[0:2, 50:56, 18:20] = 0.6       # at the edge
+  cand, f = refine.features(prob, image, spacing, candidate=0.05)
+  s = np.asarray(spacing)
+  near = ndimage.gaussian_filter(image, 2.0 / s)[cand]
+  background = ndimage.gaussian_filter(image, 6.0 / s)[cand]
+  np.testing.assert_array_equal(f[:, refine.FEATURES.index('flair_2mm')], near)
+  np.testing.assert_array_equal(f[:, refine.FEATURES.index('flair_minus_6mm')],
+                                (image[cand] - background).astype(np.float32))
+  only_inside = np.where(np.arange(64)[:, None, None] >= 20, prob, 0.0)
+  cand, f = refine.features(only_inside, image, spacing, candidate=0.05)
+  np.testing.assert_array_equal(f[:, refine.FEATURES.index('flair_2mm_minus_6mm')],
+                                (ndimage.gaussian_filter(image, 2.0 / s)[cand] -
+                                 ndimage.gaussian_filter(image, 6.0 / s)[cand])
+                                .astype(np.float32))
+
+
+def test_voxel_probability_of_a_row_does_not_depend_on_the_other_rows():
+  """Rows go through the MLPs in blocks of refine.ROWS (the last padded): more
+  rows than a block give each row what it gets alone."""
+  refiner = refine.fit([_case(s) for s in range(2)], _rc(num_steps=20), seed=0,
+                       unet_step=1)
+  rng = np.random.default_rng(0)
+  f = rng.normal(size=(refine.ROWS + 7, len(refine.FEATURES))).astype(np.float32)
+  whole = refine.voxel_probability(refiner, f)
+  assert whole.shape == (len(f),) and whole.dtype == np.float32
+  np.testing.assert_allclose(whole[:5], refine.voxel_probability(refiner, f[:5]),
+                             rtol=1e-6)
+  np.testing.assert_allclose(whole[-7:], refine.voxel_probability(refiner, f[-7:]),
+                             rtol=1e-6)
+  assert refine.voxel_probability(refiner, f[:0]).shape == (0,)
+
+
+def test_candidate_dice_is_the_dice_of_the_whole_mask():
+  """The threshold's Dice from the candidates alone equals the Dice of the
+  whole-scan mask: true lesion off the candidates is missed, label 2 is left
+  out on and off them."""
+  prob, _, _, labels = _case(4)
+  cand = prob >= 0.3
+  labels.flat[np.flatnonzero(cand & (labels == 0))[::7]] = 2  # other pathology on them
+  assert (labels[~cand] == 1).any() and (labels[cand] == 2).any()
+  for t in (0.3, 0.5, 0.7):
+    mask = cand & (prob >= t)
+    want = challenge_metrics.dice(*challenge_metrics.masked_pair(labels, mask))
+    assert refine.candidate_dice(labels[cand], prob[cand] >= t, labels) == want
+  nothing = np.zeros_like(labels)
+  assert np.isnan(refine.candidate_dice(nothing[cand], prob[cand] >= 2, nothing))

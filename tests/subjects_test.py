@@ -2,6 +2,7 @@ import types
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from conftest import NO_BRAIN
 from conftest import write_tiny_subject
@@ -254,3 +255,32 @@ def test_a_subject_folder_given_as_the_root_is_that_subject(tmp_path):
   write_tiny_subject(tmp_path / 'Utrecht' / '7', np.random.default_rng(0))
   found = subjects.find_subjects(tmp_path / 'Utrecht' / '7', missing_mask='keep')
   assert [(s.site, s.id, s.key) for s in found] == [('.', '7', './7')]
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_fill_holes_is_scipys_in_3d_and_slice_by_slice(seed):
+  """One labelling of the background gives what ndimage.binary_fill_holes
+  gives, on the whole volume and on each axial slice alone: blobs with holes,
+  some open to a face of the array, some shut only in-plane."""
+  rng = np.random.default_rng(seed)
+  shape = tuple(int(n) for n in rng.integers(1, 24, 3))
+  mask = ndimage.gaussian_filter(rng.random(shape), 1.2) > 0.5
+  np.testing.assert_array_equal(subjects.fill_holes(mask),
+                                ndimage.binary_fill_holes(mask))
+  per_slice = np.stack([ndimage.binary_fill_holes(mask[:, :, z])
+                        for z in range(shape[2])], axis=2)
+  np.testing.assert_array_equal(subjects.fill_holes(mask, in_plane=True), per_slice)
+
+
+def test_fill_holes_fills_a_tube_slice_by_slice_and_not_in_3d():
+  """A tube along z: every slice is a ring (its inside a hole), while in 3-D
+  its inside reaches the top and bottom faces (no hole)."""
+  x, y = np.ogrid[:11, :11]
+  r2 = (x - 5) ** 2 + (y - 5) ** 2
+  ring = (r2 <= 16) & (r2 >= 4)
+  tube = np.repeat(ring[:, :, None], 5, axis=2)
+  np.testing.assert_array_equal(subjects.fill_holes(tube), tube)
+  np.testing.assert_array_equal(subjects.fill_holes(tube, in_plane=True),
+                                np.repeat((r2 <= 16)[:, :, None], 5, axis=2))
+  assert subjects.fill_holes(np.ones((3, 3, 3), bool)).all()
+  assert not subjects.fill_holes(np.zeros((3, 3, 3), bool)).any()

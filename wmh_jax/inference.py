@@ -76,7 +76,7 @@ def make_probability_fn(members, tta_axes=()):
   member also sees the image flipped along every subset of those axes, and the
   probabilities are flipped back before averaging.
   """
-  fns = [(jax.jit(functools.partial(steps.predict_logits, model=m)), s)
+  fns = [(functools.partial(steps.predict_logits_jit, model=m), s)
          for m, s in members]
   brain = all(has_brain_output(m, s) for m, s in members)
   flips = flip_sets(tuple(tta_axes))
@@ -111,9 +111,7 @@ def brain_mask(brain_prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
   if n == 0:
     return mask
   mask = cc == np.argmax(np.bincount(cc.ravel())[1:]) + 1
-  for z in range(mask.shape[2]):
-    mask[:, :, z] = ndimage.binary_fill_holes(mask[:, :, z])
-  return ndimage.binary_fill_holes(mask)
+  return subjects.fill_holes(subjects.fill_holes(mask, in_plane=True))
 
 
 def native_probability(output, native_shape, pconfig

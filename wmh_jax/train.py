@@ -128,7 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   state = jax.device_put(state, replicated)
   step_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                       loss_config=config.loss), donate_argnums=0)
-  predict_fn = jax.jit(functools.partial(steps.predict_logits, model=model))
+  predict_fn = functools.partial(steps.predict_logits_jit, model=model)
   schedule = steps.learning_rate_schedule(config.train)
 
   writer = metric_writers.create_default_writer(
