@@ -311,43 +311,58 @@ def test_the_refiner_keeps_its_candidate_level_and_an_old_one_its_times(tmp_path
   assert refine.candidate_of(None, default=2e-4) == 2e-4
 
 
-def test_features_smooth_only_near_the_candidates_with_the_same_values():
+@pytest.mark.parametrize('spacing', [(1.0, 1.0, 2.0), (0.45, 0.45, 3.0),
+                                     (0.3, 0.7, 0.45)])
+def test_features_smooth_only_near_the_candidates_with_the_same_values(spacing):
   """The 2 and 6 mm means are computed on the candidates' box grown by the
-  kernels' reach: equal to smoothing the whole scan, also for candidates at
-  the scan's edge and in a far corner."""
-  prob, image, spacing, _ = _case(3, shape=(64, 56, 20))
-  prob = np.zeros_like(prob)
-  prob[30:34, 20:25, 8:11] = 0.3      # inside: the box ends within the scan
-  prob[0:2, 50:56, 18:20] = 0.6       # at the edge
-  cand, f = refine.features(prob, image, spacing, candidate=0.05)
+  kernels' reach: bit for bit what smoothing the whole scan gives, for
+  candidates inside, at the scan's edge, and with kernels wider than an axis
+  (0.45 mm: a 6 mm sd is 13 voxels)."""
+  _, image, _, _ = _case(3, shape=(64, 56, 20))
   s = np.asarray(spacing)
-  near = ndimage.gaussian_filter(image, 2.0 / s)[cand]
-  background = ndimage.gaussian_filter(image, 6.0 / s)[cand]
-  np.testing.assert_array_equal(f[:, refine.FEATURES.index('flair_2mm')], near)
-  np.testing.assert_array_equal(f[:, refine.FEATURES.index('flair_minus_6mm')],
-                                (image[cand] - background).astype(np.float32))
-  only_inside = np.where(np.arange(64)[:, None, None] >= 20, prob, 0.0)
-  cand, f = refine.features(only_inside, image, spacing, candidate=0.05)
-  np.testing.assert_array_equal(f[:, refine.FEATURES.index('flair_2mm_minus_6mm')],
-                                (ndimage.gaussian_filter(image, 2.0 / s)[cand] -
-                                 ndimage.gaussian_filter(image, 6.0 / s)[cand])
-                                .astype(np.float32))
+
+  def smoothed(mm, cand):
+    return ndimage.gaussian_filter(image, mm / s)[cand]
+
+  for region in [(slice(30, 34), slice(20, 25), slice(8, 11)),   # inside
+                 (slice(0, 2), slice(50, 56), slice(18, 20)),    # at the edge
+                 (slice(40, 41), slice(5, 6), slice(2, 3))]:     # one voxel
+    prob = np.zeros(image.shape, np.float32)
+    prob[region] = 0.3
+    cand, f = refine.features(prob, image, spacing, candidate=0.05)
+    near, background = smoothed(refine.NEAR_MM, cand), smoothed(refine.BACKGROUND_MM, cand)
+    np.testing.assert_array_equal(f[:, refine.FEATURES.index('flair_2mm')], near)
+    np.testing.assert_array_equal(f[:, refine.FEATURES.index('flair_minus_6mm')],
+                                  (image[cand] - background).astype(np.float32))
+    np.testing.assert_array_equal(
+        f[:, refine.FEATURES.index('flair_2mm_minus_6mm')],
+        (near - background).astype(np.float32))
 
 
-def test_voxel_probability_of_a_row_does_not_depend_on_the_other_rows():
-  """Rows go through the MLPs in blocks of refine.ROWS (the last padded): more
-  rows than a block give each row what it gets alone."""
+@pytest.mark.parametrize('extra', [7, 0])
+def test_voxel_probability_in_padded_blocks_is_the_mlps_mean(extra):
+  """Rows go through the MLPs in blocks of refine.ROWS, the last one padded
+  (or none, at a multiple of ROWS): every row gets the mean of its MLPs'
+  sigmoids, applied to that row's normalised features alone."""
   refiner = refine.fit([_case(s) for s in range(2)], _rc(num_steps=20), seed=0,
                        unet_step=1)
   rng = np.random.default_rng(0)
-  f = rng.normal(size=(refine.ROWS + 7, len(refine.FEATURES))).astype(np.float32)
-  whole = refine.voxel_probability(refiner, f)
-  assert whole.shape == (len(f),) and whole.dtype == np.float32
-  np.testing.assert_allclose(whole[:5], refine.voxel_probability(refiner, f[:5]),
-                             rtol=1e-6)
-  np.testing.assert_allclose(whole[-7:], refine.voxel_probability(refiner, f[-7:]),
-                             rtol=1e-6)
+  f = rng.normal(size=(refine.ROWS + extra, len(refine.FEATURES))).astype(np.float32)
+  got = refine.voxel_probability(refiner, f)
+  assert got.shape == (len(f),) and got.dtype == np.float32
+  x = (f - refiner['mean']) / refiner['std']
+  want = np.mean([1 / (1 + np.exp(-_numpy_mlp(p, x.astype(np.float64))))
+                  for p in refiner['params'].values()], axis=0)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
   assert refine.voxel_probability(refiner, f[:0]).shape == (0,)
+
+
+def _numpy_mlp(params, x):
+  """RefineMLP's logit in numpy (float64): Dense and relu, then Dense."""
+  layers = [params[f'Dense_{i}'] for i in range(len(params))]
+  for layer in layers[:-1]:
+    x = np.maximum(x @ np.asarray(layer['kernel'], np.float64) + layer['bias'], 0.0)
+  return (x @ np.asarray(layers[-1]['kernel'], np.float64) + layers[-1]['bias'])[:, 0]
 
 
 def test_candidate_dice_is_the_dice_of_the_whole_mask():
@@ -361,6 +376,7 @@ def test_candidate_dice_is_the_dice_of_the_whole_mask():
   for t in (0.3, 0.5, 0.7):
     mask = cand & (prob >= t)
     want = challenge_metrics.dice(*challenge_metrics.masked_pair(labels, mask))
-    assert refine.candidate_dice(labels[cand], prob[cand] >= t, labels) == want
+    assert refine.candidate_dice(labels[cand], prob[cand] >= t,
+                                 int((labels == 1).sum())) == want
   nothing = np.zeros_like(labels)
-  assert np.isnan(refine.candidate_dice(nothing[cand], prob[cand] >= 2, nothing))
+  assert np.isnan(refine.candidate_dice(nothing[cand], prob[cand] >= 2, 0))

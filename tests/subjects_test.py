@@ -260,16 +260,25 @@ def test_a_subject_folder_given_as_the_root_is_that_subject(tmp_path):
 @pytest.mark.parametrize('seed', range(4))
 def test_fill_holes_is_scipys_in_3d_and_slice_by_slice(seed):
   """One labelling of the background gives what ndimage.binary_fill_holes
-  gives, on the whole volume and on each axial slice alone: blobs with holes,
-  some open to a face of the array, some shut only in-plane."""
+  gives, on the whole volume and on each axial slice alone: random blobs with
+  a hole of each kind (closed in 3-D; closed only within its slices), and
+  thin arrays (an axis of 1 or 2 voxels)."""
   rng = np.random.default_rng(seed)
-  shape = tuple(int(n) for n in rng.integers(1, 24, 3))
-  mask = ndimage.gaussian_filter(rng.random(shape), 1.2) > 0.5
-  np.testing.assert_array_equal(subjects.fill_holes(mask),
-                                ndimage.binary_fill_holes(mask))
+  shape = tuple(int(n) for n in rng.integers(15, 24, 3))
+  mask = ndimage.gaussian_filter(rng.random(shape), 1.0) > 0.5
+  mask[1:7, 1:7, 1:7] = True          # a hollow cube: a hole in 3-D
+  mask[2:6, 2:6, 2:6] = False
+  mask[8:14, 1:7, :] = True           # a tube along z: holes in its slices only
+  mask[9:13, 2:6, :] = False
+  filled_3d = ndimage.binary_fill_holes(mask)
   per_slice = np.stack([ndimage.binary_fill_holes(mask[:, :, z])
                         for z in range(shape[2])], axis=2)
+  assert (filled_3d & ~mask).any() and (per_slice & ~filled_3d).any()
+  np.testing.assert_array_equal(subjects.fill_holes(mask), filled_3d)
   np.testing.assert_array_equal(subjects.fill_holes(mask, in_plane=True), per_slice)
+  for thin in (mask[:, :, :1], mask[:, :2], mask[:1]):
+    np.testing.assert_array_equal(subjects.fill_holes(thin),
+                                  ndimage.binary_fill_holes(thin))
 
 
 def test_fill_holes_fills_a_tube_slice_by_slice_and_not_in_3d():

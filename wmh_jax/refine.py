@@ -51,7 +51,9 @@ from wmh_jax import subjects
 FEATURES = ('unet_logit', 'flair', 'flair_over_lesion_reference', 'flair_2mm',
             'flair_minus_6mm', 'flair_2mm_minus_6mm', 'lesion_reference')
 SURE = 0.5  # U-Net probability of the voxels that set the lesion reference
+NEAR_MM, BACKGROUND_MM = 2.0, 6.0  # sd of the features' two smoothings (mm)
 TRUNCATE = 4.0  # the smoothing kernels' half-width in sd (scipy's default)
+ROWS = 1 << 16  # feature rows an MLP is applied to at once (voxel_probability)
 # refine.threshold_rule and refine.min_lesion_rule (:func:`pick`).
 RULES = ('best', 'one_se')
 # The candidate level of a refiner saved before it stored its own: 0.02, the only
@@ -82,11 +84,12 @@ def features(prob: np.ndarray, image: np.ndarray, spacing, candidate: float
   spacing = np.asarray(spacing, np.float64)
   # Smoothed only within reach of the candidates (scipy's kernel spans
   # TRUNCATE sd each side): the same values at them, bit for bit, for less work.
-  reach = np.floor(TRUNCATE * 6.0 / spacing + 0.5).astype(int) + 1
+  reach = np.floor(TRUNCATE * BACKGROUND_MM / spacing + 0.5).astype(int) + 1
   box = tuple(slice(max(0, int(i.min()) - r), int(i.max()) + 1 + r)
               for i, r in zip(np.nonzero(cand), reach))
-  near = ndimage.gaussian_filter(image[box], 2.0 / spacing, truncate=TRUNCATE)
-  background = ndimage.gaussian_filter(image[box], 6.0 / spacing, truncate=TRUNCATE)
+  near = ndimage.gaussian_filter(image[box], NEAR_MM / spacing, truncate=TRUNCATE)
+  background = ndimage.gaussian_filter(image[box], BACKGROUND_MM / spacing,
+                                       truncate=TRUNCATE)
   # Clipped at 1e-4, or at a positive candidate level below it (a refiner with
   # a lower one tells its candidates' logits apart; at 0, a probability of 0
   # must not give an infinite logit).
@@ -125,8 +128,10 @@ def _model(params) -> RefineMLP:
 def voxel_probability(refiner, f: np.ndarray) -> np.ndarray:
   """The refiner's lesion probability for feature rows ``f``: the mean over
   its MLPs. The rows go through in blocks of ``ROWS`` (the last one padded), so
-  one compiled function serves every scan: each scan's own row count compiled
-  anew, ~0.2 s a scan."""
+  one compiled function serves every scan (each scan's own row count compiled
+  anew, ~0.2 s a scan), and a row's probability no longer depends on how many
+  rows it came with (with the row count, the matrix products' rounding moved
+  by up to 1 ulp)."""
   if not len(f):
     return np.zeros(0, np.float32)
   x = np.asarray((f - refiner['mean']) / refiner['std'], np.float32)
@@ -137,9 +142,6 @@ def voxel_probability(refiner, f: np.ndarray) -> np.ndarray:
                                   for block in np.split(padded, len(padded) // ROWS)]
                                  )[:len(x)]
                   for k in sorted(members)], axis=0).astype(np.float32)
-
-
-ROWS = 1 << 16  # feature rows an MLP is applied to at once (voxel_probability)
 
 
 @jax.jit
@@ -204,12 +206,14 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
     losses.append(float(loss))
   scaled = {'params': members, 'mean': mean, 'std': std}
   fitted = [voxel_probability(scaled, f) for _, f in cands]
-  # Scored where a voxel can be predicted or is labelled: the candidates, and
-  # each case cut to the box around them and its labels. The same Dice and
-  # lesions as on the whole scan, without a whole-scan mask a threshold.
-  per_case = {float(t): np.array([candidate_dice(labels[cand], q >= t, labels)
-                                  for (cand, _), q, (_, _, _, labels)
-                                  in zip(cands, fitted, cases)])
+  # Scored where a voxel can be predicted or is labelled: the thresholds on the
+  # candidates alone, the smallest lesion on each case cut to the box of its
+  # candidates and labels. The same Dice and lesions as on the whole scan,
+  # without building a whole-scan mask for every threshold.
+  on_cand = [(labels[cand], int((labels == 1).sum()))
+             for (cand, _), (_, _, _, labels) in zip(cands, cases)]
+  per_case = {float(t): np.array([candidate_dice(lc, q >= t, n_true)
+                                  for (lc, n_true), q in zip(on_cand, fitted)])
               for t in rc.thresholds}
   scores = {t: float(np.nanmean(d)) for t, d in per_case.items()}
   threshold = pick(per_case, threshold_rule(rc))
@@ -246,12 +250,13 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
 
 
 def candidate_dice(candidate_labels: np.ndarray, decided: np.ndarray,
-                   labels: np.ndarray) -> float:
+                   num_true: int) -> float:
   """Dice of a mask that is ``decided`` on the candidate voxels (whose labels
-  are ``candidate_labels``) and empty elsewhere, against ``labels`` (label 2
-  left out, as ``challenge_metrics.masked_pair``): the true lesion voxels off
-  the candidates count as missed."""
-  missed = int((labels == 1).sum()) - int((candidate_labels == 1).sum())
+  are ``candidate_labels``) and empty elsewhere, against a scan's labels with
+  ``num_true`` voxels of label 1 (label 2 left out, as
+  ``challenge_metrics.masked_pair``): the true lesion voxels off the candidates
+  count as missed."""
+  missed = int(num_true) - int((candidate_labels == 1).sum())
   truth = np.concatenate([candidate_labels == 1, np.ones(missed, bool)])
   pred = np.concatenate([decided & (candidate_labels != 2), np.zeros(missed, bool)])
   return challenge_metrics.dice(truth, pred)

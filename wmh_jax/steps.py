@@ -110,9 +110,11 @@ def predict_logits(params, batch_stats, images, *, model) -> jax.Array:
 
 
 # predict_logits compiled once per network (flax modules of one config are
-# equal) and input: validation, the refiner's fit, evaluate's two splits and
-# predict share it. A jit of a new functools.partial compiled anew each time
-# (~6 s for the default's network on a 2-core CPU).
+# equal and hash alike; the weights are arguments) and input shape: validation,
+# the refiner's fit, evaluate's two splits and predict share it. A jit of a new
+# functools.partial compiled anew each time (~6 s for the default's network on
+# a 2-core CPU). The compiled functions stay cached for the process's life
+# (jax's cache, one per network and shape).
 predict_logits_jit = jax.jit(predict_logits, static_argnames='model')
 
 
