@@ -92,6 +92,21 @@ def lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
   return ndimage.label(mask, structure=_CONNECT_26)
 
 
+def bounding_box(mask: np.ndarray, margin=0) -> tuple[slice, ...] | None:
+  """Slices of the bounding box of ``mask`` grown by ``margin`` voxels (one
+  number, or one per axis; clipped at 0, numpy clips the upper ends); None if
+  ``mask`` is empty."""
+  margins = np.broadcast_to(np.asarray(margin, int), (mask.ndim,))
+  box = []
+  for a in range(mask.ndim):
+    hit = np.flatnonzero(mask.any(axis=tuple(b for b in range(mask.ndim) if b != a)))
+    if hit.size == 0:
+      return None
+    box.append(slice(max(int(hit[0]) - int(margins[a]), 0),
+                     int(hit[-1]) + 1 + int(margins[a])))
+  return tuple(box)
+
+
 def drop_small_lesions(mask: np.ndarray, spacing, min_mm3: float) -> np.ndarray:
   """``mask`` without its lesions (26-connected components, as :func:`lesions`
   counts them) of less than ``min_mm3`` (voxel size ``spacing`` in mm);
@@ -100,10 +115,10 @@ def drop_small_lesions(mask: np.ndarray, spacing, min_mm3: float) -> np.ndarray:
   if min_mm3 <= 0:
     return mask
   out = np.zeros(mask.shape, bool)
-  if not mask.any():
-    return out
   # Labelled inside the mask's bounding box only: a few lesions in a large scan.
-  box = tuple(slice(i.min(), i.max() + 1) for i in np.nonzero(mask))
+  box = bounding_box(mask)
+  if box is None:
+    return out
   cc, n = lesions(mask[box])
   size = np.bincount(cc.ravel(), minlength=n + 1) * float(np.prod(spacing))
   keep = size >= min_mm3

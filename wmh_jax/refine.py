@@ -85,8 +85,7 @@ def features(prob: np.ndarray, image: np.ndarray, spacing, candidate: float
   # Smoothed only within reach of the candidates (scipy's kernel spans
   # TRUNCATE sd each side): the same values at them, bit for bit, for less work.
   reach = np.floor(TRUNCATE * BACKGROUND_MM / spacing + 0.5).astype(int) + 1
-  box = tuple(slice(max(0, int(i.min()) - r), int(i.max()) + 1 + r)
-              for i, r in zip(np.nonzero(cand), reach))
+  box = challenge_metrics.bounding_box(cand, reach)
   near = ndimage.gaussian_filter(image[box], NEAR_MM / spacing, truncate=TRUNCATE)
   background = ndimage.gaussian_filter(image[box], BACKGROUND_MM / spacing,
                                        truncate=TRUNCATE)
@@ -219,7 +218,7 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
   threshold = pick(per_case, threshold_rule(rc))
   boxed = []
   for (cand, _), q, (_, _, spacing, labels) in zip(cands, fitted, cases):
-    box = _bounding_box(cand | (labels != 0))
+    box = challenge_metrics.bounding_box(cand | (labels != 0)) or ()  # (): whole scan
     mask = np.zeros(cand[box].shape, bool)
     mask[cand[box]] = q >= threshold
     boxed.append((mask, spacing, labels[box]))
@@ -260,13 +259,6 @@ def candidate_dice(candidate_labels: np.ndarray, decided: np.ndarray,
   truth = np.concatenate([candidate_labels == 1, np.ones(missed, bool)])
   pred = np.concatenate([decided & (candidate_labels != 2), np.zeros(missed, bool)])
   return challenge_metrics.dice(truth, pred)
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-  """The slices of ``mask``'s bounding box (one voxel when it is empty)."""
-  if not mask.any():
-    return tuple(slice(0, 1) for _ in mask.shape)
-  return tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mask))
 
 
 def threshold_rule(rc) -> str:

@@ -124,30 +124,19 @@ def _upsample(small: np.ndarray, shape) -> np.ndarray:
       small, [np.linspace(0.0, m - 1.0, n) for m, n in zip(small.shape, shape)])
 
 
-def _bbox(mask: np.ndarray, margin: int = 0):
-  """Slices of the bounding box of ``mask`` grown by ``margin``; None if empty."""
-  box = []
-  for a in range(mask.ndim):
-    hit = np.flatnonzero(mask.any(axis=tuple(b for b in range(mask.ndim) if b != a)))
-    if hit.size == 0:
-      return None
-    box.append(slice(max(hit[0] - margin, 0), hit[-1] + 1 + margin))
-  return tuple(box)
-
-
 def _sample(volume: np.ndarray, coords: np.ndarray) -> np.ndarray:
   """``map_coordinates(order=1)`` at ``coords``, evaluated only in the box of
   output voxels the nonzero part of ``volume`` can reach (zero elsewhere):
   lesions and lacunes fill a small part of the head."""
   out = np.zeros(coords.shape[1:], np.float32)
-  source = _bbox(volume > 0)
+  source = challenge_metrics.bounding_box(volume > 0)
   if source is None:
     return out
   # Linear interpolation reaches a nonzero voxel from within one voxel of its box.
   inside = np.ones(coords.shape[1:], bool)
   for a, s in enumerate(source):
     inside &= (coords[a] >= s.start - 1) & (coords[a] <= s.stop)
-  box = _bbox(inside)
+  box = challenge_metrics.bounding_box(inside)
   if box is not None:
     out[box] = ndimage.map_coordinates(volume, coords[(slice(None), *box)], order=1,
                                        cval=0.0)
@@ -359,7 +348,7 @@ def other_pathology_labels(lesion: np.ndarray, other: np.ndarray) -> np.ndarray:
   """Label map as the challenge draws it: label 2 ("other pathology") dilated
   3x3x1 in-plane, label 1 (WMH) wins where the two overlap."""
   labels = np.zeros(lesion.shape, np.uint8)
-  box = _bbox(other, margin=1)
+  box = challenge_metrics.bounding_box(other, margin=1)
   if box is not None:   # dilated inside the bounding box of label 2: faster
     grown = ndimage.binary_dilation(other[box], structure=np.ones((3, 3, 1), bool))
     labels[box][grown] = 2
