@@ -234,7 +234,7 @@ def trained_config_argv(argv: list[str]) -> list[str]:
   predict and evaluate without ``--config`` on a workdir that has one: the run's
   own config is the base, ``--config.KEY=VALUE`` overrides apply to it. A trained
   workdir without it (a run made before config.json was written) gets
-  ``configs/long.py``: the seed's full-width network, the default then."""
+  ``configs/seed_width.py``: the seed's full-width network, the default then."""
   if _flag(argv, 'mode') not in ('predict', 'evaluate') or _flag(argv, 'config'):
     return list(argv)
   workdir = Path(_flag(argv, 'workdir', DEFAULT_WORKDIR))
@@ -242,7 +242,7 @@ def trained_config_argv(argv: list[str]) -> list[str]:
   if saved.is_file():
     config = f'{ROOT / "configs" / "trained.py"}:{saved.resolve()}'
   elif (workdir / 'checkpoints').is_dir():
-    config = str(ROOT / 'configs' / 'long.py')
+    config = str(ROOT / 'configs' / 'seed_width.py')
     print(f'{workdir} has no config.json (trained before it was written): '
           f'--config={config}, the network of the default then', file=sys.stderr)
   else:

@@ -10,7 +10,7 @@ alone; 64x64x16 training crops of the 128x128x16 grid instead of whole volumes;
 half the seed's filters (16->32 ... the 128->256 bottleneck instead of 32->64 ...
 256->512: a quarter of the work a step), so that in the same time on a 2-core
 CPU it trains 900 steps on 96 subjects instead of 280 on 48. The seed's network
-is ``SEED_NETWORK`` (configs/long.py trains it); its exact loss is
+is ``SEED_NETWORK`` (configs/seed_width.py trains it); its exact loss is
 ``--config.loss.name=dice``; whole volumes are ``--config.train.patch_size=None``.
 
 Main job (generates the synthetic data when missing, trains, evaluates):

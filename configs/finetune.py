@@ -28,7 +28,7 @@ def get_config():
   # A few scans: ~120 crops revisit each of 10 subjects ~12 times, enough to adapt
   # to a scanner's contrast without memorising them (~3 min on a 2-core CPU).
   c.train.num_steps = 120
-  # 1/10 of training from scratch (1e-3; 1/3 of long.py's 3e-4): the pretrained
+  # 1/10 of training from scratch (1e-3; 1/3 of seed_width.py's 3e-4): the pretrained
   # features are adjusted, not overwritten, by the first updates of a fresh Adam.
   c.train.learning_rate = 1e-4
   c.train.warmup_steps = 5              # fresh Adam moments: keep its first steps small

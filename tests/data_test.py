@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 import shutil
 
+import numpy as np
 import pytest
 
 from configs import test as test_config
@@ -89,3 +90,40 @@ def test_cached_subjects_name_their_flair_as_this_process_finds_it(
     assert Path(p['source']).is_file()
     assert p['source'] == str(tmp_path / 'here' / 'data' / p['key'] / 'pre' /
                               'FLAIR.nii.gz')
+
+
+def test_long_config_trains_the_default_on_more_of_its_subjects():
+  from configs import default, long  # pylint: disable=g-import-not-at-top
+  d, l = default.get_config(), long.get_config()
+  # The same network, loss, refiner and held-out subjects: only more training
+  # subjects (a superset: same folder and seed) and more steps.
+  for part in ('model', 'loss', 'augment', 'refine', 'predict'):
+    assert l[part].to_dict() == d[part].to_dict(), part
+  ld, dd = l.data.to_dict(), d.data.to_dict()
+  assert ld.pop('num_subjects') > dd.pop('num_subjects') and ld == dd
+  assert l.train.num_steps > d.train.num_steps
+  assert l.train.learning_rate == d.train.learning_rate
+
+
+def test_a_synthetic_folder_is_extended_not_remade(tmp_path, monkeypatch):
+  # A folder the default made (here 1 subject) serves a config asking for more
+  # (configs/long.py): its subjects are kept as they are and the missing added.
+  # A coarse fixed grid keeps it to seconds; one subject a call runs in this
+  # process (so the patched grid holds).
+  geo = ((40, 48, 36), np.full(3, 4.0),
+         np.array([[4.0, 0, 0, -80], [0, 4, 0, -110], [0, 0, 4, -60], [0, 0, 0, 1]]))
+  monkeypatch.setattr(synthetic, 'sample_geometry', lambda rng, site: geo)
+  cfg = test_config.get_config()
+  cfg.data.root = str(tmp_path / 'synthetic')
+  cfg.data.num_subjects = 1
+  data.ensure_synthetic(cfg)
+  first = synthetic.subject_folder(cfg.data.root, cfg.data.synthetic_seed, 0)
+  before = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in first.rglob('*.nii.gz')}
+  cfg.data.num_subjects = 2
+  data.ensure_synthetic(cfg)
+  assert {f: (f.stat().st_mtime_ns, f.read_bytes())
+          for f in first.rglob('*.nii.gz')} == before
+  second = synthetic.subject_folder(cfg.data.root, cfg.data.synthetic_seed, 1)
+  assert sorted(f.name for f in second.rglob('*.nii.gz')) == [
+      'FLAIR.nii.gz', 'brain.nii.gz', 'wmh.nii.gz']
+  # (that a subject is the same whichever run writes it: synthetic_test)

@@ -95,8 +95,8 @@ def test_predict_on_a_run_without_config_json_takes_the_network_of_its_time(tmp_
   empty.mkdir()
   def argv(w, *more):
     return launch.trained_config_argv(['launch.py', '--mode=predict', f'--workdir={w}', *more])
-  # Trained before config.json was written: the seed's network, configs/long.py.
-  assert argv(old) == ['launch.py', f'--config={ROOT / "configs" / "long.py"}',
+  # Trained before config.json was written: the seed's network, configs/seed_width.py.
+  assert argv(old) == ['launch.py', f'--config={ROOT / "configs" / "seed_width.py"}',
                        '--mode=predict', f'--workdir={old}']
   assert argv(new)[1] == f'--config={ROOT / "configs" / "trained.py"}:{new / "config.json"}'
   # Nothing trained there, or a config named: argv as given.

@@ -202,7 +202,7 @@ def test_predict_with_another_width_names_the_config_not_brain_output(trained,
   with pytest.raises(ValueError, match='trained with another network') as e:
     predict.predict(cfg, workdir, [str(tiny_dataset / 'Utrecht')], tmp_path / 'out')
   assert '\n' not in str(e.value) and 'stored shape' in str(e.value)
-  assert 'configs/long.py' in str(e.value) and 'brain_output' not in str(e.value)
+  assert 'configs/seed_width.py' in str(e.value) and 'brain_output' not in str(e.value)
   assert not list((tmp_path / 'out').glob('*.nii.gz'))
 
 

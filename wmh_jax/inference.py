@@ -176,7 +176,7 @@ def _mismatch_hint(config, workdir) -> str:
     if 'stored shape' not in str(e):
       raise
     return ('trained with another network: pass the config it was trained with, '
-            'e.g. --config=configs/long.py for the seed\'s filters, the default '
+            'e.g. --config=configs/seed_width.py for the seed\'s filters, the default '
             'of runs made before WORKDIR/config.json was written')
   return f'trained with model.brain_output={other.model.brain_output}? pass that'
 
