@@ -1,7 +1,7 @@
 r"""The seed's full-width network on more subjects, longer: about 45 min on a 2-core CPU.
 
 ``configs/long.py`` until stop 32, when the default's half-width network trained
-longer took that name (it does better). Kept as the seed's width, and as the
+longer took that name (it does better than this one). Kept as the seed's width, and as the
 config of runs trained before ``WORKDIR/config.json`` was written (launch.py).
 
 The seed study's filters (``default.SEED_NETWORK``: 32->64 ... 256->512, four

@@ -384,7 +384,7 @@ def test_launch_sets_the_classic_threefry_before_any_randomness(tmp_path, capsys
 # Generated from the code before the convolutions moved to wmh_jax/convs.py
 # (commit 8f1adfa): the then default config's variables (the seed network with
 # its brain output), path and shape. A change here means existing checkpoints
-# (runs/v4, runs/long and the like) no longer load.
+# (runs/v4, a runs/long made before stop 32, and the like) no longer load.
 SEED_PARAM_TREE = (
     ("['params']['Conv3D_0']['bias']", (2,)),
     ("['params']['Conv3D_0']['kernel']", (1, 1, 1, 32, 2)),
