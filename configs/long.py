@@ -1,4 +1,4 @@
-r"""The default, longer: twice its subjects, three times its steps (~35 min on a 2-core CPU).
+r"""The default, longer: twice its subjects, three times its steps (35-41 min on a 2-core CPU).
 
 The default's network, loss, grid, refiner, validation and test subjects, with
 192 synthetic training subjects of the same seed (the first 96 are the
