@@ -185,3 +185,69 @@ def test_the_saved_config_finds_relative_data_folders_from_any_folder(
   assert back.data.tfds_dir == str(tmp_path / 'here' / 'data' / 'tfds') or (
       back.data.tfds_dir == str(tmp_path / 'here' / cfg.data.tfds_dir))
   data.load_split(back, tmp_path / 'here' / 'run', 'val')  # the recorded split
+
+
+def test_each_training_start_records_where_and_with_what_it_ran(tiny_dataset,
+                                                                tmp_path):
+  import jax  # pylint: disable=import-outside-toplevel
+  cfg = test_config.for_dataset(tiny_dataset)
+  _record_only(cfg, tmp_path / 'run')
+  _record_only(cfg, tmp_path / 'run')   # a resumed start adds its own entry
+  runs = json.loads((tmp_path / 'run' / 'environment.json').read_text())['runs']
+  assert len(runs) == 2 and runs[0]['started_utc'] <= runs[1]['started_utc']
+  for e in runs:
+    assert e['start_step'] == 0 and e['num_steps'] == 0 and 'init_from' not in e
+    assert e['packages']['jax'] == jax.__version__
+    assert e['packages']['numpy'] == np.__version__
+    assert e['backend'] == jax.default_backend() == 'cpu'
+    assert e['device_count'] == jax.device_count()
+    assert e['cpu_cores'] >= 1 and e['python'].count('.') == 2
+    if e['code']:   # a git checkout (a copy without .git records none)
+      assert len(e['code']['commit']) == 40 and isinstance(e['code']['modified'], bool)
+
+
+def test_an_unreadable_environment_record_is_kept_and_training_goes_on(
+    tiny_dataset, tmp_path, caplog):
+  cfg = test_config.for_dataset(tiny_dataset)
+  path = tmp_path / 'run' / 'environment.json'
+  path.parent.mkdir()
+  path.write_bytes(b'{"runs": [tr')
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    _record_only(cfg, tmp_path / 'run')
+  assert path.read_bytes() == b'{"runs": [tr'
+  assert f'{path}: not a readable environment record' in caplog.text
+  assert (tmp_path / 'run' / 'config.json').is_file()
+
+
+@pytest.mark.skipif(shutil.which('git') is None, reason='needs git')
+def test_code_revision_is_the_checkouts_commit_and_says_when_files_changed(tmp_path):
+  from wmh_jax import machine  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  assert machine.code_revision(tmp_path) == {}   # not a checkout
+  git = lambda *a: subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t',
+                                   *a], cwd=tmp_path, check=True, capture_output=True,
+                                  text=True).stdout.strip()
+  git('init', '-q')
+  (tmp_path / 'a.py').write_text('x = 1\n')
+  git('add', 'a.py')
+  git('commit', '-q', '-m', 'one')
+  head = git('rev-parse', 'HEAD')
+  assert machine.code_revision(tmp_path) == {'commit': head, 'modified': False}
+  (tmp_path / 'new.py').write_text('')   # untracked: not a change to the code run
+  assert machine.code_revision(tmp_path) == {'commit': head, 'modified': False}
+  (tmp_path / 'a.py').write_text('x = 2\n')
+  assert machine.code_revision(tmp_path) == {'commit': head, 'modified': True}
+
+
+def test_the_environment_record_keeps_the_variables_that_move_numbers_only(
+    monkeypatch):
+  from wmh_jax import machine  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_fast_math=false')
+  monkeypatch.setenv('JAX_ENABLE_X64', '1')
+  monkeypatch.setenv('TF_ENABLE_ONEDNN_OPTS', '0')
+  monkeypatch.setenv('TF_TOKEN_app_terraform_io', 'secret')   # Terraform's, not ours
+  monkeypatch.setenv('AWS_SECRET_ACCESS_KEY', 'secret')
+  env = machine.environment()['env']
+  assert env['XLA_FLAGS'] == '--xla_cpu_enable_fast_math=false'
+  assert env['JAX_ENABLE_X64'] == '1' and env['TF_ENABLE_ONEDNN_OPTS'] == '0'
+  assert 'secret' not in env.values()

@@ -1,4 +1,5 @@
-"""What made a run: ``WORKDIR/config.json`` and ``WORKDIR/split.json``.
+"""What made a run: ``WORKDIR/config.json``, ``WORKDIR/split.json`` and
+``WORKDIR/environment.json``.
 
 Training writes both before its first step: the resolved config (read back as
 an ``ml_collections.ConfigDict``, lists as tuples) and the exact split (split
@@ -9,8 +10,17 @@ would change the trained network (its architecture or what it sees) is refused
 naming the key, and so is a split that is not the recorded one, naming the
 first subject that moved or whose file changed. Keys since removed from the
 configs (:data:`OBSOLETE`) are dropped when an older config.json is read.
+
+``environment.json`` says where and with what the numbers were computed: one
+entry each time training starts or resumes (the step it starts from, the UTC
+time, the CPU and device, the JAX backend, Python, the package versions, the
+code's git commit and whether tracked files were modified, the environment
+variables that change the numbers: ``machine.environment``). The same config
+and seed give the same run on the same machine and packages; another CPU or
+another jaxlib may round differently, and this record tells the two apart.
 """
 
+import datetime
 import hashlib
 import json
 import os
@@ -20,9 +30,11 @@ from absl import logging
 import ml_collections
 
 from wmh_jax import atomic_write
+from wmh_jax import machine
 
 CONFIG = 'config.json'
 SPLIT = 'split.json'
+ENVIRONMENT = 'environment.json'
 SPLITS = ('train', 'val', 'test')
 # Keys that fix the trained network: its architecture and its input. Compute
 # choices that leave the parameters as they are may change.
@@ -256,3 +268,30 @@ def record(workdir, config, split: dict) -> None:
   check_split(workdir, split)
   if not (workdir / SPLIT).is_file():
     atomic_write.write(workdir / SPLIT, json.dumps(split, indent=1) + '\n')
+
+
+def record_environment(workdir, start_step: int, num_steps: int,
+                       init_from: str = '') -> dict | None:
+  """Appends this start's entry (:data:`ENVIRONMENT`, module docstring) to
+  ``WORKDIR/environment.json`` and returns it. A file that cannot be read as
+  such a record is kept as it is, with a warning, and nothing is written
+  (None): the record is never worth a user's file or a training run."""
+  path = Path(workdir) / ENVIRONMENT
+  runs = []
+  if path.exists():
+    try:
+      runs = json.loads(path.read_text())['runs']
+      if not isinstance(runs, list):
+        raise TypeError('runs is not a list')
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      logging.warning('%s: not a readable environment record (%s); kept as it is, '
+                      'this start is not recorded', path, e)
+      return None
+  entry = {'started_utc': datetime.datetime.now(datetime.timezone.utc).isoformat(
+               timespec='seconds'),
+           'start_step': int(start_step), 'num_steps': int(num_steps)}
+  if init_from:
+    entry['init_from'] = str(init_from)
+  entry.update(machine.environment())
+  atomic_write.write(path, json.dumps({'runs': [*runs, entry]}, indent=1) + '\n')
+  return entry

@@ -121,6 +121,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   # A new run with train.init_from starts from that run's weights (step 0).
   state = checkpoints.restore_or_init(manager, state, init_from, tx)
   start = int(state.step)
+  # WORKDIR/environment.json: where and with what this start computes.
+  if jax.process_index() == 0:
+    run_record.record_environment(workdir, start, config.train.num_steps, init_from)
 
   mesh = steps.make_mesh()
   replicated = NamedSharding(mesh, P())
