@@ -233,3 +233,13 @@ def test_leave_one_out_folds_and_command(tiny_dataset, tmp_path):
   assert not any('init_from' in a for a in cmd)
   cmd = loo.fold_command('c.py', tmp_path, tiny_dataset, 'A/7', '/runs/x', [])
   assert '--config.train.init_from=/runs/x' in cmd
+
+
+def test_finetune_averages_left_right_flips_where_the_default_does_not():
+  # The refiner's fit, evaluate and predict all take predict.tta (train_test
+  # checks that the fit sees the flip-averaged probability).
+  from configs import default  # pylint: disable=import-outside-toplevel
+  tuned, base = finetune_config.get_config().predict, default.get_config().predict
+  assert tuned.tta and not base.tta and tuned.tta_axes == base.tta_axes == (0,)
+  assert {k: v for k, v in tuned.items() if k != 'tta'} == {
+      k: v for k, v in base.items() if k != 'tta'}

@@ -1,8 +1,10 @@
-"""A run folder that knows what made it: config.json and split.json."""
+"""A run folder that knows what made it: config.json, split.json and
+environment.json."""
 
 import json
 import logging
 import os
+from pathlib import Path
 import shutil
 
 import numpy as np
@@ -16,6 +18,8 @@ from wmh_jax import atomic_write
 from wmh_jax import data
 from wmh_jax import run_record
 from wmh_jax import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize('get_config', [default_config.get_config,
@@ -202,21 +206,25 @@ def test_each_training_start_records_where_and_with_what_it_ran(tiny_dataset,
     assert e['backend'] == jax.default_backend() == 'cpu'
     assert e['device_count'] == jax.device_count()
     assert e['cpu_cores'] >= 1 and e['python'].count('.') == 2
-    if e['code']:   # a git checkout (a copy without .git records none)
+    if (ROOT / '.git').exists() and shutil.which('git'):   # a checkout: its commit
       assert len(e['code']['commit']) == 40 and isinstance(e['code']['modified'], bool)
 
 
+@pytest.mark.parametrize('content', [b'{"runs": [tr', b'[]', b'{}', b'{"runs": 1}',
+                                     b'\xff\xfe'])
 def test_an_unreadable_environment_record_is_kept_and_training_goes_on(
-    tiny_dataset, tmp_path, caplog):
+    content, tiny_dataset, tmp_path, caplog):
   cfg = test_config.for_dataset(tiny_dataset)
   path = tmp_path / 'run' / 'environment.json'
   path.parent.mkdir()
-  path.write_bytes(b'{"runs": [tr')
+  path.write_bytes(content)
+  cfg.train.num_steps = 0
+  cfg.refine.enabled = False
   with caplog.at_level(logging.WARNING, logger='absl'):
-    _record_only(cfg, tmp_path / 'run')
-  assert path.read_bytes() == b'{"runs": [tr'
+    state = train.train_and_evaluate(cfg, tmp_path / 'run')
+  assert int(state.step) == 0
+  assert path.read_bytes() == content
   assert f'{path}: not a readable environment record' in caplog.text
-  assert (tmp_path / 'run' / 'config.json').is_file()
 
 
 @pytest.mark.skipif(shutil.which('git') is None, reason='needs git')
@@ -225,7 +233,7 @@ def test_code_revision_is_the_checkouts_commit_and_says_when_files_changed(tmp_p
   import subprocess  # pylint: disable=import-outside-toplevel
   assert machine.code_revision(tmp_path) == {}   # not a checkout
   git = lambda *a: subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t',
-                                   *a], cwd=tmp_path, check=True, capture_output=True,
+                                   '-c', 'commit.gpgsign=false', *a], cwd=tmp_path, check=True, capture_output=True,
                                   text=True).stdout.strip()
   git('init', '-q')
   (tmp_path / 'a.py').write_text('x = 1\n')
@@ -237,6 +245,8 @@ def test_code_revision_is_the_checkouts_commit_and_says_when_files_changed(tmp_p
   assert machine.code_revision(tmp_path) == {'commit': head, 'modified': False}
   (tmp_path / 'a.py').write_text('x = 2\n')
   assert machine.code_revision(tmp_path) == {'commit': head, 'modified': True}
+  (tmp_path / 'sub').mkdir()   # inside a checkout, but not its top: not this code's
+  assert machine.code_revision(tmp_path / 'sub') == {}
 
 
 def test_the_environment_record_keeps_the_variables_that_move_numbers_only(
@@ -251,3 +261,19 @@ def test_the_environment_record_keeps_the_variables_that_move_numbers_only(
   assert env['XLA_FLAGS'] == '--xla_cpu_enable_fast_math=false'
   assert env['JAX_ENABLE_X64'] == '1' and env['TF_ENABLE_ONEDNN_OPTS'] == '0'
   assert 'secret' not in env.values()
+
+
+def test_a_failing_environment_record_does_not_stop_training(tiny_dataset, tmp_path,
+                                                             monkeypatch, caplog):
+  from wmh_jax import machine  # pylint: disable=import-outside-toplevel
+  def broken():
+    raise RuntimeError('no /proc here')
+  monkeypatch.setattr(machine, 'environment', broken)
+  cfg = test_config.for_dataset(tiny_dataset)
+  cfg.train.num_steps = 0
+  cfg.refine.enabled = False
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    state = train.train_and_evaluate(cfg, tmp_path / 'run')
+  assert int(state.step) == 0
+  assert not (tmp_path / 'run' / 'environment.json').exists()
+  assert 'this start is not recorded (RuntimeError: no /proc here)' in caplog.text

@@ -51,9 +51,9 @@ def describe() -> dict:
 
 # The distributions whose versions can move a run's numbers (tensorflow under
 # either of its wheel names).
-PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'scipy',
-            'tensorflow', 'tensorflow-cpu', 'tensorflow-datasets', 'nibabel',
-            'ml-collections', 'clu')
+PACKAGES = ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda12-pjrt', 'flax', 'optax',
+            'orbax-checkpoint', 'numpy', 'scipy', 'tensorflow', 'tensorflow-cpu',
+            'tensorflow-datasets', 'nibabel', 'ml-collections', 'clu')
 # Environment variables that change what XLA, JAX or TensorFlow compute (named
 # ones only beyond XLA_ and JAX_: TF_ also prefixes Terraform's tokens).
 ENV_PREFIXES = ('XLA_', 'JAX_')
@@ -73,15 +73,24 @@ def packages() -> dict:
 
 
 def code_revision(root=None) -> dict:
-  """``{'commit': sha, 'modified': bool}`` of the git checkout holding this
-  package (``root``: another folder); ``{}`` outside a checkout or without git.
-  ``modified``: tracked files differ from the commit."""
-  root = Path(root) if root else Path(__file__).resolve().parents[1]
+  """``{'commit': sha, 'modified': bool}`` of the git checkout whose top folder
+  holds this package (``root``: another folder); ``{}`` where that folder is not
+  a checkout's top (e.g. an installed copy inside some other repository), git
+  is missing or does not answer in 5 s. ``modified``: tracked files differ from
+  the commit (an untracked new file does not count). Takes no lock: a user's
+  own git command in the checkout is never kept waiting."""
+  root = (Path(root) if root else Path(__file__).resolve().parents[1]).resolve()
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('GIT_DIR', 'GIT_WORK_TREE', 'GIT_INDEX_FILE')}
   try:
     run = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True,
-                            timeout=20, check=True)
-    commit = run(['git', 'rev-parse', 'HEAD']).stdout.strip()
-    status = run(['git', 'status', '--porcelain', '--untracked-files=no']).stdout
+                            timeout=5, check=True, env=env)
+    git = ['git', '--no-optional-locks']
+    top = run([*git, 'rev-parse', '--show-toplevel']).stdout.strip()
+    if not top or Path(top).resolve() != root:
+      return {}
+    commit = run([*git, 'rev-parse', 'HEAD']).stdout.strip()
+    status = run([*git, 'status', '--porcelain', '--untracked-files=no']).stdout
   except (OSError, subprocess.SubprocessError):
     return {}
   return {'commit': commit, 'modified': bool(status.strip())}

@@ -1,7 +1,7 @@
 """What made a run: ``WORKDIR/config.json``, ``WORKDIR/split.json`` and
 ``WORKDIR/environment.json``.
 
-Training writes both before its first step: the resolved config (read back as
+Training writes the first two before its first step: the resolved config (read back as
 an ``ml_collections.ConfigDict``, lists as tuples) and the exact split (split
 seed and fractions; for train, val and test each subject's SITE/ID key with
 the sha256 of its FLAIR and wmh files). A resumed run, ``--mode=evaluate`` and
@@ -15,9 +15,10 @@ configs (:data:`OBSOLETE`) are dropped when an older config.json is read.
 entry each time training starts or resumes (the step it starts from, the UTC
 time, the CPU and device, the JAX backend, Python, the package versions, the
 code's git commit and whether tracked files were modified, the environment
-variables that change the numbers: ``machine.environment``). The same config
-and seed give the same run on the same machine and packages; another CPU or
-another jaxlib may round differently, and this record tells the two apart.
+variables that change the numbers: ``machine.environment``), as process 0 of
+a multi-host run sees them. The same config and seed give the same run on the
+same machine and packages; another CPU or another jaxlib may round differently,
+and this record says which machine and packages each run had.
 """
 
 import datetime
@@ -292,6 +293,11 @@ def record_environment(workdir, start_step: int, num_steps: int,
            'start_step': int(start_step), 'num_steps': int(num_steps)}
   if init_from:
     entry['init_from'] = str(init_from)
-  entry.update(machine.environment())
-  atomic_write.write(path, json.dumps({'runs': [*runs, entry]}, indent=1) + '\n')
+  try:
+    entry.update(machine.environment())
+    atomic_write.write(path, json.dumps({'runs': [*runs, entry]}, indent=1) + '\n')
+  except Exception as e:  # pylint: disable=broad-except  # a record, not the run
+    logging.warning('%s: this start is not recorded (%s: %s)', path,
+                    type(e).__name__, e)
+    return None
   return entry
