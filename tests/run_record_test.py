@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from configs import trained as trained_config
 from conftest import write_tiny_subject
 from wmh_jax import atomic_write
 from wmh_jax import data
+from wmh_jax import machine
 from wmh_jax import run_record
 from wmh_jax import train
 
@@ -194,7 +196,6 @@ def test_the_saved_config_finds_relative_data_folders_from_any_folder(
 def _head(root):
   """What git itself says ROOT's commit is (None: not a checkout, no git, or a
   checkout git refuses to read, e.g. one owned by another user)."""
-  import subprocess  # pylint: disable=import-outside-toplevel
   try:
     top = subprocess.run(['git', 'rev-parse', '--show-toplevel'], cwd=root, text=True,
                          capture_output=True, check=True).stdout.strip()
@@ -244,11 +245,10 @@ def test_an_unreadable_environment_record_is_kept_and_training_goes_on(
 
 @pytest.mark.skipif(shutil.which('git') is None, reason='needs git')
 def test_code_revision_is_the_checkouts_commit_and_says_when_files_changed(tmp_path):
-  from wmh_jax import machine  # pylint: disable=import-outside-toplevel
-  import subprocess  # pylint: disable=import-outside-toplevel
   assert machine.code_revision(tmp_path) == {}   # not a checkout
   git = lambda *a: subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t',
-                                   '-c', 'commit.gpgsign=false', *a], cwd=tmp_path, check=True, capture_output=True,
+                                   '-c', 'commit.gpgsign=false', *a], cwd=tmp_path,
+                                  check=True, capture_output=True,
                                   text=True).stdout.strip()
   git('init', '-q')
   (tmp_path / 'a.py').write_text('x = 1\n')
@@ -266,7 +266,6 @@ def test_code_revision_is_the_checkouts_commit_and_says_when_files_changed(tmp_p
 
 def test_the_environment_record_keeps_the_variables_that_move_numbers_only(
     monkeypatch):
-  from wmh_jax import machine  # pylint: disable=import-outside-toplevel
   monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_fast_math=false')
   monkeypatch.setenv('JAX_ENABLE_X64', '1')
   monkeypatch.setenv('TF_ENABLE_ONEDNN_OPTS', '0')
@@ -280,7 +279,6 @@ def test_the_environment_record_keeps_the_variables_that_move_numbers_only(
 
 def test_a_failing_environment_record_does_not_stop_training(tiny_dataset, tmp_path,
                                                              monkeypatch, caplog):
-  from wmh_jax import machine  # pylint: disable=import-outside-toplevel
   def broken():
     raise RuntimeError('no /proc here')
   monkeypatch.setattr(machine, 'environment', broken)
