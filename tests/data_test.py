@@ -7,8 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import write_tiny_subject
 from configs import test as test_config
 from wmh_jax import data
+from wmh_jax import run_record
 from wmh_jax import synthetic
 
 
@@ -132,3 +134,37 @@ def test_a_synthetic_folder_is_extended_not_remade(tmp_path, monkeypatch):
   assert sorted(f.name for f in second.rglob('*.nii.gz')) == [
       'FLAIR.nii.gz', 'brain.nii.gz', 'wmh.nii.gz']
   # (that a subject is the same whichever run writes it: synthetic_test)
+
+
+def test_a_synthetic_run_takes_its_configured_subjects_of_an_extended_folder(tmp_path):
+  # configs/long.py extends the main job's folder. The main job's config (its
+  # num_subjects of each folder, by generator index) still picks its own subjects:
+  # its run folder evaluates, and a new main job trains on what it always did.
+  cfg = test_config.get_config()
+  cfg.data.synthetic = True
+  rng = np.random.default_rng(0)
+  folders = {'root': (tmp_path / 'train', cfg.data.synthetic_seed, 5),
+             'val_root': (tmp_path / 'val', cfg.data.val_synthetic_seed, 3),
+             'test_root': (tmp_path / 'test', cfg.data.test_synthetic_seed, 3)}
+  for name, (folder, seed, n) in folders.items():
+    data._check_marker(folder, seed, synthetic.GENERATOR_VERSION)  # pylint: disable=protected-access
+    for i in range(n):  # tiny stand-ins where the generator writes subject i
+      write_tiny_subject(synthetic.subject_folder(folder, seed, i), rng, shape=(16, 16, 6))
+    cfg.data[name] = str(folder)
+  cfg.data.num_subjects, cfg.data.num_val_subjects, cfg.data.num_test_subjects = 2, 1, 2
+  files = data.find_splits(cfg)   # nothing generated: the configured ones are there
+  key = lambda folder, seed, i: synthetic.subject_folder(folder, seed, i).relative_to(
+      folder).as_posix()
+  want = {n: sorted(key(f, s, i) for i in range(k)) for n, (f, s, k) in
+          (('train', (tmp_path / 'train', cfg.data.synthetic_seed, 2)),
+           ('val', (tmp_path / 'val', cfg.data.val_synthetic_seed, 1)),
+           ('test', (tmp_path / 'test', cfg.data.test_synthetic_seed, 2)))}
+  assert {n: sorted(s.key for s in v) for n, v in files.items()} == want
+  run_record.record(tmp_path / 'run', cfg, run_record.split_record(cfg, files))
+  data.load_run_data(cfg, tmp_path / 'run', ('val',))   # the recorded split: accepted
+  cfg.data.num_subjects = 5                              # more of them: another run
+  assert len(data.find_splits(cfg)['train']) == 5
+  with pytest.raises(ValueError, match='not the split this run was trained on'):
+    data.load_run_data(cfg, tmp_path / 'run', ('val',))
+  cfg.data.synthetic = False       # a folder of the user's own scans: every subject
+  assert len(data.find_splits(cfg)['val']) == 3

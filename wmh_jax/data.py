@@ -145,24 +145,48 @@ def find_splits(config) -> dict[str, list[subjects_lib.SubjectFiles]]:
   if not str(d.root):
     raise ValueError('data.root is empty: give --config.data.root=DIR')
   root = ensure_synthetic(config)
-  found = subjects_lib.find_subjects(root, d.missing_mask)
+  found = _configured_synthetic(subjects_lib.find_subjects(root, d.missing_mask),
+                                config, root, d.synthetic_seed, d.num_subjects)
   split_seed, test_fraction = d.get('split_seed', 0), d.get('test_fraction', 0.0)
   val_ids = tuple(d.get('val_ids', ()))
   if d.val_root:  # a separate validation set
     train, _, test = subjects_lib.split_subjects(found, 0.0, split_seed,
                                                  test_fraction=test_fraction)
-    val = subjects_lib.find_subjects(d.val_root, d.missing_mask)
+    val = _configured_synthetic(subjects_lib.find_subjects(d.val_root, d.missing_mask),
+                                config, d.val_root, d.val_synthetic_seed,
+                                d.num_val_subjects)
     _check_no_shared_keys(train, val, d.val_root, root)
   else:
     train, val, test = subjects_lib.split_subjects(
         found, d.val_fraction, split_seed, tuple(d.val_sites), test_fraction, val_ids)
   if d.get('test_root', ''):  # a separate test set
-    extra = subjects_lib.find_subjects(d.test_root, d.missing_mask)
+    extra = _configured_synthetic(subjects_lib.find_subjects(d.test_root, d.missing_mask),
+                                  config, d.test_root, d.test_synthetic_seed,
+                                  d.num_test_subjects)
     _check_no_shared_keys(train + val, extra, d.test_root, root)
     test = sorted(test + extra, key=lambda s: s.key)
   splits = {'train': train, 'val': val, 'test': test}
   check_no_shared_files(splits)
   return splits
+
+
+def _configured_synthetic(found, config, folder, seed: int, n: int) -> list:
+  """With ``data.synthetic``, the ``n`` subjects of ``folder`` the config asks
+  for (generator indices ``0 .. n-1`` of ``seed``), not every subject there.
+
+  A folder is extended, never remade (``configs/long.py`` adds subjects to the
+  main job's): without this, the main job run after it would train on the added
+  subjects too, and its own run folder would no longer match its split.
+  """
+  if not config.data.synthetic:
+    return found
+  from wmh_jax import synthetic  # pylint: disable=import-outside-toplevel
+  wanted = {synthetic.subject_folder('', seed, i).as_posix() for i in range(n)}
+  kept = [s for s in found if s.key in wanted]
+  if len(kept) < len(found):
+    logging.info('%s: %d of its %d synthetic subjects taken (the config asks for %d)',
+                 folder, len(kept), len(found), n)
+  return kept
 
 
 def _check_no_shared_keys(train, other, other_root, root) -> None:
