@@ -48,6 +48,7 @@ def get_config():
   # its mirror's, in the refiner's fit (train.refiner_cases), evaluate and predict.
   # Leave-one-out on MS3SEG from stop 33's main job (another machine's draw): Dice
   # 0.652 -> 0.669, lesion F1 0.591 -> 0.619 (three folds up, one equal, one down
-  # 0.022; docs/results.md); it costs a second forward pass.
+  # 0.022); from stop 34's configs/long.py model: 0.668 -> 0.668, F1 0.600 -> 0.588
+  # (docs/results.md). It costs a second forward pass.
   c.predict.tta = True
   return c

@@ -168,3 +168,10 @@ def test_a_synthetic_run_takes_its_configured_subjects_of_an_extended_folder(tmp
     data.load_run_data(cfg, tmp_path / 'run', ('val',))
   cfg.data.synthetic = False       # a folder of the user's own scans: every subject
   assert len(data.find_splits(cfg)['val']) == 3
+  cfg.data.synthetic = True        # a configured subject that lost its FLAIR
+  flair = synthetic.subject_folder(tmp_path / 'val', cfg.data.val_synthetic_seed, 0
+                                   ) / 'pre' / 'FLAIR.nii.gz'
+  flair.unlink()
+  with pytest.raises(ValueError, match=f'{flair.parent.parent}: a synthetic subject '
+                     r'the config asks for is incomplete \(1 of 1\)'):
+    data.find_splits(cfg)

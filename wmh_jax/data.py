@@ -183,6 +183,11 @@ def _configured_synthetic(found, config, folder, seed: int, n: int) -> list:
   from wmh_jax import synthetic  # pylint: disable=import-outside-toplevel
   wanted = {synthetic.subject_folder('', seed, i).as_posix() for i in range(n)}
   kept = [s for s in found if s.key in wanted]
+  lost = sorted(wanted - {s.key for s in kept})
+  if lost:  # e.g. a FLAIR deleted by hand: its wmh.nii.gz stops the regeneration
+    raise ValueError(f'{Path(folder) / lost[0]}: a synthetic subject the config asks '
+                     f'for is incomplete ({len(lost)} of {n}); delete its folder to '
+                     'generate it again')
   if len(kept) < len(found):
     logging.info('%s: %d of its %d synthetic subjects taken (the config asks for %d)',
                  folder, len(kept), len(found), n)
