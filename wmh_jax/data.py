@@ -138,7 +138,9 @@ def find_splits(config) -> dict[str, list[subjects_lib.SubjectFiles]]:
   ``data.val_sites`` or ``data.val_ids`` instead choose validation). With it,
   ``data.val_root`` is the validation set. ``data.test_fraction`` of
   ``data.root`` (by the same hash) and the subjects of ``data.test_root`` are
-  the test set: never trained on, nothing chosen on them. A file in two splits
+  the test set: never trained on, nothing chosen on them. With ``data.synthetic``
+  each folder gives only the subjects the config asks for
+  (:func:`_configured_synthetic`). A file in two splits
   (compared resolved, so a folder inside another or a symlink counts) is refused.
   """
   d = config.data
