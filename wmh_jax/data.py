@@ -38,13 +38,7 @@ def ensure_synthetic(config) -> Path:
   if not config.data.synthetic:
     return root
   from wmh_jax import synthetic  # pylint: disable=import-outside-toplevel
-  sets = [(root, config.data.synthetic_seed, config.data.num_subjects)]
-  if config.data.val_root:
-    sets.append((Path(config.data.val_root), config.data.val_synthetic_seed,
-                 config.data.num_val_subjects))
-  if config.data.get('test_root', ''):
-    sets.append((Path(config.data.test_root), config.data.test_synthetic_seed,
-                 config.data.num_test_subjects))
+  sets = _synthetic_sets(config)
   for folder, seed, _ in sets:
     _check_marker(folder, seed, synthetic.GENERATOR_VERSION)
   args = [(str(folder), seed, i) for folder, seed, n in sets for i in range(n)
@@ -54,6 +48,18 @@ def ensure_synthetic(config) -> Path:
                  ' and '.join(str(f) for f, _, _ in sets))
     _parallel_map(synthetic.write_one, args, 'synthetic subject')
   return root
+
+
+def _synthetic_sets(config) -> list[tuple[Path, int, int]]:
+  """``(folder, seed, count)`` of each synthetic folder the config names:
+  ``data.root``, and ``data.val_root`` / ``data.test_root`` when set."""
+  d = config.data
+  sets = [(Path(d.root), d.synthetic_seed, d.num_subjects)]
+  if d.val_root:
+    sets.append((Path(d.val_root), d.val_synthetic_seed, d.num_val_subjects))
+  if d.get('test_root', ''):
+    sets.append((Path(d.test_root), d.test_synthetic_seed, d.num_test_subjects))
+  return sets
 
 
 def _check_marker(folder: Path, seed: int, version: str) -> None:
@@ -140,31 +146,26 @@ def find_splits(config) -> dict[str, list[subjects_lib.SubjectFiles]]:
   ``data.root`` (by the same hash) and the subjects of ``data.test_root`` are
   the test set: never trained on, nothing chosen on them. With ``data.synthetic``
   each folder gives only the subjects the config asks for
-  (:func:`_configured_synthetic`). A file in two splits
+  (:func:`_folder_subjects`). A file in two splits
   (compared resolved, so a folder inside another or a symlink counts) is refused.
   """
   d = config.data
   if not str(d.root):
     raise ValueError('data.root is empty: give --config.data.root=DIR')
   root = ensure_synthetic(config)
-  found = _configured_synthetic(subjects_lib.find_subjects(root, d.missing_mask),
-                                config, root, d.synthetic_seed, d.num_subjects)
+  found = _folder_subjects(config, root)
   split_seed, test_fraction = d.get('split_seed', 0), d.get('test_fraction', 0.0)
   val_ids = tuple(d.get('val_ids', ()))
   if d.val_root:  # a separate validation set
     train, _, test = subjects_lib.split_subjects(found, 0.0, split_seed,
                                                  test_fraction=test_fraction)
-    val = _configured_synthetic(subjects_lib.find_subjects(d.val_root, d.missing_mask),
-                                config, d.val_root, d.val_synthetic_seed,
-                                d.num_val_subjects)
+    val = _folder_subjects(config, d.val_root)
     _check_no_shared_keys(train, val, d.val_root, root)
   else:
     train, val, test = subjects_lib.split_subjects(
         found, d.val_fraction, split_seed, tuple(d.val_sites), test_fraction, val_ids)
   if d.get('test_root', ''):  # a separate test set
-    extra = _configured_synthetic(subjects_lib.find_subjects(d.test_root, d.missing_mask),
-                                  config, d.test_root, d.test_synthetic_seed,
-                                  d.num_test_subjects)
+    extra = _folder_subjects(config, d.test_root)
     _check_no_shared_keys(train + val, extra, d.test_root, root)
     test = sorted(test + extra, key=lambda s: s.key)
   splits = {'train': train, 'val': val, 'test': test}
@@ -172,17 +173,20 @@ def find_splits(config) -> dict[str, list[subjects_lib.SubjectFiles]]:
   return splits
 
 
-def _configured_synthetic(found, config, folder, seed: int, n: int) -> list:
-  """With ``data.synthetic``, the ``n`` subjects of ``folder`` the config asks
-  for (generator indices ``0 .. n-1`` of ``seed``), not every subject there.
+def _folder_subjects(config, folder) -> list[subjects_lib.SubjectFiles]:
+  """The subjects of ``folder``; with ``data.synthetic`` only the ``n`` the config
+  asks for there (generator indices ``0 .. n-1`` of its seed:
+  :func:`_synthetic_sets`), not every subject the folder holds.
 
   A folder is extended, never remade (``configs/long.py`` adds subjects to the
   main job's): without this, the main job run after it would train on the added
   subjects too, and its own run folder would no longer match its split.
   """
+  found = subjects_lib.find_subjects(folder, config.data.missing_mask)
   if not config.data.synthetic:
     return found
   from wmh_jax import synthetic  # pylint: disable=import-outside-toplevel
+  seed, n = next((s, k) for f, s, k in _synthetic_sets(config) if f == Path(folder))
   wanted = {synthetic.subject_folder('', seed, i).as_posix() for i in range(n)}
   kept = [s for s in found if s.key in wanted]
   lost = sorted(wanted - {s.key for s in kept})
