@@ -1,0 +1,154 @@
+r"""Where a leave-one-out's error comes from: each fold's U-Net and refiners on
+the scans it was fitted on and on the one it held out.
+
+  .venv/bin/python bench/loo_refiners.py --loo=runs/loo [--prior=runs/default]
+
+For every fold of ``bench/leave_one_out.py``'s ROOT (a folder with a
+config.json) it segments each labelled scan of the fold's ``data.root`` as
+predict does (the fold's own config, flips included) and scores it with
+
+- ``unet``: the fold's U-Net alone (``predict.threshold``);
+- ``own``: the fold's refiner, fitted on the fold's training scans;
+- ``prior``: the refiner of ``--prior`` (default: the run the fold was
+  fine-tuned from, ``train.init_from``), fitted on that run's own subjects;
+- ``mean``: the mean of ``own``'s and ``prior``'s refined probabilities.
+
+``prior`` and ``mean`` keep the threshold and smallest lesion that the fold's
+training scans choose, as ``refine.fit`` chooses them (the fold's
+``refine.thresholds``, ``refine.min_lesion_mm3`` and rules), so the held-out
+scan chooses nothing. Per scan it prints its Dice in the fold that held it out
+beside its mean Dice in the folds that fitted on it: a part whose Dice falls
+from the one to the other fits the scans it was fitted on, not the task. Then
+the means over scans (held out: Dice and lesion F1). Nothing is written.
+"""
+
+from pathlib import Path
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from wmh_jax import challenge_metrics
+from wmh_jax import inference
+from wmh_jax import nifti_io
+from wmh_jax import refine
+from wmh_jax import run_record
+from wmh_jax import subjects
+
+FLAGS = flags.FLAGS
+PARTS = ('unet', 'own', 'prior', 'mean')
+
+
+def _define_flags():  # not at import: the tests import this module beside launch.py
+  flags.DEFINE_string('loo', None, "bench/leave_one_out.py's --workdir.")
+  flags.DEFINE_string('prior', '', 'Run whose refiner is the prior ('
+                      "'': each fold's train.init_from).")
+  flags.mark_flag_as_required('loo')
+
+
+def scores(labels: np.ndarray, mask: np.ndarray, spacing, min_lesion_mm3=0.0
+           ) -> tuple[float, float]:
+  """``(Dice, lesion F1)`` of ``mask`` without its lesions under
+  ``min_lesion_mm3``, label 2 left out."""
+  truth, pred = challenge_metrics.masked_pair(
+      labels, challenge_metrics.drop_small_lesions(mask, spacing, min_lesion_mm3))
+  return challenge_metrics.dice(truth, pred), challenge_metrics.lesion_detection(
+      truth, pred)[1]
+
+
+def choose(cases, rc) -> tuple[float, float]:
+  """``(threshold, smallest lesion mm^3)`` that ``cases`` (``(labels, refined
+  probability, spacing)``) choose as ``refine.fit`` does: the threshold from
+  their Dice (``refine.threshold_rule``), then the smallest lesion from their
+  mean of Dice and lesion F1 at it (``refine.min_lesion_rule``)."""
+  by_t = {float(t): np.array([scores(l, p >= t, s)[0] for l, p, s in cases])
+          for t in rc.thresholds}
+  t = refine.pick(by_t, refine.threshold_rule(rc))
+  by_v = {float(v): np.array([sum(scores(l, p >= t, s, float(v))) / 2
+                              for l, p, s in cases])
+          for v in rc.get('min_lesion_mm3', (0.0,))}
+  return t, refine.pick(by_v, refine.min_lesion_rule(rc))
+
+
+def latest_refiner(workdir) -> dict:
+  """The refiner of ``workdir``'s latest ``refine/step_N``."""
+  steps = sorted(int(p.name.split('_')[1]) for p in (Path(workdir) / 'refine').glob('step_*'))
+  if not steps:
+    raise FileNotFoundError(f'{workdir}/refine: no refiner')
+  return refine.load(workdir, steps[-1])
+
+
+def fold_scores(fold: Path, prior_dir: str) -> tuple[set, dict]:
+  """``(held-out keys, {part: {scan key: (Dice, lesion F1)}})``: one fold's
+  parts on every labelled scan of its folder."""
+  config = run_record.load_config(fold)
+  held = {k.removeprefix('./') for k in config.data.val_ids}
+  segmenter = inference.load(config, fold)
+  if not (prior_dir or config.train.get('init_from')):
+    raise FileNotFoundError(f'{fold}: trained from scratch, no prior refiner '
+                            '(pass --prior=WORKDIR)')
+  prior = latest_refiner(prior_dir or config.train.init_from)
+  candidate = refine.candidate_of(prior, config.refine.candidate)
+  scans = {}
+  for s in subjects.find_subjects(config.data.root):
+    scan = inference.read_scan(s.flair, config)
+    labels = nifti_io.load_labels(s.wmh, scan.affine)
+    seg = inference.segment(segmenter, scan, before_refine=True)
+    own = inference.refine_segmentation(segmenter, seg, scan.spacing)
+    theirs = refine.refine(prior, seg.unet_probability, seg.flair_z, scan.spacing,
+                           candidate)
+    scans[s.key.removeprefix('./')] = {
+        'labels': labels, 'spacing': scan.spacing,
+        'unet': seg.unet_probability >= segmenter.threshold, 'own': own.mask,
+        'prior': theirs, 'mean': (own.probability + theirs) / 2}
+  train = [k for k in scans if k not in held]
+  out = {}
+  for part in PARTS:
+    t, v = (choose([(scans[k]['labels'], scans[k][part], scans[k]['spacing'])
+                    for k in train], config.refine)
+            if part in ('prior', 'mean') else (None, 0.0))
+    out[part] = {k: scores(x['labels'], x[part] if t is None else x[part] >= t,
+                           x['spacing'], v) for k, x in scans.items()}
+  return held, out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  folds = sorted(p for p in Path(FLAGS.loo).iterdir()
+                 if p.is_dir() and (p / run_record.CONFIG).exists())
+  if not folds:
+    print(f'error: {FLAGS.loo}: no fold folder with a {run_record.CONFIG}',
+          file=sys.stderr)
+    return 1
+  held_out, trained_on = {p: {} for p in PARTS}, {p: {} for p in PARTS}
+  for fold in folds:
+    try:
+      held, got = fold_scores(fold, FLAGS.prior)
+    except FileNotFoundError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 1
+    for p in PARTS:
+      for key, score in got[p].items():
+        (held_out if key in held else trained_on)[p].setdefault(key, []).append(score)
+    print(f'{fold.name}: held out {", ".join(sorted(held))}', flush=True)
+  keys = sorted(held_out['unet'])
+  print('Dice of each scan held out / its mean over the folds that fitted on it')
+  print(f'{"scan":<20}' + ''.join(f' {p:>17}' for p in PARTS))
+  for key in keys:
+    print(f'{key:<20}' + ''.join(
+        f' {np.mean(held_out[p][key], 0)[0]:>7.3f} / '
+        f'{np.mean(trained_on[p].get(key, [(np.nan, np.nan)]), 0)[0]:>6.3f}'
+        for p in PARTS))
+  for p in PARTS:
+    h = np.array([np.mean(held_out[p][k], 0) for k in keys])
+    t = [np.mean(trained_on[p][k], 0)[0] for k in keys if k in trained_on[p]]
+    print(f'{p:<6} held out: Dice {h[:, 0].mean():.3f}, lesion F1 {h[:, 1].mean():.3f}; '
+          f'fitted on: Dice {np.mean(t) if t else np.nan:.3f}')
+  return 0
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
