@@ -4,8 +4,9 @@ the scans it was fitted on and on the one it held out.
   .venv/bin/python bench/loo_refiners.py --loo=runs/loo [--prior=runs/default]
 
 For every fold of ``bench/leave_one_out.py``'s ROOT (a folder with a
-config.json) it segments each labelled scan of the fold's ``data.root`` as
-predict does (the fold's own config, flips included) and scores it with
+config.json) it segments the scans of the fold's ``data.root`` that its
+``split.json`` recorded (its training and held-out subjects) as predict does
+(the fold's own config, flips included) and scores each with
 
 - ``unet``: the fold's U-Net alone (``predict.threshold``);
 - ``own``: the fold's refiner, fitted on the fold's training scans;
@@ -22,6 +23,7 @@ from the one to the other fits the scans it was fitted on, not the task. Then
 the means over scans (held out: Dice and lesion F1). Nothing is written.
 """
 
+import json
 from pathlib import Path
 import sys
 
@@ -79,11 +81,24 @@ def latest_refiner(workdir) -> dict:
   return refine.load(workdir, steps[-1])
 
 
-def fold_scores(fold: Path, prior_dir: str) -> tuple[set, dict]:
+def fold_split(fold) -> tuple[list[str], list[str]]:
+  """``(training keys, held-out keys)`` of a fold, as its ``split.json``
+  recorded them when it trained (the ``train`` and ``val`` splits)."""
+  path = Path(fold) / run_record.SPLIT
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: missing (not a trained fold)')
+  split = json.loads(path.read_text())
+  train, held = ([e['key'] for e in split.get(name, [])] for name in ('train', 'val'))
+  if not train or not held:
+    raise ValueError(f'{path}: no training or no held-out subject')
+  return train, held
+
+
+def fold_scores(fold: Path, prior_dir: str) -> tuple[list[str], dict]:
   """``(held-out keys, {part: {scan key: (Dice, lesion F1)}})``: one fold's
-  parts on every labelled scan of its folder."""
+  parts on the scans of its training and held-out splits."""
   config = run_record.load_config(fold)
-  held = {k.removeprefix('./') for k in config.data.val_ids}
+  train, held = fold_split(fold)
   segmenter = inference.load(config, fold)
   if not (prior_dir or config.train.get('init_from')):
     raise FileNotFoundError(f'{fold}: trained from scratch, no prior refiner '
@@ -91,18 +106,22 @@ def fold_scores(fold: Path, prior_dir: str) -> tuple[set, dict]:
   prior = latest_refiner(prior_dir or config.train.init_from)
   candidate = refine.candidate_of(prior, config.refine.candidate)
   scans = {}
-  for s in subjects.find_subjects(config.data.root):
+  found = {s.key: s for s in subjects.find_subjects(config.data.root)}
+  for key in train + held:
+    if key not in found:
+      raise FileNotFoundError(f'{config.data.root}: no subject {key} (in {fold}/'
+                              f'{run_record.SPLIT})')
+    s = found[key]
     scan = inference.read_scan(s.flair, config)
-    labels = nifti_io.load_labels(s.wmh, scan.affine)
+    labels = nifti_io.load_labels(s.wmh, scan.affine, scan.native_shape)
     seg = inference.segment(segmenter, scan, before_refine=True)
     own = inference.refine_segmentation(segmenter, seg, scan.spacing)
     theirs = refine.refine(prior, seg.unet_probability, seg.flair_z, scan.spacing,
                            candidate)
-    scans[s.key.removeprefix('./')] = {
+    scans[key] = {
         'labels': labels, 'spacing': scan.spacing,
         'unet': seg.unet_probability >= segmenter.threshold, 'own': own.mask,
         'prior': theirs, 'mean': (own.probability + theirs) / 2}
-  train = [k for k in scans if k not in held]
   out = {}
   for part in PARTS:
     t, v = (choose([(scans[k]['labels'], scans[k][part], scans[k]['spacing'])
@@ -126,26 +145,27 @@ def main(argv):
   for fold in folds:
     try:
       held, got = fold_scores(fold, FLAGS.prior)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
       print(f'error: {e}', file=sys.stderr)
       return 1
     for p in PARTS:
       for key, score in got[p].items():
         (held_out if key in held else trained_on)[p].setdefault(key, []).append(score)
-    print(f'{fold.name}: held out {", ".join(sorted(held))}', flush=True)
+    print(f'{fold.name}: held out {", ".join(held)}', flush=True)
   keys = sorted(held_out['unet'])
   print('Dice of each scan held out / its mean over the folds that fitted on it')
   print(f'{"scan":<20}' + ''.join(f' {p:>17}' for p in PARTS))
+  def dice_of(scores_, key):  # mean over folds, NaN (no lesion) left out
+    return np.nanmean(scores_.get(key, [(np.nan, np.nan)]), 0)
   for key in keys:
-    print(f'{key:<20}' + ''.join(
-        f' {np.mean(held_out[p][key], 0)[0]:>7.3f} / '
-        f'{np.mean(trained_on[p].get(key, [(np.nan, np.nan)]), 0)[0]:>6.3f}'
+    print(f'{key.removeprefix("./"):<20}' + ''.join(
+        f' {dice_of(held_out[p], key)[0]:>7.3f} / {dice_of(trained_on[p], key)[0]:>6.3f}'
         for p in PARTS))
   for p in PARTS:
-    h = np.array([np.mean(held_out[p][k], 0) for k in keys])
-    t = [np.mean(trained_on[p][k], 0)[0] for k in keys if k in trained_on[p]]
-    print(f'{p:<6} held out: Dice {h[:, 0].mean():.3f}, lesion F1 {h[:, 1].mean():.3f}; '
-          f'fitted on: Dice {np.mean(t) if t else np.nan:.3f}')
+    h = np.array([dice_of(held_out[p], k) for k in keys])
+    t = [dice_of(trained_on[p], k)[0] for k in keys]
+    print(f'{p:<6} held out: Dice {np.nanmean(h[:, 0]):.3f}, lesion F1 '
+          f'{np.nanmean(h[:, 1]):.3f}; fitted on: Dice {np.nanmean(t):.3f}')
   return 0
 
 
