@@ -23,6 +23,7 @@ from the one to the other fits the scans it was fitted on, not the task. Then
 the means over scans (held out: Dice and lesion F1). Nothing is written.
 """
 
+import functools
 import json
 from pathlib import Path
 import sys
@@ -73,12 +74,15 @@ def choose(cases, rc) -> tuple[float, float]:
   return t, refine.pick(by_v, refine.min_lesion_rule(rc))
 
 
-def latest_refiner(workdir) -> dict:
-  """The refiner of ``workdir``'s latest ``refine/step_N``."""
-  steps = sorted(int(p.name.split('_')[1]) for p in (Path(workdir) / 'refine').glob('step_*'))
-  if not steps:
-    raise FileNotFoundError(f'{workdir}/refine: no refiner')
-  return refine.load(workdir, steps[-1])
+@functools.cache
+def run_refiner(workdir: str) -> dict:
+  """The refiner a trained run's predict applies (``inference.load``: that of its
+  latest U-Net checkpoint); read once however many folds name the run."""
+  config = run_record.load_config(workdir)
+  refiner = None if config is None else inference.load(config, workdir).refiner
+  if refiner is None:
+    raise FileNotFoundError(f'{workdir}: no config.json or no refiner to use as the prior')
+  return refiner
 
 
 def fold_split(fold) -> tuple[list[str], list[str]]:
@@ -99,11 +103,11 @@ def fold_scores(fold: Path, prior_dir: str) -> tuple[list[str], dict]:
   parts on the scans of its training and held-out splits."""
   config = run_record.load_config(fold)
   train, held = fold_split(fold)
-  segmenter = inference.load(config, fold)
   if not (prior_dir or config.train.get('init_from')):
     raise FileNotFoundError(f'{fold}: trained from scratch, no prior refiner '
                             '(pass --prior=WORKDIR)')
-  prior = latest_refiner(prior_dir or config.train.init_from)
+  prior = run_refiner(str(prior_dir or config.train.init_from))
+  segmenter = inference.load(config, fold)
   candidate = refine.candidate_of(prior, config.refine.candidate)
   scans = {}
   found = {s.key: s for s in subjects.find_subjects(config.data.root)}
