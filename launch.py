@@ -6,7 +6,7 @@ Main job (train, then evaluate on held-out subjects):
 
 Other modes:
 
-  python launch.py --config=configs/default.py --workdir=runs/default --mode=evaluate
+  python launch.py --workdir=runs/default --mode=evaluate
   python launch.py --config=configs/default.py --mode=synthesize --output=data/synth
   python launch.py --mode=predict --workdir=runs/default --input=scan.nii.gz --output=out
   python launch.py --mode=score --gt=data/synthetic --pred=runs/default/eval/pred
@@ -14,7 +14,9 @@ Other modes:
 
 predict and evaluate read the workdir's own config (WORKDIR/config.json, written
 by training) when no --config is given; --config.KEY=VALUE still overrides it,
-except keys that would change the trained network (model.*, data.grid).
+except keys that would change the trained network (model.*, data.grid*): a
+run trained before stop 36 (every scan on 128x128x16) is refused with
+--config=configs/default.py (data.grid_max_depth=24), so omit --config there.
 """
 
 import difflib

@@ -3,7 +3,7 @@ r"""CPU seconds a training example costs the tf.data pipeline, as the main job u
   .venv/bin/python bench/pipeline_time.py [--grid=128,128,16] [--examples=30] [--repeats=5]
 
 Times ``input_pipeline.train_dataset`` at the default config (augmentation on,
-64x64x16 crops, 80 % lesion-centred, soft target, brain fraction and the
+64x64 crops of every slice, 80 % lesion-centred, soft target, brain fraction and the
 brain-z-scored image) over eight random grid volumes with ten small lesions
 each. Prints one JSON line: process CPU seconds and wall seconds per example,
 the median over the repeats. CPU seconds (all of tf.data's threads together)

@@ -3,7 +3,8 @@ r"""Predict time per scan at the default network, for two typical acquisitions.
   .venv/bin/python bench/predict_time.py [--repeats=5] [--tta]
 
 Times ``predict.predict`` end to end (read the NIfTI, preprocess, the network on
-the 128x128x16 grid, resize back, write the mask) for a 512x512x16 2-D FLAIR
+the scan's grid: 128x128x16 and, with the default's data.grid_max_depth=24,
+128x128x24 for the second; resize back, write the mask) for a 512x512x16 2-D FLAIR
 (0.47x0.47x8 mm) and a 240x240x48 challenge-like scan (1x1x3 mm). The weights
 are freshly initialised: the time does not depend on their values. Prints one
 JSON line per scan: median, min and max seconds over the repeats, after one

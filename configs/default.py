@@ -1,12 +1,13 @@
 r"""The seed study's setup, with its two errors fixed, at half its width.
 
-FLAIR only, every subject resized to 128x128x16, the seed's 3-D U-Net ((3,3,1)
+FLAIR only, every subject resized to 128x128 in-plane, the seed's 3-D U-Net ((3,3,1)
 kernels in the first two levels, (3,3,3) below and in the bottleneck), no
 normalisation, affine augmentation. Fixed: the split is by subject (no
 augmented copy of a validation subject is trained on) and label 2 ("other
 pathology") is ignored by loss and metrics instead of counted as lesion. Changed
 (measurements in docs/results.md): soft Dice + BCE instead of soft Dice
-alone; 64x64x16 training crops of the 128x128x16 grid instead of whole volumes;
+alone; along Z each scan's own slices (16 to 24, ``data.grid_max_depth``) instead of
+16 for every scan, and 64x64 training crops of every slice instead of whole volumes;
 half the seed's filters (16->32 ... the 128->256 bottleneck instead of 32->64 ...
 256->512: a quarter of the work a step), so that in the same time on a 2-core
 CPU it trains 900 steps on 96 subjects instead of 280 on 48. The seed's network
@@ -46,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_test_subjects = 12
   c.data.test_synthetic_seed = 2019
   c.data.grid = (128, 128, 16)          # (X, Y, Z) after canonical (RAS) reorientation
+  c.data.grid_max_depth = 24            # each scan keeps its own slices along Z, rounded
+                                        # up to 4, from grid's Z up to this
+                                        # (subjects.scan_grid; docs/results.md, stop 36);
+                                        # 0: every scan on grid (before stop 36)
   c.data.split_seed = 0                 # without val_root: hash seed of the subject split
   c.data.val_fraction = 0.2             # without val_root: share held out (about, per site)
   c.data.test_fraction = 0.0            # share of data.root held out as test (by the hash)
@@ -103,7 +108,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.init_from = ''                # workdir whose weights start this run
   c.train.batch_size = 1
-  c.train.patch_size = (64, 64, 16)     # training crops of data.grid; None: whole volumes
+  c.train.patch_size = (64, 64, None)   # training crops of a subject's grid (None along
+                                        # an axis: all of it, here every slice); None:
+                                        # whole volumes
   c.train.lesion_patch_fraction = 0.8   # share of crops centred on a lesion
   c.train.num_steps = 900
   c.train.learning_rate = 1e-3          # 3e-4 before stop 20 (docs/results.md)

@@ -23,6 +23,9 @@ def get_config():
   c.model.update(default.SEED_NETWORK)
   c.data.num_subjects = 144
   c.train.num_steps = 1200
+  # Every scan on 128x128x16, as the default before stop 36: the runs made before
+  # config.json, which take this config, saw that grid.
+  c.data.grid_max_depth = 0
   c.train.learning_rate = 3e-4          # measured at this width; the default's 1e-3 is not
   c.train.warmup_steps = 40
   c.train.eval_every_steps = 300

@@ -21,6 +21,7 @@ def get_config():
   c.data.val_root = ''                  # split data.root by subject
   c.data.test_root = ''                 # no test set: the tests stay fast
   c.data.grid = (32, 32, 8)
+  c.data.grid_max_depth = 0             # every scan on the grid (grid_depth_test: per scan)
   c.data.val_fraction = 0.34
   c.data.shuffle_buffer = 8
   c.model.encoder_filters = ((4, 8), (8, 16))

@@ -161,8 +161,8 @@ def test_pipeline_carries_the_soft_target_when_asked():
   prepared = [{'image': image, 'labels': labels, 'native_shape': np.array(image.shape),
                'spacing': np.ones(3), 'lesion_fraction': (labels == 1) * 0.5}] * 2
   cfg = test_config.get_config()
-  hard = input_pipeline.stack_prepared(prepared, image.shape)
-  soft = input_pipeline.stack_prepared(prepared, image.shape, soft_targets=True)
+  hard = input_pipeline.stack_prepared(prepared)
+  soft = input_pipeline.stack_prepared(prepared, soft_targets=True)
   assert 'target' not in hard and soft['target'].shape == (2, *image.shape)
   batch = next(input_pipeline.train_dataset(soft, cfg).as_numpy_iterator())
   assert batch['target'].shape == batch['labels'].shape
@@ -198,11 +198,11 @@ def test_pipeline_carries_brain_and_has_brain():
   base = {'image': image, 'labels': labels, 'native_shape': np.array(image.shape),
           'spacing': np.ones(3), 'lesion_fraction': (labels == 1) * 0.5}
   prepared = [{**base, 'brain_fraction': brain}, base]   # the second has no mask
-  arrays = input_pipeline.stack_prepared(prepared, image.shape, True, brain=True)
+  arrays = input_pipeline.stack_prepared(prepared, soft_targets=True, brain=True)
   np.testing.assert_array_equal(arrays['has_brain'], [1.0, 0.0])
   np.testing.assert_array_equal(arrays['brain'][1], 0.0)
-  assert 'brain' not in input_pipeline.stack_prepared(prepared, image.shape)
-  assert 'brain' not in input_pipeline.stack_prepared([base], image.shape, brain=True)
+  assert 'brain' not in input_pipeline.stack_prepared(prepared)
+  assert 'brain' not in input_pipeline.stack_prepared([base], brain=True)
   cfg = test_config.get_config()
   cfg.train.batch_size = 2
   cfg.train.patch_size = (8, 8, 4)
@@ -317,10 +317,11 @@ def test_brain_normalised_input_is_drawn_in_its_share_of_examples_and_nothing_el
           'spacing': np.ones(3), 'lesion_fraction': (labels == 1) * 0.5,
           'brain_fraction': (labels > 0).astype(np.float32)}
   prepared = [{**base, 'image_brain': other}, base]   # the second has no brain mask
-  arrays = input_pipeline.stack_prepared(prepared, image.shape, True, True, True)
+  arrays = input_pipeline.stack_prepared(prepared, soft_targets=True, brain=True,
+                                        brain_norm=True)
   np.testing.assert_array_equal(arrays['image_brain'], [other, image])
-  assert 'image_brain' not in input_pipeline.stack_prepared(prepared, image.shape,
-                                                            True, True)
+  assert 'image_brain' not in input_pipeline.stack_prepared(prepared, soft_targets=True,
+                                                            brain=True)
   ex = {k: arrays[k][0] for k in ('image', 'labels', 'spacing', 'image_brain')}
   cfg = test_config.get_config().augment
   cfg.enabled = True

@@ -154,7 +154,7 @@ def crop_start(labels, matrix, offset, size, seed, lesion_fraction=0.5):
   """
   seeds = tf.random.experimental.stateless_split(seed, 3)
   shape = tf.shape(labels)
-  size = tf.constant(size, tf.int32)
+  size = tf.cast(size, tf.int32)   # a tuple, or a tensor (a whole axis: crop_size)
   room = shape - size
   uniform_start = tf.cast(
       tf.floor(_uniform(seeds[0], [3], 0.0, 1.0) * tf.cast(room + 1, tf.float32)),
@@ -170,6 +170,15 @@ def crop_start(labels, matrix, offset, size, seed, lesion_fraction=0.5):
                                   0, room)
   use_lesion = (n > 0) & (_uniform(seeds[2], [], 0.0, 1.0) < lesion_fraction)
   return tf.where(use_lesion, lesion_start, uniform_start)
+
+
+def crop_size(patch_size, shape):
+  """``patch_size`` for a volume of ``shape``: a tuple, or with a None size (that
+  whole axis: a subject's own depth) a tensor."""
+  if all(p is not None for p in patch_size):
+    return tuple(patch_size)
+  return tf.stack([shape[a] if p is None else tf.constant(p)
+                   for a, p in enumerate(patch_size)])
 
 
 def crop_affine(matrix, offset, start):

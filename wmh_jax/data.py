@@ -107,8 +107,12 @@ def _parallel_map(fn, args: list[tuple], what: str) -> None:
       pool.shutdown(cancel_futures=True)
 
 
-def _cache_path(workdir: Path, s: subjects_lib.SubjectFiles, grid) -> Path:
-  h = hashlib.sha1(f'{CACHE_VERSION}:{grid!r}'.encode())
+def _cache_path(workdir: Path, s: subjects_lib.SubjectFiles, grid,
+                depth=(0, 1)) -> Path:
+  key = f'{CACHE_VERSION}:{grid!r}'
+  if depth[0]:  # a depth rule's key only with one: fixed-grid caches stay valid
+    key += f':{tuple(depth)!r}'
+  h = hashlib.sha1(key.encode())
   for f in (s.flair, s.wmh, s.brain):
     if f is not None:
       st = f.stat()
@@ -116,9 +120,11 @@ def _cache_path(workdir: Path, s: subjects_lib.SubjectFiles, grid) -> Path:
   return workdir / 'prepared' / f'{s.site.replace("/", "_")}_{s.id}_{h.hexdigest()[:12]}.npz'
 
 
-def prepare_cached(s: subjects_lib.SubjectFiles, grid, workdir) -> dict:
-  """``subjects.prepare_subject`` with an on-disk cache in ``workdir/prepared``."""
-  path = _cache_path(Path(workdir), s, grid)
+def prepare_cached(s: subjects_lib.SubjectFiles, grid, workdir,
+                   depth=(0, 1)) -> dict:
+  """``subjects.prepare_subject`` with an on-disk cache in ``workdir/prepared``
+  (``depth``: ``subjects.depth_rule``)."""
+  path = _cache_path(Path(workdir), s, grid, depth)
   if path.exists():
     with np.load(path, allow_pickle=False) as z:
       out = {k: z[k] for k in z.files}
@@ -126,14 +132,14 @@ def prepare_cached(s: subjects_lib.SubjectFiles, grid, workdir) -> dict:
     # another folder (a run trained on a relative data.root, evaluated elsewhere).
     out['key'], out['source'] = str(out['key']), str(s.flair)
     return out
-  out = subjects_lib.prepare_subject(s, grid)
+  out = subjects_lib.prepare_subject(s, grid, depth=depth)
   path.parent.mkdir(parents=True, exist_ok=True)
   atomic_write.write(path, lambda f: np.savez(f, **out))
   return out
 
 
-def _prepare_to_cache(s, grid, workdir) -> None:
-  prepare_cached(s, grid, workdir)  # a worker: the arrays stay on disk
+def _prepare_to_cache(s, grid, workdir, depth) -> None:
+  prepare_cached(s, grid, workdir, depth)  # a worker: the arrays stay on disk
 
 
 def find_splits(config) -> dict[str, list[subjects_lib.SubjectFiles]]:
@@ -259,7 +265,12 @@ def load_run_data(config, workdir, names=('train', 'val', 'test')
   subject is prepared.
   """
   val_ids = _check_val_options(config)
+  depth = subjects_lib.depth_rule(config)
   if config.data.tfds:
+    if depth[0]:
+      raise ValueError(f'data.grid_max_depth={depth[0]}: the TFDS datasets hold '
+                       'one fixed grid; give --config.data.grid_max_depth=0 (every '
+                       'scan on data.grid) or read the folders (data.tfds=\'\')')
     splits = _tfds_splits(config, val_ids)
     record = run_record.split_record(config, splits)
     run_record.check_split(workdir, record)
@@ -273,12 +284,14 @@ def load_run_data(config, workdir, names=('train', 'val', 'test')
                                                     ('train', 'val', 'test')))
   chosen = [s for n in names for s in files[n]]
   grid = tuple(config.data.grid)
-  logging.info('Preparing %d subjects on the %s grid ...', len(chosen), grid)
-  todo = [(s, grid, Path(workdir)) for s in chosen
-          if not _cache_path(Path(workdir), s, grid).exists()]
+  logging.info('Preparing %d subjects on the %s grid%s ...', len(chosen), grid,
+               f' (each its own slices, {grid[2]} to {depth[0]})' if depth[0] else '')
+  todo = [(s, grid, Path(workdir), depth) for s in chosen
+          if not _cache_path(Path(workdir), s, grid, depth).exists()]
   if len(todo) > 1:  # decode the new ones in parallel; all are read back below
     _parallel_map(_prepare_to_cache, todo, 'prepared subject')
-  return {n: [prepare_cached(s, grid, workdir) for s in files[n]] for n in names}, record
+  return {n: [prepare_cached(s, grid, workdir, depth) for s in files[n]]
+          for n in names}, record
 
 
 def load_splits(config, workdir) -> tuple[list[dict], list[dict]]:

@@ -3,7 +3,8 @@
 The one per-scan pipeline that ``predict``, ``evaluate`` and the refiner's fit
 (``train.fit_refiner``) all call (:func:`segment`):
 
-  read (``read_scan``: canonical RAS, the whole scan onto ``data.grid`` by
+  read (``read_scan``: canonical RAS, the whole scan onto ``data.grid`` (along Z
+  its own slices with ``data.grid_max_depth``: ``subjects.scan_grid``) by
   ``subjects.preprocess``, as training sees it) -> network
   (``make_probability_fn``: ensemble members and flip TTA) -> native grid
   (``native_probability``: resized back; with a brain output the native brain
@@ -143,8 +144,11 @@ def native_lesion(lesion: np.ndarray, native_shape, brain: np.ndarray,
 
 def model_input(image, config, path='image') -> np.ndarray:
   """What the network sees first: the whole scan preprocessed onto ``data.grid``
-  (z-scored in its head mask)."""
-  return subjects.preprocess(image, tuple(config.data.grid), path)
+  (its own slices with ``data.grid_max_depth``: ``subjects.scan_grid``),
+  z-scored in its head mask."""
+  subjects.check_resamplable(image, path)   # a 3-D volume, before its depth is read
+  grid = subjects.scan_grid(image.shape, config.data.grid, subjects.depth_rule(config))
+  return subjects.preprocess(image, grid, path)
 
 
 def load_members(config, workdir) -> list:
@@ -259,7 +263,7 @@ class ScanInput:
   """One scan as the pipeline takes it.
 
   ``volume``: what the network sees first (:func:`model_input`: on
-  ``data.grid``, z-scored in the head mask; a second pass, ``segment``, reads
+  the scan's grid, z-scored in the head mask; a second pass, ``segment``, reads
   the native FLAIR);
   ``flair``: the native FLAIR file (the refiner's input), None for a TFDS example.
   """
@@ -327,7 +331,7 @@ def segment(segmenter: Segmenter, scan: ScanInput, read_image: bool = False,
   if two_pass:  # the lesion from the scan z-scored in the brain just found,
     # on the grid as training's image_brain (subjects.preprocess with the brain;
     # training's is rescored from its head image, equal to float32 rounding)
-    second = fn(subjects.to_grid(flair_z, tuple(config.data.grid), scan.flair))
+    second = fn(subjects.to_grid(flair_z, scan.volume.shape, scan.flair))
     out = (split_probability(second)[0], split_probability(out)[1])
     prob = native_lesion(out[0], scan.native_shape, brain, config.predict)
   unrefined = Segmentation(out, prob, prob, prob >= segmenter.threshold, brain,

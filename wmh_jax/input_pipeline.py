@@ -15,10 +15,20 @@ from wmh_jax import subjects
 SOFT_KEYS = ('target', 'brain')  # soft volumes that follow the labels' geometry
 
 
-def stack_prepared(prepared: list[dict], grid, soft_targets: bool = False,
+def _stack(volumes, depth: int, dtype) -> np.ndarray:
+  """``volumes`` stacked, each padded along Z to ``depth`` with its minimum
+  (never seen: :func:`augment_example` cuts a subject back to its ``depth``)."""
+  return np.stack([np.pad(v, ((0, 0), (0, 0), (0, depth - v.shape[2])),
+                          constant_values=v.min()) for v in volumes]).astype(dtype)
+
+
+def stack_prepared(prepared: list[dict], *, soft_targets: bool = False,
                    brain: bool = False, brain_norm: bool = False
                    ) -> dict[str, np.ndarray]:
   """Stacks prepared subjects.
+
+  Subjects of different depths (``data.grid_max_depth``) are padded along Z to
+  the deepest, and ``depth`` gives each one's own.
 
   With ``soft_targets`` adds their lesion fraction on the grid as ``target``.
   With ``brain``, when any subject has a brain mask, adds the brain fraction as
@@ -27,24 +37,35 @@ def stack_prepared(prepared: list[dict], grid, soft_targets: bool = False,
   any subject has a brain mask, adds its image z-scored in the brain as
   ``image_brain`` (the head-z-scored ``image`` for subjects without one).
   """
+  depths = [p['image'].shape[2] for p in prepared]
+  z = max(depths)
   arrays = {
-      'image': np.stack([p['image'] for p in prepared]).astype(np.float32),
-      'labels': np.stack([p['labels'] for p in prepared]).astype(np.uint8),
-      'spacing': np.stack([subjects.grid_spacing(p, grid) for p in prepared]
+      'image': _stack([p['image'] for p in prepared], z, np.float32),
+      'labels': _stack([p['labels'] for p in prepared], z, np.uint8),
+      'spacing': np.stack([subjects.grid_spacing(p) for p in prepared]
                           ).astype(np.float32),
   }
+  if len(set(depths)) > 1:
+    arrays['depth'] = np.array(depths, np.int32)
   if soft_targets:
-    arrays['target'] = np.stack([p['lesion_fraction'] for p in prepared]
-                                ).astype(np.float32)
+    arrays['target'] = _stack([p['lesion_fraction'] for p in prepared], z, np.float32)
   if brain and any('brain_fraction' in p for p in prepared):
-    arrays['brain'] = np.stack([p.get('brain_fraction', np.zeros_like(p['image']))
-                                for p in prepared]).astype(np.float32)
+    arrays['brain'] = _stack([p.get('brain_fraction', np.zeros_like(p['image']))
+                              for p in prepared], z, np.float32)
     arrays['has_brain'] = np.array(['brain_fraction' in p for p in prepared],
                                    np.float32)
   if brain_norm and any('image_brain' in p for p in prepared):
-    arrays['image_brain'] = np.stack([p.get('image_brain', p['image'])
-                                      for p in prepared]).astype(np.float32)
+    arrays['image_brain'] = _stack([p.get('image_brain', p['image'])
+                                    for p in prepared], z, np.float32)
   return arrays
+
+
+def subject_arrays(arrays: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+  """Subject ``i``'s volumes of :func:`stack_prepared`'s ``arrays``, cut back
+  to its own depth."""
+  depth = int(arrays['depth'][i]) if 'depth' in arrays else None
+  return {k: v[i][..., :depth] if v.ndim == 4 else v[i]
+          for k, v in arrays.items() if k != 'depth'}
 
 
 def _scanner_look(image, seed, aug_config, full_shape, start, lo):
@@ -73,8 +94,12 @@ def augment_example(example, seed, aug_config, patch_size=None,
 
   With ``patch_size`` the crop's place is chosen before warping
   (``augment.crop_start``) and only the crop is resampled: the voxels of the
-  warped volume's crop there, for a crop's work instead of the volume's.
+  warped volume's crop there, for a crop's work instead of the volume's. A None
+  size takes that whole axis (``(64, 64, None)``: every slice of the subject).
   """
+  if 'depth' in example:  # subjects of several depths: this one's own
+    example = {k: v[..., :example['depth']] if len(v.shape) == 3 else v
+               for k, v in example.items() if k != 'depth'}
   image, labels = example['image'], example['labels']
   if 'image_brain' in example:  # its own stream: the other draws stay as they were
     pick = tf.random.stateless_uniform(
@@ -93,7 +118,7 @@ def augment_example(example, seed, aug_config, patch_size=None,
         flip_lr=aug_config.flip_lr)
   start, out_shape = tf.zeros([3], tf.int32), None
   if patch_size is not None:
-    out_shape = tuple(patch_size)
+    out_shape = augment.crop_size(patch_size, shape)
     start = augment.crop_start(labels, matrix, offset, out_shape, seeds[2],
                                lesion_patch_fraction)
   if aug_config.enabled:
@@ -124,9 +149,18 @@ def train_dataset(arrays: dict[str, np.ndarray], config, start_step: int = 0):
                   reshuffle_each_iteration=True).repeat()
   ds = ds.enumerate().skip(start_step * config.train.batch_size)
   patch = config.train.patch_size
-  if patch is not None and any(p > g for p, g in zip(patch, arrays['image'].shape[1:])):
+  smallest = (*arrays['image'].shape[1:3], int(np.min(arrays.get(
+      'depth', arrays['image'].shape[3]))))
+  if patch is not None and any(p is not None and p > g for p, g in zip(patch, smallest)):
     raise ValueError(f'train.patch_size {tuple(patch)} is larger than the grid '
-                     f'{tuple(arrays["image"].shape[1:])} (data.grid)')
+                     f'{smallest} (data.grid; along Z the shallowest subject\'s, '
+                     'with data.grid_max_depth)')
+  whole_depth = patch is None or patch[2] is None
+  if whole_depth and 'depth' in arrays and config.train.batch_size > 1:
+    raise ValueError(f'train.patch_size={None if patch is None else tuple(patch)} '
+                     'takes each subject\'s whole depth, and with data.grid_max_depth '
+                     f'the depths differ: train.batch_size={config.train.batch_size} '
+                     'cannot stack them; give a depth or batch_size 1')
   fn = lambda i, ex: augment_example(
       ex, tf.stack([tf.constant(seed, tf.int64), i]), config.augment,
       None if patch is None else tuple(patch),

@@ -42,8 +42,9 @@ SPLITS = ('train', 'val', 'test')
 FROZEN = ('model.', 'data.grid', 'data.input_norm')
 NOT_FROZEN = ('model.conv_impl', 'model.dtype')
 # Frozen keys that a config written before them lacks: the value such a run had
-# (data.input_norm: one pass on the head-z-scored scan, subjects.input_norm).
-FROZEN_BEFORE_THE_KEY = {'data.input_norm': 'head'}
+# (data.input_norm: one pass on the head-z-scored scan, subjects.input_norm;
+# data.grid_max_depth: every scan on data.grid, subjects.depth_rule).
+FROZEN_BEFORE_THE_KEY = {'data.input_norm': 'head', 'data.grid_max_depth': 0}
 # Keys removed from the configs that older config.json files still hold: they
 # are dropped on load (``drop_obsolete``), so that such a run still loads.
 OBSOLETE = ('evaluate.threshold',   # predict.threshold serves evaluate too

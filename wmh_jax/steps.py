@@ -45,7 +45,9 @@ def create_optimizer(train_config) -> optax.GradientTransformation:
 
 
 def input_shape(config) -> tuple[int, ...]:
-  grid = tuple(config.train.patch_size or config.data.grid)
+  """A training batch's shape (a None patch size: that axis of ``data.grid``)."""
+  patch = config.train.patch_size or config.data.grid
+  grid = tuple(g if p is None else p for p, g in zip(patch, config.data.grid))
   return (config.train.batch_size, *grid, 1)
 
 

@@ -6,11 +6,13 @@ pathology; optionally ``ROOT/SITE[/SCANNER]/ID/brain.nii.gz``, a 0/1 brain mask
 on the FLAIR's grid (the target of the U-Net's brain output). Preparation decodes
 each NIfTI once, reorients it to RAS, z-scores it inside a brain (head) mask and
 resizes it to the config grid with anti-aliasing; the training hot path then only
-sees small fixed-size arrays.
+sees small arrays. With ``data.grid_max_depth`` a scan keeps its own slices:
+its grid's depth is its slice count (:func:`scan_grid`), not ``data.grid``'s.
 """
 
 import dataclasses
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -398,8 +400,57 @@ def brain_norm_fraction(data_config) -> float:
   return fraction
 
 
-def prepare_subject(s: SubjectFiles, grid, max_voxels: int | None = None) -> dict:
+# A scan's own depth is rounded up to a multiple of this (and of the network's
+# pooling along Z), so that a handful of shapes is compiled, not one a count.
+# Trained runs' inputs depend on it and config.json does not record it: never change.
+DEPTH_STEP = 4
+
+
+def depth_rule(config) -> tuple[int, int]:
+  """``(max_depth, step)`` of :func:`scan_grid` for ``config``:
+  ``data.grid_max_depth`` (0, a config made before the key: every scan on
+  ``data.grid``) and the multiple depths are rounded up to
+  (:data:`DEPTH_STEP` and the product of ``model.pool_sizes`` along Z). A
+  maximum below ``data.grid``'s depth or off that multiple is refused."""
+  max_depth = int(config.data.get('grid_max_depth', 0) or 0)
+  pool_z = math.prod(int(p[2]) for p in config.model.pool_sizes)
+  step = math.lcm(DEPTH_STEP, pool_z)
+  if max_depth:
+    depth = int(config.data.grid[2])
+    if depth % pool_z:
+      raise ValueError(f'data.grid={tuple(config.data.grid)}: its depth must be a '
+                       f'multiple of {pool_z} (model.pool_sizes along Z) with '
+                       'data.grid_max_depth')
+    if max_depth < depth or max_depth % step:
+      raise ValueError(f'data.grid_max_depth={max_depth}: must be 0 or a multiple '
+                       f'of {step} (the depth step and the pooling along Z) no '
+                       f'smaller than data.grid\'s depth {depth}')
+  return max_depth, step
+
+
+def scan_grid(native_shape, grid, rule: tuple[int, int] = (0, 1)) -> tuple:
+  """The grid a scan of ``native_shape`` (RAS) is resized to: ``grid``; with a
+  ``rule`` ``(max_depth, step)`` whose max_depth is not 0 (:func:`depth_rule`),
+  ``grid``'s X and Y and the scan's own slice count along Z rounded up to a
+  multiple of ``step``, at least ``grid``'s depth and at most ``max_depth``.
+
+  A 2-D FLAIR of 20 axial slices keeps them (on 16, a lesion on one slice is
+  smeared over two grid slices); a 3-D scan gets ``max_depth``.
+  """
+  grid = tuple(int(g) for g in grid)
+  max_depth, step = rule
+  if not max_depth:
+    return grid
+  depth = -(-int(native_shape[2]) // step) * step
+  return (*grid[:2], min(max(depth, grid[2]), max_depth))
+
+
+def prepare_subject(s: SubjectFiles, grid, max_voxels: int | None = None,
+                    depth: tuple[int, int] = (0, 1)) -> dict:
   """Decodes one subject and returns its grid arrays and native geometry.
+
+  ``grid`` is the config's; the arrays' is :func:`scan_grid` of it, the scan's
+  shape and ``depth`` (:func:`depth_rule`; the default keeps ``grid``).
 
   With a brain mask: ``brain_fraction`` (the share of each grid voxel inside the
   brain), ``native_brain`` (uint8 0/1) and ``image_brain`` (the FLAIR z-scored
@@ -408,6 +459,7 @@ def prepare_subject(s: SubjectFiles, grid, max_voxels: int | None = None) -> dic
   """
   image, affine = nifti_io.load_image(s.flair, max_voxels=max_voxels)
   check_resamplable(image, s.flair)
+  grid = scan_grid(image.shape, grid, depth)
   head = zscore_stats(image, s.flair)
   out = {
       'key': s.key,
@@ -438,6 +490,7 @@ def voxel_spacing(affine: np.ndarray) -> np.ndarray:
   return np.sqrt((affine[:3, :3] ** 2).sum(0))
 
 
-def grid_spacing(prepared: dict, grid) -> np.ndarray:
+def grid_spacing(prepared: dict) -> np.ndarray:
   """Physical size (mm) of one grid voxel of a prepared subject."""
-  return prepared['spacing'] * prepared['native_shape'] / np.array(grid)
+  return (prepared['spacing'] * prepared['native_shape']
+          / np.array(prepared['image'].shape))

@@ -46,7 +46,8 @@ def _probabilities(predict_fn, state, image) -> np.ndarray:
 
 def validation_dice(predict_fn, state, val_arrays, config, brain: bool = False
                     ) -> dict[str, float]:
-  """Mean per-subject Dice on the config grid (label 2 ignored): ``val/dice_grid``;
+  """Mean per-subject Dice on the grid (each subject's own with
+  ``data.grid_max_depth``; label 2 ignored): ``val/dice_grid``;
   with a ``brain`` output, lesions outside the predicted brain are dropped
   (``inference.native_probability`` on the grid) and ``val/brain_dice_grid`` is
   the brain mask's Dice on the subjects with one. With ``image_brain``
@@ -54,17 +55,17 @@ def validation_dice(predict_fn, state, val_arrays, config, brain: bool = False
   given brain (inference's second pass, with the true brain instead of its
   own), and the brain from ``image`` (its first)."""
   scores, brain_scores = [], []
-  has_brain = val_arrays.get('has_brain', np.zeros(len(val_arrays['image'])))
-  second = val_arrays.get('image_brain')
-  for i, (image, labels) in enumerate(zip(val_arrays['image'], val_arrays['labels'])):
-    p = _probabilities(predict_fn, state, image)
-    lesion = p[..., 0] if second is None else _probabilities(
-        predict_fn, state, second[i])[..., 0]
+  for i in range(len(val_arrays['image'])):
+    v = input_pipeline.subject_arrays(val_arrays, i)  # its own depth
+    labels = v['labels']
+    p = _probabilities(predict_fn, state, v['image'])
+    lesion = p[..., 0] if 'image_brain' not in v else _probabilities(
+        predict_fn, state, v['image_brain'])[..., 0]
     prob, mask = inference.native_probability(
         (lesion, p[..., 1]) if brain else lesion, labels.shape, config.predict)
     scores.append(metrics.dice(prob >= config.predict.threshold, labels))
-    if mask is not None and has_brain[i]:
-      brain_scores.append(challenge_metrics.dice(val_arrays['brain'][i] >= 0.5, mask))
+    if mask is not None and v.get('has_brain', 0):
+      brain_scores.append(challenge_metrics.dice(v['brain'] >= 0.5, mask))
   out = {'val/dice_grid': float(np.mean(scores)) if scores else float('nan')}
   if brain_scores:
     out['val/brain_dice_grid'] = float(np.nanmean(brain_scores))
@@ -96,10 +97,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   run_record.record(workdir, config, split)
   brain = config.model.brain_output
   brain_norm = brain and subjects.input_norm(config.data) == 'brain'
-  train_arrays = input_pipeline.stack_prepared(train_set, config.data.grid,
-                                               config.loss.soft_targets, brain,
-                                               brain_norm)
-  val_arrays = input_pipeline.stack_prepared(val_set, config.data.grid, brain=brain,
+  train_arrays = input_pipeline.stack_prepared(
+      train_set, soft_targets=config.loss.soft_targets, brain=brain,
+      brain_norm=brain_norm)
+  val_arrays = input_pipeline.stack_prepared(val_set, brain=brain,
                                              brain_norm=brain_norm)
   if brain_norm and 'image_brain' not in train_arrays:
     logging.warning('data.input_norm=brain: no training subject has brain.nii.gz, so '
