@@ -16,10 +16,10 @@ SOFT_KEYS = ('target', 'brain')  # soft volumes that follow the labels' geometry
 
 
 def _stack(volumes, depth: int, dtype) -> np.ndarray:
-  """``volumes`` stacked, each padded along Z to ``depth`` with its minimum
-  (never seen: :func:`augment_example` cuts a subject back to its ``depth``)."""
-  return np.stack([np.pad(v, ((0, 0), (0, 0), (0, depth - v.shape[2])),
-                          constant_values=v.min()) for v in volumes]).astype(dtype)
+  """``volumes`` stacked, each padded along Z to ``depth`` with zeros (never
+  seen: :func:`own_depth` cuts a subject back before it is used)."""
+  return np.stack([np.pad(v, ((0, 0), (0, 0), (0, depth - v.shape[2])))
+                   for v in volumes]).astype(dtype)
 
 
 def stack_prepared(prepared: list[dict], *, soft_targets: bool = False,
@@ -60,12 +60,20 @@ def stack_prepared(prepared: list[dict], *, soft_targets: bool = False,
   return arrays
 
 
+def own_depth(example: dict) -> dict:
+  """One subject's entries of :func:`stack_prepared`'s arrays (numpy, or tensors
+  in tf.data), its volumes cut back to its ``depth`` when it has one."""
+  if 'depth' not in example:
+    return example
+  depth = example['depth']
+  return {k: v[..., :depth] if len(v.shape) == 3 else v
+          for k, v in example.items() if k != 'depth'}
+
+
 def subject_arrays(arrays: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
-  """Subject ``i``'s volumes of :func:`stack_prepared`'s ``arrays``, cut back
+  """Subject ``i``'s entries of :func:`stack_prepared`'s ``arrays``, cut back
   to its own depth."""
-  depth = int(arrays['depth'][i]) if 'depth' in arrays else None
-  return {k: v[i][..., :depth] if v.ndim == 4 else v[i]
-          for k, v in arrays.items() if k != 'depth'}
+  return own_depth({k: v[i] for k, v in arrays.items()})
 
 
 def _scanner_look(image, seed, aug_config, full_shape, start, lo):
@@ -97,9 +105,7 @@ def augment_example(example, seed, aug_config, patch_size=None,
   warped volume's crop there, for a crop's work instead of the volume's. A None
   size takes that whole axis (``(64, 64, None)``: every slice of the subject).
   """
-  if 'depth' in example:  # subjects of several depths: this one's own
-    example = {k: v[..., :example['depth']] if len(v.shape) == 3 else v
-               for k, v in example.items() if k != 'depth'}
+  example = own_depth(example)  # subjects of several depths: this one's own
   image, labels = example['image'], example['labels']
   if 'image_brain' in example:  # its own stream: the other draws stay as they were
     pick = tf.random.stateless_uniform(
