@@ -99,7 +99,8 @@ def inherit_network(config, argv) -> None:
   taken = {k: v for k, v in run_record.network(trained).items()
            if k in here and k not in named and v != here[k]}
   if taken:
-    config.update_from_flattened_dict(taken)
+    with config.unlocked():  # a key the config file predates is added (locked: KeyError)
+      config.update_from_flattened_dict(taken)
     logging.info('train.init_from=%s: the network as trained there: %s', source,
                  ', '.join(f'{k}={v!r}' for k, v in sorted(taken.items())))
 

@@ -9,7 +9,8 @@ config.json) it segments the scans of the fold's ``data.root`` that its
 (the fold's own config, flips included) and scores each with
 
 - ``unet``: the fold's U-Net alone (``predict.threshold``);
-- ``own``: the fold's refiner, fitted on the fold's training scans;
+- ``own``: the fold's refiner, fitted on the fold's training scans (blended
+  with its source run's when the fold's ``refine.prior_weight`` is above 0);
 - ``prior``: the refiner of ``--prior`` (default: the run the fold was
   fine-tuned from, ``train.init_from``), fitted on that run's own subjects;
 - ``mean``: the mean of ``own``'s and ``prior``'s refined probabilities.

@@ -146,6 +146,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.refine.min_lesion_rule = 'one_se'   # the largest within one standard error of the
                                         # best mean of Dice and lesion F1 there
                                         # (refine.pick; 'best': the best; docs/results.md)
+  c.refine.prior_weight = 0.0           # with train.init_from: that run's refiner's share of
+                                        # the refined probability (configs/finetune.py)
 
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.num_images = 4             # overlay PNGs written by evaluate

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import math
+import shutil
 import subprocess
 import sys
 import types
@@ -21,6 +22,7 @@ from wmh_jax import checkpoints
 from wmh_jax import data
 from wmh_jax import evaluate
 from wmh_jax import models
+from wmh_jax import refine
 from wmh_jax import steps
 from wmh_jax import subjects
 from wmh_jax import train
@@ -88,6 +90,44 @@ def test_finetune_run_starts_from_source_holds_out_val_ids_and_resumes(
   cfg.train.init_from = str(tmp_path / 'not_there')
   again = train.train_and_evaluate(cfg, tmp_path)
   assert int(again.step) == 1
+
+
+def test_prior_weight_blends_the_source_refiner_or_is_refused_before_training(
+    source, tiny_dataset, tmp_path):
+  """refine.prior_weight: the fine-tune's refiner holds the refiner of
+  train.init_from's latest checkpoint at that weight; without one to blend in,
+  or without init_from, the run is refused before its first step."""
+  src_dir, _ = source
+  cfg = test_config.for_dataset(tiny_dataset, num_steps=1, learning_rate=1e-9,
+                                init_from=str(src_dir))
+  cfg.data.val_ids = ('Utrecht/1',)
+  cfg.refine.prior_weight = 0.5
+  with pytest.raises(FileNotFoundError, match=(
+      rf'train.init_from={src_dir}: no refiner to blend in at refine.prior_weight=0.5 '
+      rf'\({src_dir}/refine/step_6 is missing')):
+    train.train_and_evaluate(cfg, tmp_path / 'a')
+  assert not (tmp_path / 'a' / 'checkpoints').exists()
+  cfg.train.init_from = ''
+  with pytest.raises(ValueError, match='train.init_from, which is not set'):
+    train.train_and_evaluate(cfg, tmp_path / 'a')
+  # The source with a refiner for its step 6 (fitted on a toy scan: all the
+  # fine-tune needs is one with its candidate level).
+  with_refiner = tmp_path / 'source'
+  shutil.copytree(src_dir, with_refiner)
+  rng = np.random.default_rng(0)
+  prob = rng.uniform(0, 1, (16, 16, 6)).astype(np.float32)
+  labels = (prob > 0.7).astype(np.uint8)
+  image = (prob + rng.normal(0, 0.3, prob.shape)).astype(np.float32)
+  prior = refine.fit([(prob, image, (1.0, 1.0, 3.0), labels)], cfg.refine, 0, 6)
+  refine.save(with_refiner, prior)
+  cfg.train.init_from = str(with_refiner)
+  train.train_and_evaluate(cfg, tmp_path / 'b')
+  got = refine.load(tmp_path / 'b', 1)
+  assert got is not None and float(got['prior_weight']) == 0.5
+  for a, b in zip(jax.tree.leaves(got['prior']['params']), jax.tree.leaves(prior['params'])):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(got['prior']['mean'], prior['mean'])
+  assert 'prior' not in got['prior']
 
 
 def test_init_from_another_architecture_is_one_error_line(source, tiny_dataset,

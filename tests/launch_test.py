@@ -86,6 +86,24 @@ def test_init_from_a_run_before_input_norm_fine_tunes_it_with_one_pass(tmp_path)
   assert config.data.input_norm == 'brain'
 
 
+def test_a_fine_tune_config_older_than_a_frozen_key_takes_the_source_value(tmp_path):
+  """A config.json written before data.grid_max_depth, used as the fine-tune's
+  config, gets the source run's value added (it raised a KeyError)."""
+  import launch  # pylint: disable=g-import-not-at-top
+  from wmh_jax import run_record  # pylint: disable=g-import-not-at-top
+  source = test_config.get_config()
+  source.data.grid_max_depth = 24
+  (tmp_path / 'src').mkdir()
+  (tmp_path / 'src' / 'config.json').write_text(run_record.config_to_json(source))
+  config = test_config.get_config()
+  del config.data['grid_max_depth']
+  config.train.init_from = str(tmp_path / 'src')
+  config.lock()   # as the --config flag gives it
+  launch.inherit_network(config, ['launch.py'])
+  assert config.data.grid_max_depth == 24
+  assert run_record.first_frozen_change(source, config) is None
+
+
 def test_predict_on_a_run_without_config_json_takes_the_network_of_its_time(tmp_path):
   import launch  # pylint: disable=g-import-not-at-top
   old, new, empty = tmp_path / 'old', tmp_path / 'new', tmp_path / 'empty'

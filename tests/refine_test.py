@@ -380,3 +380,75 @@ def test_candidate_dice_is_the_dice_of_the_whole_mask():
                                  int((labels == 1).sum())) == want
   nothing = np.zeros_like(labels)
   assert np.isnan(refine.candidate_dice(nothing[cand], prob[cand] >= 2, 0))
+
+
+def test_a_blended_refiner_weighs_its_own_mlps_against_the_prior():
+  """refine.prior_weight w: (1 - w) of the MLPs fitted here plus w of the
+  prior's, with the prior's own scaling; the MLPs fitted are those without a
+  prior; a fine-tune of a fine-tune keeps the chain; orbax keeps all of it."""
+  cases = [_case(0), _case(1)]
+  prior = refine.fit([_case(5)], _rc(num_steps=20, hidden=(4,)), seed=3, unet_step=1)
+  alone = refine.fit(cases, _rc(num_steps=20), seed=0, unet_step=7)
+  blended = refine.fit(cases, _rc(num_steps=20, prior_weight=0.25), seed=0,
+                       unet_step=7, prior=prior)
+  for a, b in zip(jax.tree.leaves(alone['params']), jax.tree.leaves(blended['params'])):
+    np.testing.assert_array_equal(a, b)
+  prob, image, spacing, _ = _case(2)
+  _, f = refine.features(prob, image, spacing, 0.02)
+  want = 0.75 * refine.voxel_probability(alone, f) + 0.25 * refine.voxel_probability(prior, f)
+  np.testing.assert_allclose(refine.voxel_probability(blended, f), want, rtol=1e-6,
+                             atol=1e-7)
+  assert not np.allclose(refine.voxel_probability(blended, f),
+                         refine.voxel_probability(alone, f), atol=1e-3)
+  # Weight 0 (the default) fits the MLPs alone, prior or not.
+  zero = refine.fit(cases, _rc(num_steps=20), seed=0, unet_step=7, prior=prior)
+  assert 'prior' not in zero
+  np.testing.assert_array_equal(refine.voxel_probability(zero, f),
+                                refine.voxel_probability(alone, f))
+  # A fine-tune of the fine-tune: its prior is the blend, chain and all.
+  again = refine.fit(cases[:1], _rc(num_steps=20, prior_weight=0.5), seed=1,
+                     unet_step=9, prior=blended)
+  again_alone = refine.fit(cases[:1], _rc(num_steps=20), seed=1, unet_step=9)
+  np.testing.assert_allclose(
+      refine.voxel_probability(again, f),
+      0.5 * refine.voxel_probability(again_alone, f)
+      + 0.5 * refine.voxel_probability(blended, f), rtol=1e-6, atol=1e-7)
+
+
+def test_a_blended_refiner_survives_save_and_load(tmp_path):
+  prior = refine.fit([_case(5)], _rc(num_steps=20, hidden=(4,)), seed=3, unet_step=1)
+  blended = refine.fit([_case(0)], _rc(num_steps=20, prior_weight=0.5), seed=0,
+                       unet_step=4, prior=prior)
+  refine.save(tmp_path, blended)
+  loaded = refine.load(tmp_path, 4)
+  assert float(loaded['prior_weight']) == 0.5
+  prob, image, spacing, _ = _case(2)
+  np.testing.assert_array_equal(refine.refine(loaded, prob, image, spacing, 0.02),
+                                refine.refine(blended, prob, image, spacing, 0.02))
+
+
+def test_the_threshold_is_picked_on_the_blended_probability():
+  """At weight 1 the refined probability is the prior's, and the threshold kept
+  is the one that scores best on the fitting cases with it, not with the MLPs
+  fitted here."""
+  cases = [_case(s) for s in range(3)]
+  grid = (0.1, 0.3, 0.5, 0.7, 0.9)
+  prior = refine.fit([_case(6)], _rc(num_steps=20, thresholds=grid), seed=3,
+                     unet_step=1)
+  only = refine.fit(cases, _rc(num_steps=20, thresholds=grid, prior_weight=1.0),
+                    seed=0, unet_step=2, prior=prior)
+  refined = [refine.refine(prior, p, i, s, 0.02) for p, i, s, _ in cases]
+  for q, (p, i, s, _) in zip(refined, cases):
+    np.testing.assert_allclose(refine.refine(only, p, i, s, 0.02), q, atol=1e-7)
+  per_case = {t: np.array([_dice(l, q >= t) for q, (_, _, _, l) in zip(refined, cases)])
+              for t in grid}
+  assert float(only['threshold']) == pytest.approx(refine.pick(per_case, 'best'))
+
+
+def test_a_prior_weight_outside_0_1_or_another_candidate_is_refused():
+  prior = refine.fit([_case(5)], _rc(num_steps=20), seed=3, unet_step=1)
+  with pytest.raises(ValueError, match=r'refine.prior_weight: 1.5 is not between 0 and 1'):
+    refine.fit([_case(0)], _rc(num_steps=20, prior_weight=1.5), 0, 1, prior=prior)
+  with pytest.raises(ValueError, match=r'probability >= 0.02, refine.candidate is 0.05'):
+    refine.fit([_case(0)], _rc(num_steps=20, candidate=0.05, prior_weight=0.5), 0, 1,
+               prior=prior)

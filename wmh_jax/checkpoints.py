@@ -226,6 +226,19 @@ def _weights_manager(directory: Path) -> ocp.CheckpointManager:
       item_handlers=ocp.PyTreeCheckpointHandler())
 
 
+def latest_step(workdir) -> int | None:
+  """The step of ``workdir``'s latest checkpoint (the one ``initialise_from``
+  and inference take), None when it holds none; nothing is restored."""
+  directory = Path(workdir).absolute() / 'checkpoints'
+  if not directory.is_dir():
+    return None
+  manager = _weights_manager(directory)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
 def _stored_weights(manager, step: int) -> dict:
   """``{'params': ..., 'batch_stats': ...}`` of checkpoint ``step`` as stored
   shapes (its metadata; no array is read); a missing part is ``{}``."""

@@ -24,10 +24,19 @@ refined mask then loses its lesions (26-connected, as the challenge counts
 them) smaller than a volume chosen at fit time from ``refine.min_lesion_mm3``
 (``refine.min_lesion_rule``: by default the largest the fitting subjects
 cannot tell from the best): single-voxel specks are most of the false lesions.
+A fine-tune refits the refiner on the user's few scans, where MLPs fitted on
+four scans lose on a fifth what they gained on the four (docs/results.md). With
+``refine.prior_weight`` w, its probability is ``(1 - w)`` that of the MLPs
+fitted here plus ``w`` that of the refiner of the run fine-tuned from (fitted
+on its own subjects), and the threshold and smallest lesion are picked on that
+blend (:func:`blend`).
+
 A refiner is a plain pytree ``{params: {fit_k: MLP params}, mean, std,
-threshold, candidate, min_lesion_mm3, unet_step}`` (all it decided at fit time;
-the MLP widths are read off its kernels) saved with orbax in
-``WORKDIR/refine/step_N``, N the U-Net checkpoint it was fitted on.
+threshold, candidate, min_lesion_mm3, unet_step}``, with ``prior: {params,
+mean, std[, prior, prior_weight]}`` and ``prior_weight`` when blended (all it
+decided at fit time and all it needs to apply; the MLP widths are read off
+their kernels) saved with orbax in ``WORKDIR/refine/step_N``, N the U-Net
+checkpoint it was fitted on.
 """
 
 from collections.abc import Sequence
@@ -126,21 +135,55 @@ def _model(params) -> RefineMLP:
 
 def voxel_probability(refiner, f: np.ndarray) -> np.ndarray:
   """The refiner's lesion probability for feature rows ``f``: the mean over
-  its MLPs. The rows go through in blocks of ``ROWS`` (the last one padded), so
-  one compiled function serves every scan (each scan's own row count compiled
-  anew, ~0.2 s a scan), and a row's probability no longer depends on how many
-  rows it came with (with the row count, the matrix products' rounding moved
-  by up to 1 ulp)."""
+  its MLPs, and with a ``prior`` (:func:`blend`) ``(1 - w)`` times that plus
+  ``w`` (``prior_weight``) times the prior's. The rows go through in blocks of
+  ``ROWS`` (the last one padded), so one compiled function serves every scan
+  (each scan's own row count compiled anew, ~0.2 s a scan), and a row's
+  probability no longer depends on how many rows it came with (with the row
+  count, the matrix products' rounding moved by up to 1 ulp)."""
   if not len(f):
     return np.zeros(0, np.float32)
   x = np.asarray((f - refiner['mean']) / refiner['std'], np.float32)
   padded = np.zeros((-(-len(x) // ROWS) * ROWS, x.shape[1]), np.float32)
   padded[:len(x)] = x
   members = refiner['params']
-  return np.mean([np.concatenate([np.asarray(_probability(members[k], block))
-                                  for block in np.split(padded, len(padded) // ROWS)]
-                                 )[:len(x)]
-                  for k in sorted(members)], axis=0).astype(np.float32)
+  own = np.mean([np.concatenate([np.asarray(_probability(members[k], block))
+                                 for block in np.split(padded, len(padded) // ROWS)]
+                                )[:len(x)]
+                 for k in sorted(members)], axis=0).astype(np.float32)
+  if 'prior' not in refiner:
+    return own
+  w = np.float32(refiner['prior_weight'])
+  return ((1 - w) * own + w * voxel_probability(refiner['prior'], f)).astype(np.float32)
+
+
+def prior_weight(rc) -> float:
+  """``rc.prior_weight`` (0 for a config written before it): the weight of the
+  refiner of the run fine-tuned from (``train.init_from``) in the refined
+  probability; raises ValueError (one line) outside [0, 1]."""
+  w = float(rc.get('prior_weight', 0.0))
+  if not 0.0 <= w <= 1.0:
+    raise ValueError(f'refine.prior_weight: {w} is not between 0 and 1')
+  return w
+
+
+def check_prior(prior: dict, rc) -> None:
+  """Raises ValueError (one line) if ``prior`` decides other voxels than
+  ``rc.candidate`` (its MLPs never saw the others' features)."""
+  got, want = candidate_of(prior, rc.candidate), float(rc.candidate)
+  if got != want:
+    raise ValueError(f'refine.prior_weight={prior_weight(rc)}: the prior refiner '
+                     f'decides voxels of U-Net probability >= {got:g}, '
+                     f'refine.candidate is {want:g} (set it to {got:g})')
+
+
+def blend(scaled: dict, prior: dict, weight: float) -> dict:
+  """``scaled`` (``{params, mean, std}``: MLPs fitted here) with ``prior``'s
+  MLPs, feature scaling and own prior (a fine-tune of a fine-tune), if any,
+  taking ``weight`` of the probability (:func:`voxel_probability`)."""
+  kept = {k: prior[k] for k in ('params', 'mean', 'std', 'prior', 'prior_weight')
+          if k in prior}
+  return {**scaled, 'prior': kept, 'prior_weight': np.float64(weight)}
 
 
 @jax.jit
@@ -166,11 +209,14 @@ def min_lesion_of(refiner) -> float:
   return float(refiner['min_lesion_mm3'])
 
 
-def fit(cases, rc, seed: int, unet_step: int) -> dict:
+def fit(cases, rc, seed: int, unet_step: int, prior: dict | None = None) -> dict:
   """Fits a refiner on training ``cases`` and picks its threshold on them
   from their Dice (``rc.threshold_rule``: :func:`pick`), then its smallest
   lesion kept from ``rc.min_lesion_mm3``, from their mean of Dice and lesion F1
   at that threshold (Dice alone hardly sees a speck; ``rc.min_lesion_rule``).
+  With ``prior`` and ``rc.prior_weight`` above 0 the MLPs fitted here are
+  blended with ``prior``'s (:func:`blend`) before the threshold and smallest
+  lesion are picked, on the blended probability.
 
   Args:
     cases: ``(prob, image, spacing, labels)`` per training subject: the U-Net's
@@ -179,7 +225,17 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
     rc: ``config.refine``.
     seed: the run's seed (initialisation and sampling of voxels).
     unet_step: the U-Net checkpoint the probabilities came from.
+    prior: a refiner fitted elsewhere (the run fine-tuned from), with the
+      same candidate level as ``rc.candidate``.
+
+  Raises:
+    NothingToFit: no lesion and non-lesion candidate voxels.
+    ValueError: ``rc.prior_weight`` outside [0, 1], or ``prior`` decides
+      other candidates (one line).
   """
+  weight = prior_weight(rc) if prior is not None else 0.0
+  if weight:
+    check_prior(prior, rc)
   xs, ys, cands, owner = [], [], [], []
   for i, (prob, image, spacing, labels) in enumerate(cases):
     cand, f = features(prob, image, spacing, rc.candidate)
@@ -204,6 +260,8 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
     members[f'fit_{k}'] = jax.device_get(params)
     losses.append(float(loss))
   scaled = {'params': members, 'mean': mean, 'std': std}
+  if weight:
+    scaled = blend(scaled, prior, weight)
   fitted = [voxel_probability(scaled, f) for _, f in cands]
   # Scored where a voxel can be predicted or is labelled: the thresholds on the
   # candidates alone, the smallest lesion on each case cut to the box of its
@@ -236,11 +294,12 @@ def fit(cases, rc, seed: int, unet_step: int) -> dict:
              'min_lesion_mm3': np.float64(pick(by_size, min_lesion_rule(rc))),
              'unet_step': np.int32(unet_step)}
   logging.info('refine: %d MLPs fitted on %d voxels of %d subjects (%.1f%% '
-               'lesion%s), final BCE %s; Dice on them by threshold %s -> %.2f (%s); '
+               'lesion%s), final BCE %s%s; Dice on them by threshold %s -> %.2f (%s); '
                'mean of Dice and lesion F1 by smallest lesion (mm^3) %s -> %g (%s)',
                rc.num_fits, len(x), len(cases), 100 * float(y.mean()),
                ', each MLP on its own share of them' if bagged(rc) else '',
                ' '.join(f'{l:.4f}' for l in losses),
+               f'; blended with the prior refiner at weight {weight:g}' if weight else '',
                {t: round(s, 3) for t, s in scores.items()},
                float(refiner['threshold']), threshold_rule(rc),
                {v: round(float(np.nanmean(s)), 3) for v, s in by_size.items()},

@@ -84,8 +84,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   if config.train.batch_size % jax.device_count():
     raise ValueError(f'train.batch_size={config.train.batch_size} must be a '
                      f'multiple of the {jax.device_count()} devices')
+  prior = None
   if config.refine.enabled:
     refine.check_rules(config.refine)      # a bad rule fails now, not after training
+    prior = prior_refiner(config)          # and a missing prior refiner
   subjects.input_norm(config.data)         # and a bad data.input_norm
   subjects.brain_norm_fraction(config.data)  # or brain_norm_fraction
   # Bad data, or a split that is not the one of the run resumed, fails here.
@@ -189,8 +191,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     manager.wait_until_finished()
     manager.close()
     writer.flush()
-  fit_refiner(config, workdir, train_set, model, state)
+  fit_refiner(config, workdir, train_set, model, state, prior)
   return state
+
+
+def prior_refiner(config) -> dict | None:
+  """The refiner blended into the one this run fits (``refine.prior_weight``
+  above 0): that of ``train.init_from``'s latest checkpoint, the one its
+  predict applies. None when the weight is 0.
+
+  Raises (one line, before training):
+    ValueError: a weight outside [0, 1], or above 0 without ``train.init_from``,
+      or a prior that decides other candidates (``refine.check_prior``).
+    FileNotFoundError: ``train.init_from`` has no checkpoint, or no refiner for
+      its latest.
+  """
+  rc = config.refine
+  weight = refine.prior_weight(rc)
+  if not weight:
+    return None
+  source = config.train.get('init_from', '')
+  if not source:
+    raise ValueError(f'refine.prior_weight={weight}: blends in the refiner of '
+                     'train.init_from, which is not set (set the weight to 0)')
+  step = checkpoints.latest_step(source)
+  if step is None:
+    raise FileNotFoundError(f'train.init_from={source}: no checkpoint to start from '
+                            '(train that run first)')
+  prior = refine.load(source, step)
+  if prior is None:
+    raise FileNotFoundError(f'train.init_from={source}: no refiner to blend in at '
+                            f'refine.prior_weight={weight} ({refine.path_for(source, step)}'
+                            ' is missing; set the weight to 0)')
+  refine.check_prior(prior, rc)
+  logging.info('refine: the refiner of %s (U-Net step %d) takes %g of the one this '
+               'run fits', source, step, weight)
+  return prior
 
 
 def refiner_cases(config, train_set, model, state,
@@ -217,10 +253,11 @@ def refiner_cases(config, train_set, model, state,
   return cases
 
 
-def fit_refiner(config, workdir, train_set, model, state) -> None:
+def fit_refiner(config, workdir, train_set, model, state, prior=None) -> None:
   """Fits and saves the native-resolution refiner (``wmh_jax.refine``) on
   ``config.refine.num_subjects`` training subjects, evenly spread over the
-  sorted list (every site), unless one exists for this U-Net step."""
+  sorted list (every site), unless one exists for this U-Net step; blended with
+  ``prior`` (:func:`prior_refiner`) when given."""
   rc, step = config.refine, int(state.step)
   if not rc.enabled or refine.path_for(workdir, step).is_dir():
     return
@@ -230,7 +267,7 @@ def fit_refiner(config, workdir, train_set, model, state) -> None:
   t0 = time.time()
   cases = refiner_cases(config, train_set, model, state)
   try:
-    refiner = refine.fit(cases, rc, config.seed, step)
+    refiner = refine.fit(cases, rc, config.seed, step, prior)
   except refine.NothingToFit as e:
     logging.warning('%s; no refiner fitted, evaluate scores the U-Net alone', e)
     return
