@@ -13,7 +13,9 @@ config.json) it segments the scans of the fold's ``data.root`` that its
   with its source run's when the fold's ``refine.prior_weight`` is above 0);
 - ``prior``: the refiner of ``--prior`` (default: the run the fold was
   fine-tuned from, ``train.init_from``), fitted on that run's own subjects;
-- ``mean``: the mean of ``own``'s and ``prior``'s refined probabilities.
+- ``mean``: the mean of ``own``'s and ``prior``'s refined probabilities (on
+  blended folds, ``configs/finetune.py``'s since stop 37, that is 1/4 refit and
+  3/4 prior).
 
 ``prior`` and ``mean`` keep the threshold and smallest lesion that the fold's
 training scans choose, as ``refine.fit`` chooses them (the fold's

@@ -148,15 +148,16 @@ def score(segmenter, scans) -> list[dict]:
   return rows
 
 
-def spread(config, train_set, model, state, scans, rotations, seeds):
-  """Yields ``(rotation, seed, refiner, rows)`` for every refit."""
+def spread(config, train_set, model, state, scans, rotations, seeds, prior=None):
+  """Yields ``(rotation, seed, refiner, rows)`` for every refit; blended with
+  ``prior`` as training does (``train.prior_refiner``) when given."""
   base = inference.unet_segmenter(config, model, state)
   scans = unrefined(base, scans)
   step = int(state.step)
   for k in rotations:
     cases = train.refiner_cases(config, rotated(train_set, k), model, state, base)
     for seed in seeds:
-      refiner = refine.fit(cases, config.refine, seed, step)
+      refiner = refine.fit(cases, config.refine, seed, step, prior)
       segmenter = dataclasses.replace(
           base, refiner=refiner,
           candidate=refine.candidate_of(refiner, config.refine.candidate))
@@ -210,6 +211,7 @@ def main(argv):
   except ValueError as e:
     sys.exit(f'error: {e}')
   try:
+    prior = train.prior_refiner(config)  # a fine-tune's refits blend as its own did
     scans = folder_scans(FLAGS.data, config) if FLAGS.data else None
     model, state = checkpoints.restore_weights(config, FLAGS.workdir)
     names = ('train',) if FLAGS.data else ('train', FLAGS.split)
@@ -223,7 +225,7 @@ def main(argv):
   seeds = seeds or [int(config.seed)]
   t0, results = time.time(), []
   for result in spread(config, sets['train'], model, state, scans, rotations,
-                       seeds):
+                       seeds, prior):
     results.append(result)
     logging.info('refit %d/%d (rotation %d, seed %d) scored (%.0f s)',
                  len(results), len(rotations) * len(seeds), result[0], result[1],

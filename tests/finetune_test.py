@@ -118,7 +118,9 @@ def test_prior_weight_blends_the_source_refiner_or_is_refused_before_training(
   prob = rng.uniform(0, 1, (16, 16, 6)).astype(np.float32)
   labels = (prob > 0.7).astype(np.uint8)
   image = (prob + rng.normal(0, 0.3, prob.shape)).astype(np.float32)
-  prior = refine.fit([(prob, image, (1.0, 1.0, 3.0), labels)], cfg.refine, 0, 6)
+  alone = cfg.refine.copy_and_resolve_references()
+  alone.prior_weight = 0.0
+  prior = refine.fit([(prob, image, (1.0, 1.0, 3.0), labels)], alone, 0, 6)
   refine.save(with_refiner, prior)
   cfg.train.init_from = str(with_refiner)
   train.train_and_evaluate(cfg, tmp_path / 'b')
@@ -127,7 +129,10 @@ def test_prior_weight_blends_the_source_refiner_or_is_refused_before_training(
   for a, b in zip(jax.tree.leaves(got['prior']['params']), jax.tree.leaves(prior['params'])):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(got['prior']['mean'], prior['mean'])
-  assert 'prior' not in got['prior']
+  assert int(got['prior']['unet_step']) == 6 and 'prior' not in got['prior']
+  # Resumed with its refiner there, the run needs the source no more.
+  shutil.rmtree(with_refiner)
+  assert int(train.train_and_evaluate(cfg, tmp_path / 'b').step) == 1
 
 
 def test_init_from_another_architecture_is_one_error_line(source, tiny_dataset,

@@ -449,6 +449,8 @@ def test_a_prior_weight_outside_0_1_or_another_candidate_is_refused():
   prior = refine.fit([_case(5)], _rc(num_steps=20), seed=3, unet_step=1)
   with pytest.raises(ValueError, match=r'refine.prior_weight: 1.5 is not between 0 and 1'):
     refine.fit([_case(0)], _rc(num_steps=20, prior_weight=1.5), 0, 1, prior=prior)
+  with pytest.raises(ValueError, match=r'prior_weight=0.5: no prior refiner given'):
+    refine.fit([_case(0)], _rc(num_steps=20, prior_weight=0.5), 0, 1)
   with pytest.raises(ValueError, match=r'probability >= 0.02, refine.candidate is 0.05'):
     refine.fit([_case(0)], _rc(num_steps=20, candidate=0.05, prior_weight=0.5), 0, 1,
                prior=prior)

@@ -281,6 +281,19 @@ def test_refiner_spread_refits_the_runs_own_refiner_and_others(trained,
   for a, b in zip(jax.tree_util.tree_leaves(only['params']),
                   jax.tree_util.tree_leaves(own['params'])):
     np.testing.assert_array_equal(a, b)
+  # A fine-tune's refits blend in its prior (train.prior_refiner), as it did: the
+  # same MLPs, the prior kept beside them.
+  blend = spread.with_refine_settings(cfg, ['refine.prior_weight=0.5'])
+  (_, _, mixed, _), = spread.spread(blend, train_set, model, state,
+                                    spread.split_scans(val_set), (0,), (cfg.seed,),
+                                    prior=saved)
+  assert float(mixed['prior_weight']) == 0.5
+  for a, b in zip(jax.tree_util.tree_leaves(mixed['prior']['params']),
+                  jax.tree_util.tree_leaves(saved['params'])):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree_util.tree_leaves(mixed['params']),
+                  jax.tree_util.tree_leaves(own['params'])):
+    np.testing.assert_array_equal(a, b)
   for _, _, other, _ in results[1:]:  # other draws, other shares: other MLPs
     leaves = zip(jax.tree_util.tree_leaves(other['params']),
                  jax.tree_util.tree_leaves(own['params']))

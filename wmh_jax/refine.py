@@ -33,7 +33,7 @@ blend (:func:`blend`).
 
 A refiner is a plain pytree ``{params: {fit_k: MLP params}, mean, std,
 threshold, candidate, min_lesion_mm3, unet_step}``, with ``prior: {params,
-mean, std[, prior, prior_weight]}`` and ``prior_weight`` when blended (all it
+mean, std, unet_step[, prior, prior_weight]}`` and ``prior_weight`` when blended (all it
 decided at fit time and all it needs to apply; the MLP widths are read off
 their kernels) saved with orbax in ``WORKDIR/refine/step_N``, N the U-Net
 checkpoint it was fitted on.
@@ -181,8 +181,8 @@ def blend(scaled: dict, prior: dict, weight: float) -> dict:
   """``scaled`` (``{params, mean, std}``: MLPs fitted here) with ``prior``'s
   MLPs, feature scaling and own prior (a fine-tune of a fine-tune), if any,
   taking ``weight`` of the probability (:func:`voxel_probability`)."""
-  kept = {k: prior[k] for k in ('params', 'mean', 'std', 'prior', 'prior_weight')
-          if k in prior}
+  kept = {k: prior[k] for k in ('params', 'mean', 'std', 'prior', 'prior_weight',
+                                'unet_step') if k in prior}
   return {**scaled, 'prior': kept, 'prior_weight': np.float64(weight)}
 
 
@@ -214,8 +214,8 @@ def fit(cases, rc, seed: int, unet_step: int, prior: dict | None = None) -> dict
   from their Dice (``rc.threshold_rule``: :func:`pick`), then its smallest
   lesion kept from ``rc.min_lesion_mm3``, from their mean of Dice and lesion F1
   at that threshold (Dice alone hardly sees a speck; ``rc.min_lesion_rule``).
-  With ``prior`` and ``rc.prior_weight`` above 0 the MLPs fitted here are
-  blended with ``prior``'s (:func:`blend`) before the threshold and smallest
+  With ``rc.prior_weight`` above 0 the MLPs fitted here are blended with
+  ``prior``'s (:func:`blend`) before the threshold and smallest
   lesion are picked, on the blended probability.
 
   Args:
@@ -226,14 +226,17 @@ def fit(cases, rc, seed: int, unet_step: int, prior: dict | None = None) -> dict
     seed: the run's seed (initialisation and sampling of voxels).
     unet_step: the U-Net checkpoint the probabilities came from.
     prior: a refiner fitted elsewhere (the run fine-tuned from), with the
-      same candidate level as ``rc.candidate``.
+      same candidate level as ``rc.candidate``; needed when
+      ``rc.prior_weight`` is above 0, unused at 0.
 
   Raises:
     NothingToFit: no lesion and non-lesion candidate voxels.
-    ValueError: ``rc.prior_weight`` outside [0, 1], or ``prior`` decides
-      other candidates (one line).
+    ValueError: ``rc.prior_weight`` outside [0, 1], above 0 without ``prior``,
+      or ``prior`` decides other candidates (one line).
   """
-  weight = prior_weight(rc) if prior is not None else 0.0
+  weight = prior_weight(rc)
+  if weight and prior is None:
+    raise ValueError(f'refine.prior_weight={weight}: no prior refiner given to blend in')
   if weight:
     check_prior(prior, rc)
   xs, ys, cands, owner = [], [], [], []

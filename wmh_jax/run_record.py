@@ -114,9 +114,9 @@ DATA_PATHS = ('root', 'val_root', 'test_root', 'tfds_dir')
 
 
 def with_absolute_data_paths(config, workdir) -> ml_collections.ConfigDict:
-  """``config`` with its relative ``data.*`` folders taken from the folder the
-  run was trained in (``split.json``'s ``cwd``), so that evaluate runs from any
-  folder."""
+  """``config`` with its relative ``data.*`` folders and ``train.init_from``
+  taken from the folder the run was trained in (``split.json``'s ``cwd``), so
+  that evaluate and the bench scripts run from any folder."""
   path = Path(workdir) / SPLIT
   cwd = json.loads(path.read_text()).get('cwd') if path.is_file() else None
   if not cwd:
@@ -125,6 +125,9 @@ def with_absolute_data_paths(config, workdir) -> ml_collections.ConfigDict:
     value = str(config.data.get(key, '') or '')
     if value and not Path(value).is_absolute():
       config.data[key] = str(Path(cwd) / value)
+  source = str(config.get('train', {}).get('init_from', '') or '')
+  if source and not Path(source).is_absolute():
+    config.train.init_from = str(Path(cwd) / source)
   return config
 
 

@@ -87,7 +87,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   prior = None
   if config.refine.enabled:
     refine.check_rules(config.refine)      # a bad rule fails now, not after training
-    prior = prior_refiner(config)          # and a missing prior refiner
+    if not refine.path_for(workdir, config.train.num_steps).is_dir():
+      prior = prior_refiner(config)        # and a missing prior refiner (a resumed run
+                                           # whose refiner exists needs none)
   subjects.input_norm(config.data)         # and a bad data.input_norm
   subjects.brain_norm_fraction(config.data)  # or brain_norm_fraction
   # Bad data, or a split that is not the one of the run resumed, fails here.
@@ -216,8 +218,9 @@ def prior_refiner(config) -> dict | None:
                      'train.init_from, which is not set (set the weight to 0)')
   step = checkpoints.latest_step(source)
   if step is None:
-    raise FileNotFoundError(f'train.init_from={source}: no checkpoint to start from '
-                            '(train that run first)')
+    raise FileNotFoundError(f'train.init_from={source}: no checkpoint, so no refiner '
+                            f'to blend in at refine.prior_weight={weight} (set the '
+                            'weight to 0, or train that run first)')
   prior = refine.load(source, step)
   if prior is None:
     raise FileNotFoundError(f'train.init_from={source}: no refiner to blend in at '
