@@ -108,7 +108,7 @@ def _parallel_map(fn, args: list[tuple], what: str) -> None:
 
 
 def _cache_path(workdir: Path, s: subjects_lib.SubjectFiles, grid,
-                depth=(0, 1)) -> Path:
+                depth=subjects_lib.FIXED_GRID) -> Path:
   key = f'{CACHE_VERSION}:{grid!r}'
   if depth[0]:  # a depth rule's key only with one: fixed-grid caches stay valid
     key += f':{tuple(depth)!r}'
@@ -121,7 +121,7 @@ def _cache_path(workdir: Path, s: subjects_lib.SubjectFiles, grid,
 
 
 def prepare_cached(s: subjects_lib.SubjectFiles, grid, workdir,
-                   depth=(0, 1)) -> dict:
+                   depth=subjects_lib.FIXED_GRID) -> dict:
   """``subjects.prepare_subject`` with an on-disk cache in ``workdir/prepared``
   (``depth``: ``subjects.depth_rule``)."""
   path = _cache_path(Path(workdir), s, grid, depth)

@@ -404,6 +404,8 @@ def brain_norm_fraction(data_config) -> float:
 # pooling along Z), so that a handful of shapes is compiled, not one a count.
 # Trained runs' inputs depend on it and config.json does not record it: never change.
 DEPTH_STEP = 4
+# The depth rule (:func:`depth_rule`) of data.grid_max_depth=0: every scan on data.grid.
+FIXED_GRID = (0, 1)
 
 
 def depth_rule(config) -> tuple[int, int]:
@@ -428,7 +430,7 @@ def depth_rule(config) -> tuple[int, int]:
   return max_depth, step
 
 
-def scan_grid(native_shape, grid, rule: tuple[int, int] = (0, 1)) -> tuple:
+def scan_grid(native_shape, grid, rule: tuple[int, int] = FIXED_GRID) -> tuple:
   """The grid a scan of ``native_shape`` (RAS) is resized to: ``grid``; with a
   ``rule`` ``(max_depth, step)`` whose max_depth is not 0 (:func:`depth_rule`),
   ``grid``'s X and Y and the scan's own slice count along Z rounded up to a
@@ -446,7 +448,7 @@ def scan_grid(native_shape, grid, rule: tuple[int, int] = (0, 1)) -> tuple:
 
 
 def prepare_subject(s: SubjectFiles, grid, max_voxels: int | None = None,
-                    depth: tuple[int, int] = (0, 1)) -> dict:
+                    depth: tuple[int, int] = FIXED_GRID) -> dict:
   """Decodes one subject and returns its grid arrays and native geometry.
 
   ``grid`` is the config's; the arrays' is :func:`scan_grid` of it, the scan's
