@@ -1,16 +1,16 @@
-r"""The default, longer: twice its subjects, three times its steps (35-47 min on a 2-core CPU).
+r"""The default, longer: twice its subjects, three times its steps (about 70 min on a 2-core CPU).
 
 The default's network, loss, grid, refiner, validation and test subjects, with
 192 synthetic training subjects of the same seed (the first 96 are the
 default's: a folder the main job made is extended, not remade) and 2700 steps
-(the same learning rate, its cosine three times as long; warm-up 60). Stop 32,
-two seeds (docs/results.md, "A longer configuration"), against the main job's
-model: MS3SEG Dice 0.652 / 0.655 (0.652 / 0.659), lesion F1 0.546 / 0.557
-(0.528 / 0.568): the same on the real scans; synthetic test 0.698 / 0.705 (0.674
-/ 0.667); fine-tuned leave-one-out on MS3SEG from its models 0.678 / 0.686
-(from the main job's, seed 0: 0.657). Stop 34, seed 0 on another machine: synthetic
-0.707 / 0.707, MS3SEG 0.646 (F1 0.575); leave-one-out from it 0.668 with
-configs/finetune.py's flip averaging and without (stop 33's main job there: 0.669).
+(the same learning rate, its cosine three times as long; warm-up 60). Stop 38,
+seed 0, each scan on its own slices (docs/results.md, "The longer configuration on
+each scan's own slices"): synthetic dev / test 0.713 / 0.736 (the main job,
+three seeds: 0.698 / 0.683), MS3SEG Dice 0.692, lesion F1 0.637, AVD 14.5 %
+(the main job: 0.684, 0.579, 20.1 %); fine-tuned leave-one-out on MS3SEG from
+it 0.721 (from three main jobs 0.652-0.702). 71 min from a fresh clone, install
+included. On the 16-slice grid (stops 32 and 34) it was the main job's equal
+on MS3SEG (0.646-0.655) and better on the synthetic subjects (0.698-0.707).
 
   python launch.py --config=configs/long.py --workdir=runs/long
 

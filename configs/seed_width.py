@@ -9,7 +9,7 @@ times the default's work a step), 144 synthetic training subjects of the same
 seed (the first 96 are the default's) and 1200 steps at 3e-4; loss, data grid,
 refiner, validation and test subjects as the default's. Since stop 20 it is no
 better than the default: with stop 22's bagged refiner, MS3SEG 0.585 against
-0.624 and synthetic test 0.616 against 0.666 (README, "Measured on real scans";
+0.624 and synthetic test 0.616 against 0.666 (docs/stops.md, "Measured on real scans";
 both one pass on the head-z-scored scan, before stop 25's data.input_norm).
 
   python launch.py --config=configs/seed_width.py --workdir=runs/seed_width
