@@ -404,7 +404,8 @@ def brain_norm_fraction(data_config) -> float:
 # pooling along Z), so that a handful of shapes is compiled, not one a count.
 # Trained runs' inputs depend on it and config.json does not record it: never change.
 DEPTH_STEP = 4
-# The depth rule (:func:`depth_rule`) of data.grid_max_depth=0: every scan on data.grid.
+# A depth rule (:func:`depth_rule`) without a maximum: every scan on data.grid, as
+# depth_rule's (0, step) for data.grid_max_depth=0 (a max_depth of 0 ignores the step).
 FIXED_GRID = (0, 1)
 
 
