@@ -122,6 +122,8 @@ def _run(config):
     from wmh_jax import host_memory  # pylint: disable=g-import-not-at-top
     if not host_memory.keep_freed_memory():
       logging.warning('keep_freed_memory: no glibc mallopt here; allocator unchanged')
+  from wmh_jax import xla_flags  # pylint: disable=g-import-not-at-top
+  xla_flags.apply(config)  # XLA_FLAGS, read when XLA's CPU backend starts
   import jax  # pylint: disable=g-import-not-at-top
   # --- Global JAX settings: here only, before any JAX randomness (issue 16) ---
   # The classic (non-partitionable) threefry: XLA:CPU compiles the partitionable

@@ -11,6 +11,7 @@ achieved FLOP/s and its fraction of the peak a matmul micro-benchmark reaches on
 the same device; the same for the FLOPs the step would do with direct
 convolutions ('direct_equivalent_*': Winograd does fewer for the same result);
 whether glibc keeps freed memory (``config.keep_freed_memory``, set by launch.py);
+the ``XLA_FLAGS`` the step ran under (oneDNN: ``config.xla_cpu_onednn``);
 peak host RSS and device memory; the machine (``wmh_jax.machine``: CPU model,
 cores, AVX-512/AMX, device). A last line times the tf.data
 pipeline alone against the train step's consumption. Inputs are random arrays on
@@ -19,6 +20,7 @@ the config grid: the timings do not depend on the data.
 
 import functools
 import json
+import os
 import resource
 import statistics
 import time
@@ -138,6 +140,7 @@ def benchmark_setting(config, impl: str, batch: int, peak: float) -> dict:
       'dtype': cfg.model.dtype,
       'batch': batch, 'grid': list(cfg.train.patch_size),
       'keep_freed_memory': bool(cfg.get('keep_freed_memory', False)),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),  # oneDNN: config.xla_cpu_onednn
       'compile_s': round(compile_s, 3),
       'step_median_s': round(median, 6), 'step_min_s': round(min(times), 6),
       'step_max_s': round(max(times), 6), 'steps_timed': len(times),

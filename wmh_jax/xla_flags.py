@@ -1,0 +1,50 @@
+"""XLA:CPU settings a run asks for, set before JAX starts (launch.py).
+
+``config.xla_cpu_onednn``: XLA:CPU hands its matrix products to oneDNN. The U-Net's
+convolutions are products (the Winograd and sub-pixel forms of ``convs.py``),
+and on a 2-core AVX-512 Xeon oneDNN does the main job's train step in about
+four fifths of the time XLA's own kernels take, with the same results to float32
+round-off (docs/results.md, stop 39). XLA reads ``XLA_FLAGS`` once, when its CPU
+backend starts, so the flags go into the environment before that; they are
+recorded with the run (``machine.environment``: ``environment.json``).
+
+Pure helpers (:func:`with_onednn`, :func:`wanted`) and one function that
+changes the environment (:func:`apply`, called by launch.py only).
+"""
+
+import os
+import platform
+
+# oneDNN for XLA:CPU's dot products (convolutions stay XLA's own). Without the
+# fusion type oneDNN takes none of this network's products: no faster.
+ONEDNN = ('--xla_cpu_use_onednn=true',
+          '--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT')
+# Machines whose XLA:CPU builds oneDNN in (x86-64; elsewhere the flags are
+# accepted and do nothing, so they are not set there).
+ONEDNN_MACHINES = ('x86_64', 'amd64')
+
+
+def with_onednn(flags: str) -> str:
+  """``flags`` (an ``XLA_FLAGS`` value) with :data:`ONEDNN` added, unless it
+  names either setting already: a user's own choice stands."""
+  names = [f.split('=', 1)[0] for f in ONEDNN]
+  if any(name in flags for name in names):
+    return flags
+  return ' '.join([flags.strip(), *ONEDNN]).strip()
+
+
+def wanted(config, machine: str | None = None) -> bool:
+  """Whether ``config`` asks for oneDNN (``xla_cpu_onednn``, default off) on a
+  machine (``platform.machine()`` when None) that has it."""
+  machine = (machine or platform.machine()).lower()
+  return bool(config.get('xla_cpu_onednn', False)) and machine in ONEDNN_MACHINES
+
+
+def apply(config, environ=None) -> bool:
+  """Sets ``XLA_FLAGS`` in ``environ`` (``os.environ``) for ``config``; returns
+  whether oneDNN was asked for. Call it before JAX starts its CPU backend."""
+  environ = os.environ if environ is None else environ
+  if not wanted(config):
+    return False
+  environ['XLA_FLAGS'] = with_onednn(environ.get('XLA_FLAGS', ''))
+  return True
