@@ -34,8 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.distributed = False                 # multi-host (README)
   c.keep_freed_memory = True            # wmh_jax/host_memory.py
-  c.xla_cpu_onednn = True               # oneDNN for XLA:CPU's products: the train step in
-                                        # ~4/5 of the time (wmh_jax/xla_flags.py; x86-64)
+  c.xla_cpu_onednn = False              # True: oneDNN for XLA:CPU's products (x86-64;
+                                        # wmh_jax/xla_flags.py): the step alone 17 % faster,
+                                        # the training loop not (docs/results.md, stop 39)
 
   c.data = ml_collections.ConfigDict()
   c.data.root = 'data/synthetic'        # challenge layout: SITE/ID/pre/FLAIR.nii.gz

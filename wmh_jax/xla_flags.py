@@ -1,12 +1,15 @@
 """XLA:CPU settings a run asks for, set before JAX starts (launch.py).
 
-``config.xla_cpu_onednn``: XLA:CPU hands its matrix products to oneDNN. The U-Net's
-convolutions are products (the Winograd and sub-pixel forms of ``convs.py``),
-and on a 2-core AVX-512 Xeon oneDNN does the main job's train step in about
-four fifths of the time XLA's own kernels take, with the same results to float32
-round-off (docs/results.md, stop 39). XLA reads ``XLA_FLAGS`` once, when its CPU
-backend starts, so the flags go into the environment before that; they are
-recorded with the run (``machine.environment``: ``environment.json``).
+``config.xla_cpu_onednn``: XLA:CPU hands its matrix products to oneDNN. The
+U-Net's convolutions are products (the Winograd and sub-pixel forms of
+``convs.py``). On a 2-core AVX-512 Xeon the main job's train step alone
+(``--mode=benchmark``) took 0.50 s against 0.60 s, with the same losses to float32
+round-off and the same results run to run; inside the training loop, with
+tf.data on the same two cores, it was not faster (0.66-0.87 s a step against
+0.78-0.80 s), so the configs leave it off (docs/results.md, stop 39). XLA reads
+``XLA_FLAGS`` once, when its CPU backend starts, so the flags go into the
+environment before that; they are recorded with the run
+(``machine.environment``: ``environment.json``) and in benchmark lines.
 
 Pure helpers (:func:`with_onednn`, :func:`wanted`) and one function that
 changes the environment (:func:`apply`, called by launch.py only).
@@ -20,7 +23,9 @@ import platform
 ONEDNN = ('--xla_cpu_use_onednn=true',
           '--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT')
 # Machines whose XLA:CPU builds oneDNN in (x86-64; elsewhere the flags are
-# accepted and do nothing, so they are not set there).
+# accepted and do nothing, so they are not set there). XLA stops at a flag it
+# does not know: pyproject.toml asks for a jax (0.10.2, the one measured) whose
+# XLA knows both.
 ONEDNN_MACHINES = ('x86_64', 'amd64')
 
 
