@@ -12,18 +12,19 @@ environment before that; they are recorded with the run
 (``machine.environment``: ``environment.json``) and in benchmark lines.
 
 Pure helpers (:func:`with_onednn`, :func:`wanted`) and one function that
-changes the environment (:func:`apply`, called by launch.py only).
+changes the environment (:func:`apply`: launch.py, and tests/conftest.py for the
+tests).
 """
 
 import os
 import platform
 
 # oneDNN for XLA:CPU's dot products (convolutions stay XLA's own). Without the
-# fusion type oneDNN takes none of this network's products: no faster.
+# fusion type oneDNN takes none of this network's products (0.635 s a step).
 ONEDNN = ('--xla_cpu_use_onednn=true',
           '--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT')
-# Machines whose XLA:CPU builds oneDNN in (x86-64; elsewhere the flags are
-# accepted and do nothing, so they are not set there). XLA stops at a flag it
+# Machines where they are set: x86-64, the only kind measured (oneDNN's XLA:CPU
+# path is built for it). XLA stops at a flag it
 # does not know: pyproject.toml asks for a jax (0.10.2, the one measured) whose
 # XLA knows both.
 ONEDNN_MACHINES = ('x86_64', 'amd64')
