@@ -24,9 +24,8 @@ import platform
 ONEDNN = ('--xla_cpu_use_onednn=true',
           '--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT')
 # Machines where they are set: x86-64, the only kind measured (oneDNN's XLA:CPU
-# path is built for it). XLA stops at a flag it
-# does not know: pyproject.toml asks for a jax (0.10.2, the one measured) whose
-# XLA knows both.
+# path is built for it). XLA stops at a flag it does not know: pyproject.toml
+# asks for a jax (0.10.2, the one measured) whose XLA knows both.
 ONEDNN_MACHINES = ('x86_64', 'amd64')
 
 
