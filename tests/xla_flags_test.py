@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 
 from configs import default
@@ -80,7 +81,6 @@ def _forward(flags: str) -> dict:
 @pytest.mark.skipif(not xla_flags.wanted(_config(True)),
                     reason='oneDNN is set on x86-64 only')
 def test_onednn_computes_the_networks_output_to_float32_round_off():
-  import numpy as np  # pylint: disable=import-outside-toplevel
   own, onednn = _forward('--xla_cpu_use_onednn=false'), _forward(xla_flags.with_onednn(''))
   assert not own['onednn'] and onednn['onednn']  # the flags reach the compiled program
   a, b = np.array(own['y']), np.array(onednn['y'])
