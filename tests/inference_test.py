@@ -69,6 +69,23 @@ def _scan(tmp_path, rng):
   return tmp_path / 's' / 'pre' / 'FLAIR.nii.gz', tmp_path / 's' / 'wmh.nii.gz'
 
 
+def test_training_weights_and_restored_weights_share_one_compiled_network(workdir):
+  # Training validates with its replicated state, evaluate and predict with a
+  # restored checkpoint: one compiled network for both (jax caches per sharding).
+  cfg, wd = workdir
+  model, restored = checkpoints.restore_weights(cfg, wd)
+  mesh = steps.make_mesh()
+  trained = jax.device_put(restored, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
+  image = np.random.default_rng(0).normal(size=(32, 32, 12)).astype(np.float32)
+  before = steps.predict_logits_jit._cache_size()  # pylint: disable=protected-access
+  a = inference.make_probability_fn([(model, trained)])(image)
+  b = inference.make_probability_fn([(models.create_model(cfg.model), restored)])(image)
+  assert steps.predict_logits_jit._cache_size() == before + 1  # pylint: disable=protected-access
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_segment_is_the_chain_and_the_refiner_keeps_its_candidate(workdir, tmp_path):
   cfg, wd = workdir
   cfg = cfg.copy_and_resolve_references()

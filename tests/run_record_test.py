@@ -131,6 +131,26 @@ def test_training_records_config_and_split_before_the_first_step(tiny_dataset,
   assert len(e['flair']) == 64 and split['test'] == []
 
 
+def test_sha256_reads_each_version_of_a_file_once(tmp_path, monkeypatch):
+  import hashlib  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'FLAIR.nii.gz'
+  path.write_bytes(b'a' * 1000)
+  reads, real = [], hashlib.sha256
+  def counting(*args):
+    reads.append(path)
+    return real(*args)
+  monkeypatch.setattr(run_record.hashlib, 'sha256', counting)
+  first = run_record.sha256(path)
+  assert first == real(b'a' * 1000).hexdigest()
+  assert run_record.sha256(str(path)) == first and len(reads) == 1  # not read again
+  # Rewritten in place with the same size: another version, read and hashed again.
+  stat = path.stat()
+  path.write_bytes(b'b' * 1000)
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+  assert run_record.sha256(path) == real(b'b' * 1000).hexdigest()
+  assert len(reads) == 2
+
+
 def test_resume_or_evaluate_on_another_split_is_refused_naming_the_subject(
     tiny_dataset, tmp_path):
   root = tmp_path / 'data'

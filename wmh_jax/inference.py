@@ -77,8 +77,8 @@ def make_probability_fn(members, tta_axes=()):
   member also sees the image flipped along every subset of those axes, and the
   probabilities are flipped back before averaging.
   """
-  fns = [(functools.partial(steps.predict_logits_jit, model=m), s)
-         for m, s in members]
+  fns = [(functools.partial(steps.predict_logits_jit, model=m),
+          steps.inference_weights(s)) for m, s in members]
   brain = all(has_brain_output(m, s) for m, s in members)
   flips = flip_sets(tuple(tta_axes))
 

@@ -182,12 +182,23 @@ def check_same_network(trained, config, workdir, source: str = '--config.') -> N
 
 # --- split.json ----------------------------------------------------------------
 
+# File version (device, inode, size, mtime) -> sha256: a main job checks its split
+# four times (training, then evaluate's two splits), ~5 s of hashing each time
+# on a 2-core CPU. A file written since is another version and is hashed again.
+_HASHES: dict[tuple, str] = {}
+
+
 def sha256(path, chunk: int = 1 << 20) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(chunk), b''):
-      h.update(block)
-  return h.hexdigest()
+  """The file's sha256, read once for each version of the file in a process."""
+  st = os.stat(path)
+  version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+  if version not in _HASHES:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+      for block in iter(lambda: f.read(chunk), b''):
+        h.update(block)
+    _HASHES[version] = h.hexdigest()
+  return _HASHES[version]
 
 
 def _entry(s) -> dict:

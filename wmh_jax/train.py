@@ -55,6 +55,7 @@ def validation_dice(predict_fn, state, val_arrays, config, brain: bool = False
   given brain (inference's second pass, with the true brain instead of its
   own), and the brain from ``image`` (its first)."""
   scores, brain_scores = [], []
+  state = steps.inference_weights(state)  # compiled as evaluate's and predict's
   for i in range(len(val_arrays['image'])):
     v = input_pipeline.subject_arrays(val_arrays, i)  # its own depth
     labels = v['labels']
