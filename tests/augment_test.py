@@ -140,6 +140,25 @@ def test_pipeline_is_deterministic_and_resumable():
     np.testing.assert_array_equal(x['image'], y['image'])
 
 
+def test_pipeline_threads_change_no_batch():
+  # data.pipeline_threads bounds tf.data's threads; the batches stay the same.
+  image, labels = _volume()
+  arrays = {'image': np.stack([image, image * 2, -image]),
+            'labels': np.stack([labels] * 3),
+            'spacing': np.ones((3, 3), np.float32)}
+  batches = {}
+  for threads in (0, 1, 2):
+    cfg = test_config.get_config()
+    cfg.data.pipeline_threads = threads
+    ds = input_pipeline.train_dataset(arrays, cfg)
+    assert ds.options().threading.private_threadpool_size == (threads or None)
+    batches[threads] = list(ds.take(6).as_numpy_iterator())
+  for threads in (1, 2):
+    for x, y in zip(batches[0], batches[threads]):
+      np.testing.assert_array_equal(x['image'], y['image'])
+      np.testing.assert_array_equal(x['labels'], y['labels'])
+
+
 def test_soft_target_follows_the_labels_through_affine_and_crop():
   image, labels = _volume()
   target = (labels == 1).astype(np.float32) * 0.8   # a soft lesion fraction

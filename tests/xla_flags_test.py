@@ -35,7 +35,7 @@ def test_with_onednn_keeps_a_users_own_onednn_setting(user):
 
 
 def test_wanted_follows_the_config_and_the_machine():
-  assert not default.get_config().xla_cpu_onednn  # off by default (docs/results.md)
+  assert default.get_config().xla_cpu_onednn  # on by default (docs/results.md, stop 40)
   assert xla_flags.wanted(_config(True), 'x86_64')
   assert xla_flags.wanted(_config(True), 'AMD64')
   assert not xla_flags.wanted(_config(True), 'arm64')
@@ -48,8 +48,12 @@ def test_apply_sets_only_the_environment_it_is_given():
   asked = xla_flags.apply(_config(True), env)
   assert asked == xla_flags.wanted(_config(True))
   if asked:
-    assert env['XLA_FLAGS'].split() == ['--xla_cpu_enable_fast_math=false',
-                                        *xla_flags.ONEDNN]
+    assert env == {'XLA_FLAGS': ' '.join(['--xla_cpu_enable_fast_math=false',
+                                          *xla_flags.ONEDNN]),
+                   'TF_ENABLE_ONEDNN_OPTS': '0'}   # TF's own oneDNN off beside XLA's
+    env = {'TF_ENABLE_ONEDNN_OPTS': '1'}           # a user's own choice stands
+    xla_flags.apply(_config(True), env)
+    assert env['TF_ENABLE_ONEDNN_OPTS'] == '1'
   env = {}
   assert not xla_flags.apply(_config(False), env)
   assert env == {}

@@ -147,7 +147,10 @@ def augment_example(example, seed, aug_config, patch_size=None,
 
 
 def train_dataset(arrays: dict[str, np.ndarray], config, start_step: int = 0):
-  """Infinite, augmented, batched training batches as a ``tf.data.Dataset``."""
+  """Infinite, augmented, batched training batches as a ``tf.data.Dataset``.
+
+  ``data.pipeline_threads`` (0: TF's default) bounds tf.data's own thread pool,
+  each op on one thread; the batches are the same (a deterministic map)."""
   n = arrays['image'].shape[0]
   seed = config.seed
   ds = tf.data.Dataset.from_tensor_slices(arrays)
@@ -172,6 +175,12 @@ def train_dataset(arrays: dict[str, np.ndarray], config, start_step: int = 0):
       None if patch is None else tuple(patch),
       config.train.lesion_patch_fraction,
       subjects.brain_norm_fraction(config.data))
+  threads = config.data.get('pipeline_threads', 0)
+  if threads:  # beside XLA on a few cores: fewer threads contend with its step
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
+    ds = ds.with_options(options)
   ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(config.train.batch_size, drop_remainder=True)
   return ds.prefetch(2)

@@ -4,12 +4,15 @@
 U-Net's convolutions are products (the Winograd and sub-pixel forms of
 ``convs.py``). On a 2-core AVX-512 Xeon the main job's train step alone
 (``--mode=benchmark``) took 0.50 s against 0.60 s, with the same losses to float32
-round-off and the same results run to run; inside the training loop, with
-tf.data on the same two cores, it was not faster (0.66-0.87 s a step against
-0.78-0.80 s), so the configs leave it off (docs/results.md, stop 39). XLA reads
-``XLA_FLAGS`` once, when its CPU backend starts, so the flags go into the
-environment before that; they are recorded with the run
-(``machine.environment``: ``environment.json``) and in benchmark lines.
+round-off and the same results run to run (docs/results.md, stop 39). Inside
+the training loop it was bimodal (0.66-0.87 s a step against 0.78-0.80 s) while
+TensorFlow, which runs tf.data in the same process, used its own oneDNN too;
+with TF's off (``TF_ENABLE_ONEDNN_OPTS=0``, set here with the XLA flags) and
+``data.pipeline_threads=1`` it took 0.58-0.63 s against 0.72-1.23 s (stop 40).
+XLA reads ``XLA_FLAGS`` once, when its CPU backend starts, and TF its variable
+when it loads, so both go into the environment before that; they are recorded
+with the run (``machine.environment``: ``environment.json``) and in benchmark
+lines.
 
 Pure helpers (:func:`with_onednn`, :func:`wanted`) and one function that
 changes the environment (:func:`apply`: launch.py, and tests/conftest.py for the
@@ -27,6 +30,9 @@ ONEDNN = ('--xla_cpu_use_onednn=true',
 # path is built for it). XLA stops at a flag it does not know: pyproject.toml
 # asks for a jax (0.10.2, the one measured) whose XLA knows both.
 ONEDNN_MACHINES = ('x86_64', 'amd64')
+# TensorFlow's own oneDNN (its ops in tf.data), off beside XLA's: two oneDNN
+# runtimes in one process made the training step bimodal (stop 39).
+TF_ONEDNN = ('TF_ENABLE_ONEDNN_OPTS', '0')
 
 
 def with_onednn(flags: str) -> str:
@@ -46,10 +52,12 @@ def wanted(config, machine: str | None = None) -> bool:
 
 
 def apply(config, environ=None) -> bool:
-  """Sets ``XLA_FLAGS`` in ``environ`` (``os.environ``) for ``config``; returns
-  whether oneDNN was asked for. Call it before JAX starts its CPU backend."""
+  """Sets ``XLA_FLAGS`` in ``environ`` (``os.environ``) for ``config``, and
+  :data:`TF_ONEDNN` unless the user set that variable; returns whether oneDNN was
+  asked for. Call it before JAX starts its CPU backend and TensorFlow loads."""
   environ = os.environ if environ is None else environ
   if not wanted(config):
     return False
   environ['XLA_FLAGS'] = with_onednn(environ.get('XLA_FLAGS', ''))
+  environ.setdefault(*TF_ONEDNN)
   return True
