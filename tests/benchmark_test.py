@@ -27,6 +27,7 @@ def test_benchmark_records_every_setting_and_the_pipeline(capsys):
   for r in steps_:
     assert r['steps_timed'] == 3 and r['grid'] == [32, 32, 8] and r['batch'] == 1
     assert r['xla_flags'] == os.environ.get('XLA_FLAGS', '')  # what the step ran under
+    assert r['tf_enable_onednn_opts'] == os.environ.get('TF_ENABLE_ONEDNN_OPTS', '')
     assert 0 < r['step_min_s'] <= r['step_median_s'] <= r['step_max_s']
     assert r['flops_per_step'] > 0 and r['peak_matmul_flops_per_s'] > 0
     achieved = r['flops_per_step'] / r['step_median_s']

@@ -141,6 +141,7 @@ def benchmark_setting(config, impl: str, batch: int, peak: float) -> dict:
       'batch': batch, 'grid': list(cfg.train.patch_size),
       'keep_freed_memory': bool(cfg.get('keep_freed_memory', False)),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),  # oneDNN: config.xla_cpu_onednn
+      'tf_enable_onednn_opts': os.environ.get('TF_ENABLE_ONEDNN_OPTS', ''),  # and TF's
       'compile_s': round(compile_s, 3),
       'step_median_s': round(median, 6), 'step_min_s': round(min(times), 6),
       'step_max_s': round(max(times), 6), 'steps_timed': len(times),
