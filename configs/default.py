@@ -34,10 +34,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.distributed = False                 # multi-host (README)
   c.keep_freed_memory = True            # wmh_jax/host_memory.py
-  c.xla_cpu_onednn = True               # oneDNN for XLA:CPU's products (x86-64;
-                                        # wmh_jax/xla_flags.py), TF's own oneDNN off: with
-                                        # data.pipeline_threads=1, 0.58-0.63 s a training
-                                        # step against 0.72-1.23 (docs/results.md, stop 40)
+  c.xla_cpu_onednn = False              # oneDNN for XLA:CPU's products (x86-64;
+                                        # wmh_jax/xla_flags.py): a faster step, but it
+                                        # can hang a run for good (a nested-parallel
+                                        # deadlock in XLA's oneDNN thread pool: stop 40,
+                                        # docs/results.md); opt in only where a hang
+                                        # costs little
 
   c.data = ml_collections.ConfigDict()
   c.data.root = 'data/synthetic'        # challenge layout: SITE/ID/pre/FLAIR.nii.gz
@@ -63,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tfds = ''                      # TFDS: wmh_synthetic | wmh_challenge
   c.data.tfds_dir = 'data/tfds'
   c.data.shuffle_buffer = 64
-  c.data.pipeline_threads = 1           # tf.data's own threads (one op each); 0: TF's
+  c.data.pipeline_threads = 0           # tf.data's own threads (one op each); 0: TF's
                                         # default (a thread a core): the same batches
   c.data.input_norm = 'brain'           # U-Net input z-scored in: head (one pass) | brain
                                         # (trained on both; the lesion from a second pass

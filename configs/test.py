@@ -14,8 +14,9 @@ def get_config():
   # The tests run many small programs in one process (launch.main in-process):
   # the allocator stays as the process started (host_memory has its own test).
   c.keep_freed_memory = False
-  # XLA's own kernels: the tests' reference values were computed with them
-  # (tests/xla_flags_test.py checks that oneDNN computes the same to round-off).
+  # XLA's own kernels, as the default's, whatever the default becomes: the tests'
+  # reference values were computed with them (tests/xla_flags_test.py checks
+  # oneDNN's output on its own, on one core).
   c.xla_cpu_onednn = False
   # The tests' own folder (tests/conftest.py sets it for each session), so that
   # a folder left by another generator version is never read.

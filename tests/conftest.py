@@ -32,7 +32,7 @@ atexit.register(shutil.rmtree, os.path.dirname(os.environ['WMH_JAX_TEST_DATA']),
 # the Python subprocesses the tests start (sharding_check.py).
 os.environ['JAX_THREEFRY_PARTITIONABLE'] = '0'
 # And the XLA flags a launch of configs/test.py sets (wmh_jax/xla_flags.py; none:
-# its xla_cpu_onednn is off, unlike the default's), before XLA's CPU backend
+# its xla_cpu_onednn is off, as the default's), before XLA's CPU backend
 # starts: the tests compute as a launch does, whichever test starts it first.
 from configs import test as _test_config  # pylint: disable=wrong-import-position
 from wmh_jax import xla_flags  # pylint: disable=wrong-import-position

@@ -9,6 +9,13 @@ the training loop it was bimodal (0.66-0.87 s a step against 0.78-0.80 s) while
 TensorFlow, which runs tf.data in the same process, used its own oneDNN too;
 with TF's off (``TF_ENABLE_ONEDNN_OPTS=0``, set here with the XLA flags) and
 ``data.pipeline_threads=1`` it took 0.58-0.63 s against 0.72-1.23 s (stop 40).
+It is off by default all the same: in a fresh main job it deadlocked at step
+~15 and never went on (both of XLA's intra-op threads waiting inside oneDNN's
+nested ``parallel``, each for work only the other could run: XLA's
+``OneDnnThreadPool``, a pool of two on two cores), so a run with it can hang
+for good. The tests run it pinned to one core (a pool of one: no second
+thread to wait for).
+
 XLA reads ``XLA_FLAGS`` once, when its CPU backend starts, and TF its variable
 when it loads, so both go into the environment before that; they are recorded
 with the run (``machine.environment``: ``environment.json``) and in benchmark
@@ -45,7 +52,7 @@ def with_onednn(flags: str) -> str:
 
 
 def wanted(config, machine: str | None = None) -> bool:
-  """Whether ``config`` asks for oneDNN (``xla_cpu_onednn``, default off) on a
+  """Whether ``config`` asks for oneDNN (``xla_cpu_onednn``, off by default) on a
   machine (``platform.machine()`` when None) that has it."""
   machine = (machine or platform.machine()).lower()
   return bool(config.get('xla_cpu_onednn', False)) and machine in ONEDNN_MACHINES
