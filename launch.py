@@ -123,7 +123,9 @@ def _run(config):
     if not host_memory.keep_freed_memory():
       logging.warning('keep_freed_memory: no glibc mallopt here; allocator unchanged')
   from wmh_jax import xla_flags  # pylint: disable=g-import-not-at-top
-  xla_flags.apply(config)  # XLA_FLAGS, read when XLA's CPU backend starts
+  if xla_flags.apply(config):  # XLA_FLAGS, read when XLA's CPU backend starts
+    logging.warning('xla_cpu_onednn: oneDNN for XLA:CPU can deadlock a run (no CPU '
+                    'used, no step logged; docs/results.md, stop 40)')
   import jax  # pylint: disable=g-import-not-at-top
   # --- Global JAX settings: here only, before any JAX randomness (issue 16) ---
   # The classic (non-partitionable) threefry: XLA:CPU compiles the partitionable
