@@ -77,11 +77,14 @@ def test_training_weights_and_restored_weights_share_one_compiled_network(workdi
   mesh = steps.make_mesh()
   trained = jax.device_put(restored, jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec()))
-  image = np.random.default_rng(0).normal(size=(32, 32, 12)).astype(np.float32)
-  before = steps.predict_logits_jit._cache_size()  # pylint: disable=protected-access
+  # A shape no other test predicts on (jax's cache lives for the whole session).
+  image = np.random.default_rng(0).normal(size=(40, 24, 10)).astype(np.float32)
+  size = steps.predict_logits_jit._cache_size  # pylint: disable=protected-access
+  before = size()
   a = inference.make_probability_fn([(model, trained)])(image)
+  assert size() == before + 1
   b = inference.make_probability_fn([(models.create_model(cfg.model), restored)])(image)
-  assert steps.predict_logits_jit._cache_size() == before + 1  # pylint: disable=protected-access
+  assert size() == before + 1   # the restored weights reuse it
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
 
