@@ -42,10 +42,19 @@ import jax  # pylint: disable=wrong-import-position
 
 jax.config.update('jax_threefry_partitionable', False)
 
+import flax  # pylint: disable=wrong-import-position
+
 from wmh_jax import nifti_io  # pylint: disable=wrong-import-position
 
 SITES = ('Utrecht', 'Singapore', 'Amsterdam/GE3T')
 NO_BRAIN = 'Amsterdam/GE3T/2'  # the tiny dataset's one subject without brain.nii.gz
+
+
+class NoWeights(flax.struct.PyTreeNode):
+  """A train state without weights, for stand-in networks that need none
+  (``steps.inference_weights`` moves a state's weights with ``replace``)."""
+  params: object = None
+  batch_stats: object = None
 
 
 def write_tiny_subject(folder: Path, rng, shape=(40, 36, 12), affine=None,

@@ -1,11 +1,11 @@
 """A scan's own slices on the grid (``data.grid_max_depth``): the depth rule,
 preparation, the padded stack and its crops, inference, and a tiny run."""
 
-import flax
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import NoWeights
 from conftest import write_tiny_subject
 from configs import test as test_config
 from wmh_jax import data
@@ -214,12 +214,6 @@ def test_a_none_patch_depth_on_one_depth_gives_the_batches_of_that_depth():
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-class _NoWeights(flax.struct.PyTreeNode):
-  """A train state's weights, none (the test's network needs none)."""
-  params: object = None
-  batch_stats: object = None
-
-
 def test_validation_scores_each_subject_on_its_own_depth():
   shallow, deep = _prepared(8, 0), _prepared(12, 1)
   arrays = input_pipeline.stack_prepared([shallow, deep], brain=True)
@@ -229,7 +223,7 @@ def test_validation_scores_each_subject_on_its_own_depth():
     x = np.asarray(x)[..., 0]
     seen.append(x.shape[1:])
     return np.stack([np.where(x > 0, 10.0, -10.0), np.full_like(x, 10.0)], -1)
-  state = _NoWeights()
+  state = NoWeights()
   cfg = test_config.get_config()
   both = train.validation_dice(predict_fn, state, arrays, cfg, True)['val/dice_grid']
   assert seen == [(12, 12, 8), (12, 12, 12)]

@@ -1,4 +1,3 @@
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -424,18 +423,20 @@ SEED_PARAM_TREE = (
     ("['params']['ConvBlock_9']['Conv3D_1']['kernel']", (3, 3, 1, 32, 32)),
 )
 
-# The same commit's logits of configs/test.py's network (init key 0) on
-# normal(key 1, (1, 16, 16, 4, 1)) under jit: (norm, impl) -> sha256[:16].
+# Logits of configs/test.py's network (init key 0) on normal(key 1, (1, 16, 16, 4, 1))
+# under jit: every 129th value (both channels), per norm, for every conv_impl. Until
+# stop 40 these were sha256 hashes of the logits' bits, made on the 2-core AVX-512 Xeon
+# where the convs.py forms reproduced the code before them bit for bit; XLA's bits
+# differ between CPUs (an AMD EPYC without AVX-512 gave others), so they are values now,
+# to 3e-5 (the three forms differ there by at most 1.3e-5 over all the logits).
 REFERENCE_LOGITS = {
-    ('none', 'native'): 'b7ad66a970a279a8',
-    ('none', 'fold2d'): '193fa13def7e53b1',
-    ('none', 'winograd'): 'a20b8579f1c9645e',
-    ('group', 'native'): '2218f3e42fd23ab3',
-    ('group', 'fold2d'): 'ffced1d403597131',
-    ('group', 'winograd'): '412acca024509d29',
-    ('batch', 'native'): '22be3d28914af1ff',
-    ('batch', 'fold2d'): 'c0eb2cd9f5187120',
-    ('batch', 'winograd'): '25862bbc7e94e869',
+    'none': (-3.91224, 0.08779, -3.78943, 0.10942, -3.97577, -0.01927, -3.45994, -0.03555,
+             -3.75912, 0.13261, -3.84070, -0.10666, -3.81670, 0.06730, -3.61628, 0.00130),
+    'group': (-2.85365, -0.34671, -3.41477, -0.31099, -3.13694, -0.06117, -1.80521,
+              -0.34246, -3.08873, 0.01996, -2.69073, -0.20858, -3.41349, -0.00969,
+              -1.93713, 0.00325),
+    'batch': (-3.91224, 0.08779, -3.78945, 0.10941, -3.97578, -0.01926, -3.45996, -0.03555,
+              -3.75912, 0.13260, -3.84071, -0.10666, -3.81670, 0.06729, -3.61629, 0.00130),
 }
 
 
@@ -466,8 +467,9 @@ def test_default_is_the_seed_network_at_half_width():
 
 
 @pytest.mark.filterwarnings('ignore:conv_impl')
-@pytest.mark.parametrize('norm,impl', list(REFERENCE_LOGITS))
-def test_logits_are_bit_for_bit_those_of_the_code_before_convs(norm, impl):
+@pytest.mark.parametrize('norm,impl', [(n, i) for n in REFERENCE_LOGITS
+                                       for i in ('native', 'fold2d', 'winograd')])
+def test_logits_are_those_of_the_code_before_convs(norm, impl):
   from configs import test as test_config  # pylint: disable=g-import-not-at-top
   cfg = test_config.get_config().model
   cfg.conv_impl, cfg.norm = impl, norm
@@ -476,7 +478,8 @@ def test_logits_are_bit_for_bit_those_of_the_code_before_convs(norm, impl):
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 16, 16, 4, 1))
   variables = model.init(jax.random.PRNGKey(0), x)
   y = np.asarray(jax.jit(lambda v, x: model.apply(v, x))(variables, x))
-  assert hashlib.sha256(y.tobytes()).hexdigest()[:16] == REFERENCE_LOGITS[norm, impl]
+  assert y.shape == (1, 16, 16, 4, 2)
+  np.testing.assert_allclose(y.ravel()[::129], REFERENCE_LOGITS[norm], rtol=0, atol=3e-5)
 
 
 def test_auto_is_native_with_a_norm_and_an_explicit_fold_with_group_norm_warns():

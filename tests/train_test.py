@@ -6,7 +6,6 @@ import importlib.util
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +17,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import NO_BRAIN
+from conftest import NoWeights
 from configs import test as test_config
 from wmh_jax import challenge_metrics
 from wmh_jax import checkpoints
@@ -367,7 +367,7 @@ def test_validation_dice_takes_the_lesion_from_the_brain_normalised_input():
     del params, batch_stats
     x = np.asarray(x)[..., 0]
     return np.stack([10 * x, np.full_like(x, 10.0)], -1)
-  state = types.SimpleNamespace(params=None, batch_stats=None)
+  state = NoWeights()
   one = {'image': elsewhere[None], 'labels': labels[None], 'brain': brain[None],
          'has_brain': np.ones(1, np.float32)}
   two = {**one, 'image_brain': lesion_here[None]}
