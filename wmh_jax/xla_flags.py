@@ -9,11 +9,11 @@ the training loop it was bimodal (0.66-0.87 s a step against 0.78-0.80 s) while
 TensorFlow, which runs tf.data in the same process, used its own oneDNN too;
 with TF's off (``TF_ENABLE_ONEDNN_OPTS=0``, set here with the XLA flags) and
 ``data.pipeline_threads=1`` it took 0.58-0.63 s against 0.72-1.23 s (stop 40).
-It is off by default all the same: in a fresh main job it deadlocked at step
-~15 and never went on (both of XLA's intra-op threads waiting inside oneDNN's
-nested ``parallel``, each for work only the other could run: XLA's
-``OneDnnThreadPool``, a pool of two on two cores), so a run with it can hang
-for good. The tests run it pinned to one core (a pool of one: no second
+It is off by default all the same: in a fresh main job (on a 2-core AMD EPYC)
+it deadlocked at step ~15 and never went on (both of XLA's intra-op threads
+waiting inside oneDNN's nested ``parallel``, each for work only the other could
+run: XLA's ``OneDnnThreadPool``, a pool of two on two cores), so a run with it
+can hang for good. The tests run it pinned to one core (a pool of one: no second
 thread to wait for).
 
 XLA reads ``XLA_FLAGS`` once, when its CPU backend starts, and TF its variable
