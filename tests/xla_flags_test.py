@@ -73,7 +73,8 @@ v = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(x)
 fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
 text = fn.lower(v, x).compile().as_text()
 y = np.asarray(fn(v, x), np.float64)
-names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]
+names = [open(f'/proc/self/task/{t}/comm').read().strip()
+         for t in os.listdir('/proc/self/task')]
 json.dump({'onednn': 'onednn' in text.lower(), 'y': y.ravel().tolist(),
            'pool': names.count('tf_XLAEigen')}, sys.stdout)  # XLA's intra-op threads
 '''
@@ -92,7 +93,8 @@ def _forward(flags: str) -> dict:
 
 @pytest.mark.skipif(not xla_flags.wanted(_config(True)),
                     reason='oneDNN is set on x86-64 only')
-@pytest.mark.skipif(not hasattr(os, 'sched_setaffinity') or not os.path.isdir('/proc/self/task'),
+@pytest.mark.skipif(not hasattr(os, 'sched_setaffinity')
+                    or not os.path.isdir('/proc/self/task'),
                     reason='pinning to one core: Linux')
 def test_onednn_computes_the_networks_output_to_float32_round_off():
   own, onednn = _forward('--xla_cpu_use_onednn=false'), _forward(xla_flags.with_onednn(''))
