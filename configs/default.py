@@ -172,6 +172,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.predict.brain_threshold = 0.5       # brain probability -> native brain mask
   c.predict.mask_to_brain = True        # no lesion outside the brain mask (evaluate too)
   c.predict.save_brain = True           # NAME_brain.nii.gz (uint8), with a brain output
+  c.predict.workers = 2                 # scans segmented at once, on threads (predict,
+                                        # evaluate, the refiner's fitting subjects): the
+                                        # same masks, ~30 % less time on 2 cores; 1: one
+                                        # after another
 
   # --mode=benchmark: whole data.grid volumes, random inputs.
   c.benchmark = ml_collections.ConfigDict()

@@ -1,6 +1,9 @@
 """The inference library: weights-only restore, and one scan through segment."""
 
 import dataclasses
+import threading
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,6 +64,41 @@ def test_restore_weights_refuses_another_architecture_in_one_line(workdir):
     inference.load_members(cfg, wd)
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
     checkpoints.restore_weights(cfg, wd / 'nothing')
+
+
+def test_in_order_yields_in_order_with_at_most_workers_in_hand_and_stops_at_an_error():
+  lock, started, live, most = threading.Lock(), [], [0], [0]
+
+  def fn(x):
+    with lock:
+      started.append(x)
+      live[0] += 1
+      most[0] = max(most[0], live[0])
+    time.sleep(0.02 * (2 - x % 3))   # an item often finishes before the one ahead
+    with lock:
+      live[0] -= 1
+    if x == 5:
+      raise ValueError('item 5')
+    return x * x
+
+  for workers in (1, 2, 3):
+    started.clear()
+    most[0] = 0
+    assert list(inference.in_order(fn, range(5), workers)) == [0, 1, 4, 9, 16]
+    assert most[0] == workers and sorted(started) == list(range(5))
+  # An error comes at its item, after the ones before it; nothing more starts.
+  started.clear()
+  got = []
+  with pytest.raises(ValueError, match='item 5'):
+    for r in inference.in_order(fn, iter(range(100)), 2):
+      got.append(r)
+  assert got == [0, 1, 4, 9, 16] and max(started) <= 6
+  # A caller that stops early leaves no item running and starts none.
+  started.clear()
+  gen = inference.in_order(fn, range(100), 2)
+  assert [next(gen), next(gen)] == [0, 1]
+  gen.close()
+  assert live[0] == 0 and max(started) <= 3
 
 
 def _scan(tmp_path, rng):

@@ -3,6 +3,8 @@ outputs never replace an input; volumes.csv."""
 
 import csv
 import logging
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -396,3 +398,37 @@ def test_volumes_csv_has_one_row_a_scan_with_metrics_when_there_is_truth(tmp_pat
   assert [r['id'] for r in rows] == ['s1', 's2', 'later', 'lone']
   assert rows[3]['brain_volume_ml'] == ''  # this time without a brain output
   assert (out / 'volumes.csv').stat().st_mode & 0o777 == 0o644 & ~atomic_write.umask()
+
+
+def test_two_scans_at_once_give_the_masks_and_table_of_one_at_a_time(tmp_path):
+  """``predict.workers=2`` segments two scans at once (the stand-in network sees
+  two calls in flight) and writes what one at a time writes, in input order."""
+  for k, lesion in enumerate([(24, 20, 5), (14, 14, 4), (30, 12, 6), (20, 30, 5)]):
+    _flair(tmp_path / 'in' / f'scan{k}.nii.gz', lesion=lesion)
+  fn, lock, live, most = _bright(), threading.Lock(), [0], [0]
+
+  def slow(volume):
+    with lock:
+      live[0] += 1
+      most[0] = max(most[0], live[0])
+    time.sleep(0.05)
+    with lock:
+      live[0] -= 1
+    return fn(volume)
+
+  tables, masks = {}, {}
+  for workers in (1, 2):
+    cfg = _no_overlays()
+    cfg.predict.workers = workers
+    most[0] = 0
+    out = tmp_path / f'out{workers}'
+    results = predict.predict(cfg, None, [str(tmp_path / 'in')], out,
+                              probability_fn=slow)
+    assert most[0] == workers
+    tables[workers] = _read_csv(out / 'volumes.csv')
+    masks[workers] = [np.asarray(nib.load(r['mask']).dataobj) for r in results]
+  assert [r['id'] for r in tables[2]] == ['scan0', 'scan1', 'scan2', 'scan3']
+  assert tables[2] == tables[1]
+  for a, b in zip(masks[1], masks[2]):
+    np.testing.assert_array_equal(a, b)
+    assert a.sum() > 0

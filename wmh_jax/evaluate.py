@@ -150,12 +150,18 @@ def evaluate(config, workdir, overwrite: bool = False, split: str = 'val') -> di
     segmenter = dataclasses.replace(segmenter, refiner=None)
   refiner = segmenter.refiner
   rows, preds, truths = [], [], []
-  for k, p in enumerate(val):
+
+  def segmented(k):
+    p = val[k]
+    return inference.segment(segmenter, inference.ScanInput(
+        p['image'], p['native_shape'], p['spacing'], p.get('source') or None),
+                             read_image=k < config.evaluate.num_images)
+
+  segs = inference.in_order(segmented, range(len(val)),
+                            inference.scans_at_once(config))
+  for k, (p, seg) in enumerate(zip(val, segs, strict=True)):
     source = p.get('source', '')
     draw = k < config.evaluate.num_images
-    seg = inference.segment(segmenter, inference.ScanInput(
-        p['image'], p['native_shape'], p['spacing'], source or None),
-                            read_image=draw)
     grid_prob, _ = inference.native_probability(seg.output, p['labels'].shape,
                                                 config.predict)
     unet_mask = seg.unet_probability >= threshold

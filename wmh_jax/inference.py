@@ -19,6 +19,8 @@ The one per-scan pipeline that ``predict``, ``evaluate`` and the refiner's fit
 holds every stage's result a caller writes or scores.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
@@ -339,6 +341,39 @@ def segment(segmenter: Segmenter, scan: ScanInput, read_image: bool = False,
   if refiner is None:
     return unrefined
   return refine_segmentation(segmenter, unrefined, scan.spacing)
+
+
+def scans_at_once(config) -> int:
+  """``predict.workers``: scans segmented at once (threads), at least 1."""
+  return max(1, int(config.predict.get('workers', 1)))
+
+
+def in_order(fn: Callable, items, workers: int = 1):
+  """Yields ``fn(item)`` for each of ``items`` in order, computed ``workers``
+  at a time on threads (at most ``workers`` items in hand at once).
+
+  One scan at a time leaves a core idle whenever NumPy and SciPy work on one
+  thread between the network's passes (resizing, the brain's components,
+  reading the FLAIR, the refiner's features); two scans at once fill it.
+  Each item's computation is its own, so the results are those of one at a
+  time, and an error is raised at its item, after those before it.
+  """
+  items = iter(items)
+  if workers <= 1:
+    yield from map(fn, items)
+    return
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending = collections.deque(pool.submit(fn, x)
+                                for x in itertools.islice(items, workers))
+    try:
+      while pending:
+        result = pending.popleft().result()
+        for x in itertools.islice(items, 1):   # the next starts before this is used
+          pending.append(pool.submit(fn, x))
+        yield result
+    finally:                                   # stopped early: start no more
+      for f in pending:
+        f.cancel()
 
 
 def refine_segmentation(segmenter: Segmenter, seg: Segmentation,

@@ -334,11 +334,16 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
     segmenter = inference.Segmenter(probability_fn, config, pc.threshold)
   make_output_folder(out_dir)
   results = []
-  for k, s in enumerate(scans):
+
+  def segmented(s):
+    return inference.segment(segmenter, prepared[s.name],
+                             read_image='overlay' in targets[s.name])
+
+  segs = inference.in_order(segmented, scans, inference.scans_at_once(config))
+  for k, (s, seg) in enumerate(zip(scans, segs, strict=True)):
     scan = prepared.pop(s.name)
     shape, affine = scan.native_shape, scan.affine
     paths = targets[s.name]
-    seg = inference.segment(segmenter, scan, read_image='overlay' in paths)
     prob, mask, brain, native = seg.probability, seg.mask, seg.brain, seg.image
     nifti_io.save_like(paths['mask'], mask.astype(np.uint8), s.flair,
                        descrip=_mark('mask'))

@@ -247,10 +247,14 @@ def refiner_cases(config, train_set, model, state,
                                            .round().astype(int))]
   segmenter = segmenter or inference.unet_segmenter(config, model, state)
   cases, t0 = [], time.time()
-  for k, p in enumerate(picks):  # no lesion candidate outside the predicted brain
-    seg = inference.segment(segmenter, inference.ScanInput(
+
+  def unrefined(p):  # no lesion candidate outside the predicted brain
+    return inference.segment(segmenter, inference.ScanInput(
         p['image'], p['native_shape'], p['spacing'], p['source']),
-                            before_refine=True)
+                             before_refine=True)
+
+  segs = inference.in_order(unrefined, picks, inference.scans_at_once(config))
+  for k, (p, seg) in enumerate(zip(picks, segs, strict=True)):
     cases.append((seg.unet_probability, seg.flair_z, p['spacing'], p['native_labels']))
     logging.info('refine: U-Net probability of training subject %d/%d %s (%.0f s)',
                  k + 1, len(picks), p['key'], time.time() - t0)
