@@ -174,8 +174,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.predict.save_brain = True           # NAME_brain.nii.gz (uint8), with a brain output
   c.predict.workers = 2                 # scans segmented at once, on threads (predict,
                                         # evaluate, the refiner's fitting subjects): the
-                                        # same masks, ~30 % less time on 2 cores; 1: one
-                                        # after another
+                                        # same masks in less time (docs/results.md, stop
+                                        # 41); 1: one after another
 
   # --mode=benchmark: whole data.grid volumes, random inputs.
   c.benchmark = ml_collections.ConfigDict()

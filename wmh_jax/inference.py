@@ -350,7 +350,8 @@ def scans_at_once(config) -> int:
 
 def in_order(fn: Callable, items, workers: int = 1):
   """Yields ``fn(item)`` for each of ``items`` in order, computed ``workers``
-  at a time on threads (at most ``workers`` items in hand at once).
+  at a time on threads: none starts more than ``workers`` items ahead of the
+  one the caller was last given.
 
   One scan at a time leaves a core idle whenever NumPy and SciPy work on one
   thread between the network's passes (resizing, the brain's components,
