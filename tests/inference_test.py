@@ -84,19 +84,20 @@ def test_in_order_yields_in_order_with_at_most_workers_in_hand_and_stops_at_an_e
   for workers in (1, 2, 3):
     started.clear()
     most[0] = 0
-    assert list(inference.in_order(fn, range(5), workers)) == [0, 1, 4, 9, 16]
+    assert list(inference.in_order(fn, range(5), workers)) == [
+        (0, 0), (1, 1), (2, 4), (3, 9), (4, 16)]
     assert most[0] == workers and sorted(started) == list(range(5))
   # An error comes at its item, after the ones before it; nothing more starts.
   started.clear()
   got = []
   with pytest.raises(ValueError, match='item 5'):
-    for r in inference.in_order(fn, iter(range(100)), 2):
+    for _, r in inference.in_order(fn, iter(range(100)), 2):
       got.append(r)
   assert got == [0, 1, 4, 9, 16] and max(started) <= 6
   # A caller that stops early leaves no item running and starts none.
   started.clear()
   gen = inference.in_order(fn, range(100), 2)
-  assert [next(gen), next(gen)] == [0, 1]
+  assert [next(gen), next(gen)] == [(0, 0), (1, 1)]
   gen.close()
   assert live[0] == 0 and max(started) <= 3
 

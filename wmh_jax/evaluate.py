@@ -151,15 +151,14 @@ def evaluate(config, workdir, overwrite: bool = False, split: str = 'val') -> di
   refiner = segmenter.refiner
   rows, preds, truths = [], [], []
 
-  def segmented(k):
-    p = val[k]
+  def segmented(kp):
+    k, p = kp
     return inference.segment(segmenter, inference.ScanInput(
         p['image'], p['native_shape'], p['spacing'], p.get('source') or None),
                              read_image=k < config.evaluate.num_images)
 
-  segs = inference.in_order(segmented, range(len(val)),
-                            inference.scans_at_once(config))
-  for k, (p, seg) in enumerate(zip(val, segs, strict=True)):
+  for (k, p), seg in inference.in_order(segmented, enumerate(val),
+                                        inference.scans_at_once(config)):
     source = p.get('source', '')
     draw = k < config.evaluate.num_images
     grid_prob, _ = inference.native_probability(seg.output, p['labels'].shape,

@@ -349,9 +349,9 @@ def scans_at_once(config) -> int:
 
 
 def in_order(fn: Callable, items, workers: int = 1):
-  """Yields ``fn(item)`` for each of ``items`` in order, computed ``workers``
-  at a time on threads: none starts more than ``workers`` items ahead of the
-  one the caller was last given.
+  """Yields ``(item, fn(item))`` for each of ``items`` in order, computed
+  ``workers`` at a time on threads: none starts more than ``workers`` items
+  ahead of the one the caller was last given.
 
   One scan at a time leaves a core idle whenever NumPy and SciPy work on one
   thread between the network's passes (resizing, the brain's components,
@@ -361,20 +361,21 @@ def in_order(fn: Callable, items, workers: int = 1):
   """
   items = iter(items)
   if workers <= 1:
-    yield from map(fn, items)
+    yield from ((x, fn(x)) for x in items)
     return
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    pending = collections.deque(pool.submit(fn, x)
+    pending = collections.deque((x, pool.submit(fn, x))
                                 for x in itertools.islice(items, workers))
     try:
       while pending:
-        result = pending.popleft().result()
-        for x in itertools.islice(items, 1):   # the next starts before this is used
-          pending.append(pool.submit(fn, x))
-        yield result
+        x, future = pending.popleft()
+        result = future.result()
+        for y in itertools.islice(items, 1):   # the next starts before this is used
+          pending.append((y, pool.submit(fn, y)))
+        yield x, result
     finally:                                   # stopped early: start no more
-      for f in pending:
-        f.cancel()
+      for _, future in pending:
+        future.cancel()
 
 
 def refine_segmentation(segmenter: Segmenter, seg: Segmentation,

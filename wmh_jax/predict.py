@@ -339,8 +339,8 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
     return inference.segment(segmenter, prepared[s.name],
                              read_image='overlay' in targets[s.name])
 
-  segs = inference.in_order(segmented, scans, inference.scans_at_once(config))
-  for k, (s, seg) in enumerate(zip(scans, segs, strict=True)):
+  for k, (s, seg) in enumerate(inference.in_order(segmented, scans,
+                                                  inference.scans_at_once(config))):
     scan = prepared.pop(s.name)
     shape, affine = scan.native_shape, scan.affine
     paths = targets[s.name]

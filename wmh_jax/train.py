@@ -253,8 +253,8 @@ def refiner_cases(config, train_set, model, state,
         p['image'], p['native_shape'], p['spacing'], p['source']),
                              before_refine=True)
 
-  segs = inference.in_order(unrefined, picks, inference.scans_at_once(config))
-  for k, (p, seg) in enumerate(zip(picks, segs, strict=True)):
+  for k, (p, seg) in enumerate(inference.in_order(unrefined, picks,
+                                                  inference.scans_at_once(config))):
     cases.append((seg.unet_probability, seg.flair_z, p['spacing'], p['native_labels']))
     logging.info('refine: U-Net probability of training subject %d/%d %s (%.0f s)',
                  k + 1, len(picks), p['key'], time.time() - t0)
