@@ -1,5 +1,6 @@
 """Overlays: which slices are drawn, and what the legend says."""
 
+import matplotlib.image
 import numpy as np
 import pytest
 
@@ -19,7 +20,7 @@ def test_overlay_slices_spread_over_the_brain_and_keep_the_lesion_slices():
 def captured(monkeypatch):
   """The figures ``overlay`` draws, kept open instead of saved."""
   figs = []
-  monkeypatch.setattr(figures, '_save', lambda fig, path: figs.append(fig))
+  monkeypatch.setattr(figures, '_save', lambda fig, path, *dpi: figs.append(fig))
   return figs
 
 
@@ -40,10 +41,32 @@ def test_overlay_draws_the_brain_edge_and_the_lesion_slices(captured):
   figures.overlay('unused.png', image, pred, truth, title='s', brain=brain)
   fig = captured[0]
   titles = [ax.get_title() for ax in fig.axes]
-  zs = [int(t.split('=')[1]) for t in titles]
+  # 12 asked for over the brain's 11 slices (5-15): all of them, in rows of 6,
+  # the 12th panel blank
+  assert len(titles) == 12 and titles[-1] == ''
+  assert [int(t.split('=')[1]) for t in titles[:-1]] == list(range(5, 16))
+  assert fig._suptitle.get_text() == 's  (green: truth, red: prediction, yellow: brain)'
+
+
+def test_overlay_keeps_the_lesion_slices_when_the_brain_has_more_than_asked_for(captured):
+  image, brain, truth, pred = _volumes()
+  figures.overlay('unused.png', image, pred, truth, brain=brain, n_slices=6)
+  zs = [int(t.split('=')[1]) for t in
+        (ax.get_title() for ax in captured[0].axes) if t]
   assert len(zs) == 6 and zs[0] == 5 and zs[-1] == 15   # the brain's z-extent
   assert 13 in zs and 8 in zs     # most true lesion, most predicted lesion
-  assert fig._suptitle.get_text() == 's  (green: truth, red: prediction, yellow: brain)'
+
+
+@pytest.mark.parametrize('shape, panel', [((24, 24, 20), 256), ((300, 280, 20), 300),
+                                          ((640, 640, 20), 512)])
+def test_overlay_panels_have_about_a_pixel_per_voxel(tmp_path, shape, panel):
+  """A panel per slice, six to a row, each as many pixels wide as the slice's
+  longer side has voxels (at least 256, at most 512)."""
+  image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  figures.overlay(tmp_path / 'o.png', image, n_slices=12)
+  height, width = matplotlib.image.imread(tmp_path / 'o.png').shape[:2]
+  assert width == 6 * panel
+  assert 2 * panel < height < 2.3 * panel   # two rows, their titles and the figure's
 
 
 def test_overlay_legend_lists_only_what_is_drawn(captured):

@@ -17,10 +17,10 @@ def _axial_slices(mask_like: np.ndarray, n: int) -> list[int]:
   return sorted(np.argsort(per_slice)[::-1][:n].tolist())
 
 
-def _save(fig, path):
+def _save(fig, path, dpi=80):
   """Writes ``fig`` as a PNG at ``path`` (atomically) and closes it."""
   try:
-    atomic_write.write(path, lambda f: fig.savefig(f, dpi=80, format='png'))
+    atomic_write.write(path, lambda f: fig.savefig(f, dpi=dpi, format='png'))
   finally:
     plt.close(fig)
 
@@ -47,13 +47,23 @@ def _most(mask) -> list[int]:
   return [int(np.argmax(mask.reshape(-1, mask.shape[2]).sum(0)))]
 
 
-def overlay(path, image, pred=None, truth=None, title='', n_slices=6, brain=None):
+# Overlays: panels in rows of OVERLAY_COLUMNS, each drawn at one screen pixel
+# per voxel of the slice's longer side (PANEL_PX, between its bounds), so that a
+# lesion of a few voxels stays visible (at 80 dpi and 3 inches a panel, a
+# 256-voxel slice had ~160 pixels).
+OVERLAY_COLUMNS = 6
+PANEL_PX = (256, 512)
+OVERLAY_DPI = 100
+
+
+def overlay(path, image, pred=None, truth=None, title='', n_slices=12, brain=None):
   """Axial slices of ``image`` (RAS) with ground truth (green), prediction (red)
   and the brain mask's edge (yellow).
 
   The slices are spread evenly over the brain's z-extent (over the volume's
   middle without a brain mask); the slices with the most predicted and the most
-  true lesion are always among them.
+  true lesion are always among them. Rows of :data:`OVERLAY_COLUMNS` panels, each
+  at about one pixel per voxel (:data:`PANEL_PX`).
   """
   lesion = truth == 1 if truth is not None else None
   extent = None
@@ -61,11 +71,22 @@ def overlay(path, image, pred=None, truth=None, title='', n_slices=6, brain=None
     zs_brain = np.flatnonzero(brain.reshape(-1, brain.shape[2]).any(0))
     extent = (int(zs_brain[0]), int(zs_brain[-1]))
   zs = overlay_slices(image.shape[2], n_slices, extent, _most(pred) + _most(lesion))
-  fig, axes = plt.subplots(1, len(zs), figsize=(3 * len(zs), 3.4))
+  cols = min(len(zs), OVERLAY_COLUMNS)
+  rows = -(-len(zs) // cols)
+  nx, ny = image.shape[:2]
+  panel = min(max(max(nx, ny), PANEL_PX[0]), PANEL_PX[1]) / OVERLAY_DPI  # inches
+  head = 0.35  # inches above the panels for the title
+  fig, axes = plt.subplots(rows, cols, squeeze=False,
+                           figsize=(cols * panel, rows * (panel + 0.2) + head))
+  fig.subplots_adjust(left=0.005, right=0.995, bottom=0.005, wspace=0.02,
+                      hspace=0.2 / panel, top=1 - head / fig.get_figheight())
   lo, hi = np.percentile(image, [1, 99.5])
   drawn = set()
-  for ax, z in zip(np.atleast_1d(axes), zs):
-    ax.imshow(image[:, :, z].T, cmap='gray', origin='lower', vmin=lo, vmax=hi)
+  for ax in axes.flat[len(zs):]:
+    ax.axis('off')
+  for ax, z in zip(axes.flat, zs):
+    ax.imshow(image[:, :, z].T, cmap='gray', origin='lower', vmin=lo, vmax=hi,
+              interpolation='nearest')
     for name, mask, color in (('yellow: brain', brain, 'yellow'),
                               ('green: truth', lesion, 'lime'),
                               ('red: prediction', pred, 'red')):
@@ -73,12 +94,13 @@ def overlay(path, image, pred=None, truth=None, title='', n_slices=6, brain=None
         ax.contour(mask[:, :, z].T.astype(float), [0.5], colors=color,
                    linewidths=0.6 if color == 'yellow' else 0.8)
         drawn.add(name)
-    ax.set_title(f'z={z}', fontsize=8)
+    ax.set_title(f'z={z}', fontsize=8, pad=2)
     ax.axis('off')
   legend = ', '.join(n for n in ('green: truth', 'red: prediction', 'yellow: brain')
                      if n in drawn)
-  fig.suptitle(f'{title}  ({legend})' if legend else title, fontsize=9)
-  _save(fig, path)
+  fig.suptitle(f'{title}  ({legend})' if legend else title, fontsize=9,
+               y=1 - 0.05 / fig.get_figheight(), va='top')
+  _save(fig, path, OVERLAY_DPI)
 
 
 def contact_sheet(path, cases, n_slices=4):
