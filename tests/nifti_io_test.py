@@ -81,3 +81,64 @@ def test_predict_mark_tells_predict_outputs_from_scans(tmp_path):
   (tmp_path / 'junk.nii.gz').write_bytes(b'not a nifti')
   assert not nifti_io.written_by_predict(tmp_path / 'junk.nii.gz')
   assert not nifti_io.written_by_predict(tmp_path / 'missing.nii.gz')
+
+
+TRANSFORM_FIELDS = ('qform_code', 'sform_code', 'quatern_b', 'quatern_c', 'quatern_d',
+                    'qoffset_x', 'qoffset_y', 'qoffset_z', 'srow_x', 'srow_y', 'srow_z')
+
+
+def _header_case(name):
+  """A NIfTI header whose transforms a rewrite from its affine would change."""
+  hdr = nib.Nifti1Header()
+  hdr.set_data_shape((20, 16, 5))
+  hdr.set_data_dtype(np.int16)
+  hdr.set_zooms((0.9, 0.9, 6.5))
+  base = np.diag([0.9, 0.9, 6.5, 1.0])
+  base[:3, 3] = [-9, -7, -15]
+  c, s = np.cos(np.radians(10)), np.sin(np.radians(10))
+  rotated = base.copy()
+  rotated[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ base[:3, :3]
+  rotated[:3, 3] += 20
+  sheared = base.copy()
+  sheared[0, 1] = 0.3
+  if name == 'sform_only':        # as MS3SEG: sform code 2, qform code 0
+    hdr.set_sform(base, code=2)
+    hdr.set_qform(None, code=0)
+  elif name == 'disagree':        # qform and sform give different places
+    hdr.set_qform(rotated, code=1)
+    hdr.set_sform(base, code=2)
+  elif name == 'qform_only':
+    hdr.set_qform(base, code=1)
+    hdr.set_sform(None, code=0)
+  elif name == 'no_codes':
+    hdr.set_qform(None, code=0)
+    hdr.set_sform(None, code=0)
+  elif name == 'sheared':         # an sform no qform can hold
+    hdr.set_sform(sheared, code=1)
+    hdr.set_qform(None, code=0)
+  return hdr
+
+
+@pytest.mark.parametrize('name', ['sform_only', 'disagree', 'qform_only', 'no_codes',
+                                  'sheared'])
+def test_save_like_keeps_the_reference_qform_and_sform_as_they_are(tmp_path, name):
+  hdr = _header_case(name)
+  data = np.random.default_rng(0).integers(0, 300, (20, 16, 5)).astype(np.int16)
+  ref = tmp_path / 'in.nii.gz'
+  nib.save(nib.Nifti1Image(data, None, hdr), str(ref))
+  stored = nib.load(str(ref)).header
+  assert [int(stored['qform_code']), int(stored['sform_code'])] == [
+      int(hdr['qform_code']), int(hdr['sform_code'])]   # the case is on file as built
+  mask = (np.asarray(nifti_io.load(ref).dataobj) > 150).astype(np.uint8)
+  out = nib.load(str(nifti_io.save_like(tmp_path / 'out.nii.gz', mask, ref)))
+  for field in TRANSFORM_FIELDS:
+    np.testing.assert_array_equal(out.header[field], stored[field], err_msg=field)
+  np.testing.assert_array_equal(out.header['pixdim'][1:4], stored['pixdim'][1:4])
+  np.testing.assert_array_equal(np.asarray(out.dataobj), (data > 150).astype(np.uint8))
+
+
+def test_save_refuses_an_affine_its_header_does_not_give(tmp_path):
+  hdr = _header_case('sform_only')
+  with pytest.raises(ValueError, match="out.nii.gz: the affine given is not the header's own"):
+    nifti_io.save(tmp_path / 'out.nii.gz', np.zeros((20, 16, 5), np.uint8), np.eye(4), hdr)
+  assert not list(tmp_path.iterdir())

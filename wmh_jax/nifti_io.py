@@ -149,18 +149,26 @@ def written_by_predict(path) -> bool:
 def save(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
          header=None, dtype=None, overwrite: bool = True) -> Path:
   """Writes a NIfTI (gzipped for ``.gz``) atomically (``atomic_write``: a unique
-  temporary file renamed into place, mode 0644 less the umask)."""
+  temporary file renamed into place, mode 0644 less the umask).
+
+  Without ``header``, ``affine`` is both transforms (qform and sform, code 1:
+  scanner). With one (``save_like``: the input's own), its qform and sform are
+  written as they are, codes, quaternion and pixdim included, so a reader that
+  takes either places the output where it places the input; ``affine`` must be
+  the one they give.
+  """
   path = Path(path)
   if path.exists() and not overwrite:
     raise FileExistsError(f'{path}: already exists (pass --overwrite to replace)')
+  if header is not None and not np.allclose(header.get_best_affine(), affine,
+                                            atol=1e-6):
+    raise ValueError(f'{path}: the affine given is not the header\'s own')
   img = nib.Nifti1Image(data, affine, header)
   if dtype is not None:
     img.set_data_dtype(dtype)
-  # Keep the header's own transform codes (scanner, aligned, MNI...) when set.
-  codes = [int(header[k]) if header is not None and int(header[k]) > 0 else 1
-           for k in ('qform_code', 'sform_code')]
-  img.set_qform(affine, code=codes[0])
-  img.set_sform(affine, code=codes[1])
+  if header is None:
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
 
   def write_to(f):
     if path.name.endswith('.gz'):  # nibabel's own level for .nii.gz
