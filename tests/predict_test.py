@@ -432,3 +432,32 @@ def test_two_scans_at_once_give_the_masks_and_table_of_one_at_a_time(tmp_path):
   for a, b in zip(masks[1], masks[2]):
     np.testing.assert_array_equal(a, b)
     assert a.sum() > 0
+
+
+def test_upper_case_extensions_are_nifti_and_leave_the_name(tmp_path):
+  for name in ('SCAN.NII.GZ', 'other.Nii', 'notes.txt'):
+    (tmp_path / name).write_bytes(b'')
+  scans = predict.collect_inputs([str(tmp_path)])
+  assert [(s.name, s.flair.name) for s in scans] == [('SCAN', 'SCAN.NII.GZ'),
+                                                     ('other', 'other.Nii')]
+  assert [s.name for s in predict.collect_inputs([str(tmp_path / 'SCAN.NII.GZ')])] == ['SCAN']
+
+
+def test_a_brain_larger_than_any_human_one_is_warned_about(tmp_path, caplog):
+  """A FLAIR whose background is not dark can make the whole head "brain": the
+  run says so, naming the scan, and a scan of a brain's size gets no warning."""
+  shape, affine = (48, 48, 10), np.diag([5.0, 5.0, 5.0, 1.0])   # 2.88 L of voxels
+  img, _ = _scan(shape, affine, (24.0, 24.0, 5.0), (3, 3, 1))
+  nifti_io.save(tmp_path / 'in' / 'big.nii.gz', img.astype(np.float32), affine)
+  nifti_io.save(tmp_path / 'in' / 'small.nii.gz', img.astype(np.float32),
+                np.diag([2.0, 2.0, 5.0, 1.0]))               # 0.46 L
+  cfg = test_config.get_config()
+  cfg.predict.overlays = False
+  whole = lambda v: (np.zeros(v.shape, np.float32), np.ones(v.shape, np.float32))
+  with caplog.at_level(logging.WARNING):
+    results = predict.predict(cfg, None, [str(tmp_path / 'in')], tmp_path / 'out',
+                              probability_fn=whole)
+  assert [round(r['brain_volume_ml']) for r in results] == [2880, 461]
+  warned = [r.getMessage() for r in caplog.records if 'more than any human' in r.getMessage()]
+  assert len(warned) == 1 and warned[0].startswith(str(tmp_path / 'in' / 'big.nii.gz'))
+  assert 'holds 2880 mL' in warned[0]

@@ -68,6 +68,10 @@ OUTPUT_SUFFIXES = {'mask': '_wmh.nii.gz', 'brain': '_brain.nii.gz',
 _NIFTI_OUTPUTS = ('mask', 'brain', 'prob')
 _DESCRIP = {'mask': 'lesion mask', 'brain': 'brain mask', 'prob': 'lesion probability'}
 VOLUMES = 'volumes.csv'
+NIFTI_EXTENSIONS = ('.nii.gz', '.nii')
+# Above this a predicted brain is not a brain (adult brains are 1.0-1.7 L, the
+# largest recorded near 2.3 L).
+MAX_BRAIN_ML = 2500.0
 VOLUME_FIELDS = ('id', 'file', 'lesion_volume_ml', 'lesion_count', 'brain_volume_ml',
                  'brain_dice', *challenge_metrics.METRICS)
 
@@ -86,10 +90,26 @@ class Scan:
 
 def _stem(path: Path) -> str:
   name = path.name
-  for ext in ('.nii.gz', '.nii'):
-    if name.endswith(ext):
+  for ext in NIFTI_EXTENSIONS:
+    if name.lower().endswith(ext):
       return name[:-len(ext)]
   return path.stem
+
+
+def is_nifti(path: Path) -> bool:
+  """Whether ``path`` is named as a NIfTI file (``.nii`` or ``.nii.gz``, any case)."""
+  return path.name.lower().endswith(NIFTI_EXTENSIONS)
+
+
+def brain_volume_warning(volume_ml: float, path) -> str | None:
+  """A one-line warning when the brain mask of ``path`` holds more than any
+  human brain (:data:`MAX_BRAIN_ML`), else None. Seen on scans whose background
+  is not dark (an intensity offset) or whose contrast is inverted."""
+  if volume_ml <= MAX_BRAIN_ML:
+    return None
+  return (f'{path}: the brain mask holds {volume_ml:.0f} mL, more than any human '
+          f'brain ({MAX_BRAIN_ML:.0f} mL): is the background dark and the scan a '
+          'FLAIR? The lesion mask is unlikely to be right')
 
 
 def collect_inputs(paths) -> list[Scan]:
@@ -111,7 +131,7 @@ def collect_inputs(paths) -> list[Scan]:
         name = s.id if ids.count(s.id) == 1 else f'{s.site.replace("/", "_")}_{s.id}'
         scans.append(Scan(name, s.flair, s.wmh, s.brain))
     elif p.is_dir():
-      files = sorted(f for f in p.iterdir() if f.name.endswith(('.nii', '.nii.gz')))
+      files = sorted(f for f in p.iterdir() if is_nifti(f))
       if not files:
         raise FileNotFoundError(f'{p}: no NIfTI files in this folder')
       scans += [Scan(_stem(f), f) for f in files]
@@ -377,6 +397,9 @@ def predict(config, workdir, inputs, output, overwrite: bool = False,
       if 'brain' in paths:
         r['brain'] = str(paths['brain'])
       r['brain_volume_ml'] = metrics.volume_ml(brain, affine)
+      warning = brain_volume_warning(r['brain_volume_ml'], s.flair)
+      if warning:
+        logging.warning(warning)
     if true_brain is not None:
       r['brain_dice'] = challenge_metrics.dice(true_brain, brain)
     if truth is not None:  # on the file's own axes, as --mode=score reads them
