@@ -337,6 +337,14 @@ def main(argv):
   logging.get_absl_logger().addFilter(_QuietLibraries())
   try:
     _run(FLAGS.config)
+  except KeyboardInterrupt:
+    # Every output is written to a temporary name and renamed, and a checkpoint
+    # being saved is finished first: what is there is whole.
+    logging.debug('traceback', exc_info=True)
+    print('interrupted: the files written so far are whole; a rerun with the same '
+          'flags resumes training, and predict with --overwrite redoes the scans',
+          file=sys.stderr, flush=True)
+    sys.exit(130)
   except Exception as e:  # pylint: disable=broad-except
     # Every failure reaches the user as one line; the traceback is logged at
     # debug level (--verbosity=1 shows it).

@@ -243,3 +243,17 @@ def test_evaluate_reports_validation_and_test_apart(tiny_run, tmp_path):
                    '--config.data.split_seed=3')
   assert r.returncode == 1
   assert 'not the split this run was trained on: subject ' in r.stderr.splitlines()[-1]
+
+
+def test_ctrl_c_ends_with_one_line_and_exit_130(monkeypatch, capsys):
+  import launch  # pylint: disable=import-outside-toplevel
+
+  def interrupted(config):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(launch, '_run', interrupted)
+  monkeypatch.setattr(launch, 'FLAGS', type('Flags', (), {'config': None})())
+  with pytest.raises(SystemExit) as stop:
+    launch.main(['launch.py'])
+  assert stop.value.code == 130
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('interrupted: the files written so far are whole')
