@@ -434,8 +434,8 @@ def test_two_scans_at_once_give_the_masks_and_table_of_one_at_a_time(tmp_path):
     assert a.sum() > 0
 
 
-def test_upper_case_extensions_are_nifti_and_leave_the_name(tmp_path):
-  for name in ('SCAN.NII.GZ', 'other.Nii', 'notes.txt'):
+def test_upper_case_extensions_are_nifti_hidden_files_are_not(tmp_path):
+  for name in ('SCAN.NII.GZ', 'other.Nii', 'notes.txt', '._SCAN.NII.GZ', '.x.nii'):
     (tmp_path / name).write_bytes(b'')
   scans = predict.collect_inputs([str(tmp_path)])
   assert [(s.name, s.flair.name) for s in scans] == [('SCAN', 'SCAN.NII.GZ'),

@@ -131,7 +131,8 @@ def collect_inputs(paths) -> list[Scan]:
         name = s.id if ids.count(s.id) == 1 else f'{s.site.replace("/", "_")}_{s.id}'
         scans.append(Scan(name, s.flair, s.wmh, s.brain))
     elif p.is_dir():
-      files = sorted(f for f in p.iterdir() if is_nifti(f))
+      # Hidden files are not scans (macOS leaves ._NAME beside each copied file).
+      files = sorted(f for f in p.iterdir() if is_nifti(f) and not f.name.startswith('.'))
       if not files:
         raise FileNotFoundError(f'{p}: no NIfTI files in this folder')
       scans += [Scan(_stem(f), f) for f in files]
