@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
   sys.path.insert(0, str(REPO))
 
 from wmh_jax import challenge_metrics  # pylint: disable=g-import-not-at-top
+from wmh_jax import metrics
 from wmh_jax import nifti_io
 from wmh_jax import predict
 from wmh_jax import subjects
@@ -43,29 +44,27 @@ def _define_flags():  # not at import: the tests import this module
   flags.mark_flag_as_required('data')
 
 
-def outside(labels: np.ndarray, brain: np.ndarray, spacing, pred=None) -> dict:
+def outside(labels: np.ndarray, brain: np.ndarray, affine, pred=None) -> dict:
   """Volumes (mL) and counts of lesion outside ``brain`` on one scan.
 
   Args:
     labels: the manual labels (1 lesion; 2, other pathology, is not lesion).
     brain: the given brain mask (nonzero: brain), on the same grid.
-    spacing: voxel size in mm along each axis.
+    affine: the grid's voxel-to-world affine (mm).
     pred: a predicted lesion mask on the same grid, or None.
   """
-  spacing = np.asarray(spacing, np.float64)
-  ml = float(np.prod(spacing)) / 1000
   truth, brain = labels == 1, brain != 0
   out = truth & ~brain
   lesions, n = challenge_metrics.lesions(truth)
-  dist = ndimage.distance_transform_edt(~brain, sampling=spacing)
-  row = {'truth_ml': truth.sum() * ml, 'truth_outside_ml': out.sum() * ml,
+  dist = ndimage.distance_transform_edt(~brain, sampling=subjects.voxel_spacing(affine))
+  ml = lambda mask: metrics.volume_ml(mask, affine)
+  row = {'truth_ml': ml(truth), 'truth_outside_ml': ml(out),
          'lesions': n, 'lesions_partly_outside': len(np.unique(lesions[out])),
          'truth_outside_median_mm': float(np.median(dist[out])) if out.any() else 0.0}
   if pred is not None:
     p_out = (pred != 0) & ~brain
-    row |= {'pred_outside_ml': p_out.sum() * ml,
-            'pred_outside_on_truth_ml': (p_out & truth).sum() * ml,
-            'pred_outside_false_ml': (p_out & ~truth).sum() * ml}
+    row |= {'pred_outside_ml': ml(p_out), 'pred_outside_on_truth_ml': ml(p_out & truth),
+            'pred_outside_false_ml': ml(p_out & ~truth)}
   return row
 
 
@@ -89,8 +88,7 @@ def rows(data, pred_dir='') -> list[tuple[str, dict]]:
       if not path.is_file():
         raise FileNotFoundError(f'{path}: no predicted mask for {scan.flair}')
       pred = nifti_io.load_labels(path, img.affine, img.shape[:3])
-    found.append((scan.name, outside(labels, brain, subjects.voxel_spacing(img.affine),
-                                     pred)))
+    found.append((scan.name, outside(labels, brain, img.affine, pred)))
   if not found:
     raise FileNotFoundError(f'{data}: no scan with both wmh.nii.gz and brain.nii.gz')
   return found

@@ -6,7 +6,7 @@ import pytest
 
 from bench import outside_brain
 
-SPACING = (1.0, 2.0, 5.0)   # 10 mm^3 a voxel: 0.01 mL
+AFFINE = np.diag([1.0, 2.0, 5.0, 1.0])   # 10 mm^3 a voxel: 0.01 mL
 
 
 def _scan():
@@ -25,7 +25,7 @@ def _scan():
 
 def test_outside_splits_truth_and_prediction_by_the_mask():
   labels, brain, pred = _scan()
-  row = outside_brain.outside(labels, brain, SPACING, pred)
+  row = outside_brain.outside(labels, brain, AFFINE, pred)
   assert row['lesions'] == 2 and row['lesions_partly_outside'] == 1
   assert row['truth_ml'] == pytest.approx(0.12)          # 8 + 4 voxels
   assert row['truth_outside_ml'] == pytest.approx(0.04)  # x 10-11 of the first
@@ -33,23 +33,22 @@ def test_outside_splits_truth_and_prediction_by_the_mask():
   assert row['pred_outside_ml'] == pytest.approx(0.07)
   assert row['pred_outside_on_truth_ml'] == pytest.approx(0.02)
   assert row['pred_outside_false_ml'] == pytest.approx(0.05)
-  assert 'pred_outside_ml' not in outside_brain.outside(labels, brain, SPACING)
+  assert 'pred_outside_ml' not in outside_brain.outside(labels, brain, AFFINE)
 
 
-def _write(path, volume, affine):
+def _write(path, volume, AFFINE):
   path.parent.mkdir(parents=True, exist_ok=True)
-  nib.save(nib.Nifti1Image(volume, affine), str(path))
+  nib.save(nib.Nifti1Image(volume, AFFINE), str(path))
 
 
 def test_rows_read_a_challenge_layout_and_predict_outputs(tmp_path):
   labels, brain, pred = _scan()
-  affine = np.diag([*SPACING, 1.0])
   flair = np.random.default_rng(0).random(labels.shape).astype(np.float32)
   for sid in ('a', 'b'):
-    _write(tmp_path / 'data' / 'S' / sid / 'pre' / 'FLAIR.nii.gz', flair, affine)
-    _write(tmp_path / 'data' / 'S' / sid / 'wmh.nii.gz', labels, affine)
-  _write(tmp_path / 'data' / 'S' / 'a' / 'brain.nii.gz', brain, affine)  # b has none
-  _write(tmp_path / 'pred' / 'a_wmh.nii.gz', pred, affine)
+    _write(tmp_path / 'data' / 'S' / sid / 'pre' / 'FLAIR.nii.gz', flair, AFFINE)
+    _write(tmp_path / 'data' / 'S' / sid / 'wmh.nii.gz', labels, AFFINE)
+  _write(tmp_path / 'data' / 'S' / 'a' / 'brain.nii.gz', brain, AFFINE)  # b has none
+  _write(tmp_path / 'pred' / 'a_wmh.nii.gz', pred, AFFINE)
   table = outside_brain.rows(tmp_path / 'data', tmp_path / 'pred')
   assert [name for name, _ in table] == ['a']   # only the scan with a brain mask
   assert table[0][1]['pred_outside_false_ml'] == pytest.approx(0.05)
