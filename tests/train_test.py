@@ -83,6 +83,8 @@ def test_train_loss_goes_down_writes_checkpoints_events_and_evaluates(trained,
   loss = _scalars(tmp_path, 'train/loss')
   assert sorted(loss) == [4, 8, 12, 16, 20, 24]
   assert loss[24] < loss[4]
+  rate = _scalars(tmp_path, 'train/steps_per_sec')  # each log window's own
+  assert sorted(rate) == sorted(loss) and all(0 < r < np.inf for r in rate.values())
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()
                 if p.name.isdigit()) == ['18', '24']
   assert list(tmp_path.glob('events.out.tfevents.*'))
@@ -108,6 +110,17 @@ def test_train_loss_goes_down_writes_checkpoints_events_and_evaluates(trained,
   for b in brains:  # no lesion outside the brain mask
     wmh = nib.load(str(b).replace('_brain.nii.gz', '_wmh.nii.gz')).get_fdata() > 0
     assert not (wmh & (nib.load(str(b)).get_fdata() == 0)).any()
+
+
+def test_eta_leaves_out_the_compile_and_passes_over_a_validation():
+  assert train.eta([], 900) == train.eta([40.0], 890) == '-- (compiling)'
+  # A 40 s first window (the compile), steps of 0.8 s, one window of 6 s (a
+  # validation): the median of the windows after the first.
+  assert train.eta([40.0, 0.8, 0.8, 6.0], 600) == '8m00s'
+  assert train.eta([40.0, 0.8, 0.8, 6.0], 0) == '0m00s'
+  # Only the last ETA_WINDOWS count: the machine got faster.
+  windows = [40.0] + [2.0] * 20 + [1.0] * train.ETA_WINDOWS
+  assert train.eta(windows, 60) == '1m00s'
 
 
 def test_refiner_is_fitted_on_the_probability_predict_refines(trained):

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from absl import logging
 from clu import metric_writers
-from clu import periodic_actions
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
@@ -145,23 +144,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   if start == 0:
     writer.write_hparams(flat_hparams(config))
   num_steps = config.train.num_steps
-  progress = periodic_actions.ReportProgress(num_train_steps=num_steps,
-                                             writer=writer, every_steps=None,
-                                             every_secs=None,
-                                             on_steps=range(0, num_steps + 1,
-                                                            config.train.log_every_steps))
   batches = input_pipeline.train_dataset(train_arrays, config, start).as_numpy_iterator()
   logging.info('Training steps %d..%d on %d subjects (%d held out).', start + 1,
                num_steps, len(train_set), len(val_set))
   # Step metrics stay on the device until a log or checkpoint step needs them
   # (no host sync every step); fetched ones wait in `host` for the next log.
-  t0, unchecked, host = time.time(), [], []
+  # `windows`: seconds a step took in each log window, timed once its metrics are
+  # on the host (the steps are done, not just dispatched).
+  unchecked, host, windows = [], [], []
+  t_log, step_log = time.time(), start
   try:
     for step in range(start + 1, num_steps + 1):
       batch = jax.device_put(next(batches), batch_sharding)
       state, m = step_fn(state, batch, step_rng)
       unchecked.append(m)
-      progress(step)
       is_last = step == num_steps
       is_log = step % config.train.log_every_steps == 0 or is_last
       is_checkpoint = step % config.train.checkpoint_every_steps == 0 or is_last
@@ -171,15 +167,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
         host += fetched
         unchecked = []
       if is_log:
-        rate = (step - start) / (time.time() - t0)
+        now = time.time()
+        windows.append((now - t_log) / (step - step_log))
+        t_log, step_log = now, step
         scalars = {'train/loss': float(np.mean([h['loss'] for h in host])),
                    'train/grad_norm': float(np.mean([h['grad_norm'] for h in host])),
                    'train/learning_rate': float(schedule(step - 1)),
-                   'train/steps_per_sec': rate}
+                   'train/steps_per_sec': 1 / windows[-1]}
         writer.write_scalars(step, scalars)
         logging.info('step %d/%d  loss %.4f  lr %.2e  %.2f s/step  ETA %s', step,
                      num_steps, scalars['train/loss'], scalars['train/learning_rate'],
-                     1 / rate, _eta((num_steps - step) / rate))
+                     windows[-1], eta(windows, num_steps - step))
         host = []
       if step % config.train.eval_every_steps == 0 or is_last:
         vd = validation_dice(predict_fn, state, val_arrays, config,
@@ -296,6 +294,22 @@ def _check_finite(host_metrics: list[dict], first_step: int, manager) -> None:
           f'{manager.directory}')
 
 
-def _eta(seconds: float) -> str:
-  seconds = int(seconds)
+# Log windows whose median step time gives the ETA.
+ETA_WINDOWS = 10
+
+
+def eta(windows: list[float], steps_left: int) -> str:
+  """The training steps' ETA, e.g. ``'11m24s'``: ``steps_left`` at the median
+  seconds a step of the last ``ETA_WINDOWS`` log windows in ``windows``.
+
+  The first window is left out (it holds the step's compile, 30 s or more on a
+  CPU), and the median passes over a later window that holds a validation or
+  another crop depth's compile. Before a second window: ``'-- (compiling)'``.
+  """
+  recent = windows[1:][-ETA_WINDOWS:]
+  if not steps_left:
+    return '0m00s'
+  if not recent:
+    return '-- (compiling)'
+  seconds = int(round(float(np.median(recent)) * steps_left))
   return f'{seconds // 60}m{seconds % 60:02d}s'
