@@ -12,7 +12,8 @@ scored scans gets one fate, from the run's segmentation as predict gives it:
   candidate level, so the refiner never decides it;
 - ``below_threshold``: candidates, but the refiner keeps none of its voxels;
 - ``dropped_small``: the refiner keeps some, but as a lesion smaller than the
-  refiner's smallest kept (``refine.min_lesion_mm3``).
+  refiner's smallest kept (``refine.min_lesion_mm3``) or with a cross-section
+  on a slice under its smallest (``refine.min_lesion_mm2``).
 
 A run without a refiner has ``found`` and ``below_threshold`` (the U-Net's
 ``predict.threshold``) only. Per lesion size (mm^3, edges ``--sizes``) it prints
@@ -164,7 +165,8 @@ def main(argv):
             f'{segmenter.threshold:g})' if refiner is None else
             f'refiner candidates >= {segmenter.candidate:g}, threshold '
             f'{float(refiner["threshold"]):g}, smallest lesion kept '
-            f'{refine.min_lesion_of(refiner):g} mm^3'))
+            f'{refine.min_lesion_of(refiner):g} mm^3 and '
+            f'{refine.min_area_of(refiner):g} mm^2 on a slice'))
   print(table(rows, sizes, levels))
 
 

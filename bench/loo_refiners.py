@@ -19,7 +19,8 @@ config.json) it segments the scans of the fold's ``data.root`` that its
 
 ``prior`` and ``mean`` keep the threshold and smallest lesion that the fold's
 training scans choose, as ``refine.fit`` chooses them (the fold's
-``refine.thresholds``, ``refine.min_lesion_mm3`` and rules), so the held-out
+``refine.thresholds``, ``refine.min_lesion_mm3``, ``refine.min_lesion_mm2``
+and rules), so the held-out
 scan chooses nothing. Per scan it prints its Dice in the fold that held it out
 beside its mean Dice in the folds that fitted on it: a part whose Dice falls
 from the one to the other fits the scans it was fitted on, not the task. Then
@@ -53,28 +54,36 @@ def _define_flags():  # not at import: the tests import this module beside launc
   flags.mark_flag_as_required('loo')
 
 
-def scores(labels: np.ndarray, mask: np.ndarray, spacing, min_lesion_mm3=0.0
-           ) -> tuple[float, float]:
+def scores(labels: np.ndarray, mask: np.ndarray, spacing, min_lesion_mm3=0.0,
+           min_lesion_mm2=0.0) -> tuple[float, float]:
   """``(Dice, lesion F1)`` of ``mask`` without its lesions under
-  ``min_lesion_mm3``, label 2 left out."""
+  ``min_lesion_mm3`` or with a largest cross-section on a slice under
+  ``min_lesion_mm2``, label 2 left out."""
   truth, pred = challenge_metrics.masked_pair(
-      labels, challenge_metrics.drop_small_lesions(mask, spacing, min_lesion_mm3))
+      labels, challenge_metrics.drop_small_lesions(mask, spacing, min_lesion_mm3,
+                                                   min_lesion_mm2))
   return challenge_metrics.dice(truth, pred), challenge_metrics.lesion_detection(
       truth, pred)[1]
 
 
-def choose(cases, rc) -> tuple[float, float]:
-  """``(threshold, smallest lesion mm^3)`` that ``cases`` (``(labels, refined
-  probability, spacing)``) choose as ``refine.fit`` does: the threshold from
-  their Dice (``refine.threshold_rule``), then the smallest lesion from their
-  mean of Dice and lesion F1 at it (``refine.min_lesion_rule``)."""
+def choose(cases, rc) -> tuple[float, float, float]:
+  """``(threshold, smallest lesion mm^3, smallest cross-section mm^2)`` that
+  ``cases`` (``(labels, refined probability, spacing)``) choose as
+  ``refine.fit`` does: the threshold from their Dice (``refine.threshold_rule``),
+  then the smallest lesion from their mean of Dice and lesion F1 at it
+  (``refine.min_lesion_rule``), then at that size the smallest cross-section
+  on a slice by the same rule."""
   by_t = {float(t): np.array([scores(l, p >= t, s)[0] for l, p, s in cases])
           for t in rc.thresholds}
   t = refine.pick(by_t, refine.threshold_rule(rc))
   by_v = {float(v): np.array([sum(scores(l, p >= t, s, float(v))) / 2
                               for l, p, s in cases])
           for v in rc.get('min_lesion_mm3', (0.0,))}
-  return t, refine.pick(by_v, refine.min_lesion_rule(rc))
+  v = refine.pick(by_v, refine.min_lesion_rule(rc))
+  by_a = {float(a): np.array([sum(scores(l, p >= t, s, v, float(a))) / 2
+                              for l, p, s in cases])
+          for a in rc.get('min_lesion_mm2', (0.0,))}
+  return t, v, refine.pick(by_a, refine.min_lesion_rule(rc))
 
 
 @functools.cache
@@ -131,11 +140,11 @@ def fold_scores(fold: Path, prior_dir: str) -> tuple[list[str], dict]:
         'prior': theirs, 'mean': (own.probability + theirs) / 2}
   out = {}
   for part in PARTS:
-    t, v = (choose([(scans[k]['labels'], scans[k][part], scans[k]['spacing'])
-                    for k in train], config.refine)
-            if part in ('prior', 'mean') else (None, 0.0))
+    t, v, a = (choose([(scans[k]['labels'], scans[k][part], scans[k]['spacing'])
+                       for k in train], config.refine)
+               if part in ('prior', 'mean') else (None, 0.0, 0.0))
     out[part] = {k: scores(x['labels'], x[part] if t is None else x[part] >= t,
-                           x['spacing'], v) for k, x in scans.items()}
+                           x['spacing'], v, a) for k, x in scans.items()}
   return held, out
 
 

@@ -180,20 +180,20 @@ def run_config(workdir):
 def table(results) -> str:
   """One line a refit (its means over the scans), then each metric's mean and
   range over the refits."""
-  head = f"{'rotation':>8} {'seed':>4} {'thr':>4} {'min mm3':>7} " + ' '.join(
+  head = f"{'rotation':>8} {'seed':>4} {'thr':>4} {'min mm3':>7} {'mm2':>4} " + ' '.join(
       f'{m:>13}' for m in SHOWN)
   lines, means = [head], []
   for k, seed, refiner, rows in results:
     m = [challenge_metrics.mean_and_count(rows, name)[0] for name in SHOWN]
     means.append(m)
     lines.append(f'{k:>8} {seed:>4} {float(refiner["threshold"]):>4.2f} '
-                 f'{refine.min_lesion_of(refiner):>7g} ' +
+                 f'{refine.min_lesion_of(refiner):>7g} {refine.min_area_of(refiner):>4g} ' +
                  ' '.join(f'{v:>13.3f}' for v in m))
   if means:
     a = np.asarray(means, np.float64)
     for label, v in (('mean', np.nanmean(a, 0)), ('min', np.nanmin(a, 0)),
                      ('max', np.nanmax(a, 0))):
-      lines.append(f'{label:>8} {"":>4} {"":>4} {"":>7} ' +
+      lines.append(f'{label:>8} {"":>4} {"":>4} {"":>7} {"":>4} ' +
                    ' '.join(f'{x:>13.3f}' for x in v))
   return '\n'.join(lines)
 

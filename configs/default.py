@@ -151,6 +151,11 @@ def get_config() -> ml_collections.ConfigDict:
                                         # (refine.pick; 'best': the best; docs/results.md)
   c.refine.min_lesion_mm3 = (0.0, 10.0, 20.0, 30.0)  # smaller lesions dropped: chosen
                                         # on the fitting subjects by min_lesion_rule
+  c.refine.min_lesion_mm2 = (0.0, 2.0, 3.0, 4.0, 5.0)  # then, at that volume,
+                                        # lesions whose largest cross-section on a
+                                        # slice (across the coarsest axis) is smaller
+                                        # dropped: chosen by the same rule (2-3 voxel
+                                        # specks on thick slices; docs/results.md)
   c.refine.min_lesion_rule = 'one_se'   # the largest within one standard error of the
                                         # best mean of Dice and lesion F1 there
                                         # (refine.pick; 'best': the best; docs/results.md)

@@ -171,6 +171,38 @@ def test_summary_skips_undefined_cases_and_counts_them():
   assert bare['hd95_mm_left_out'] == {'undefined': 1}
 
 
+def test_slice_areas_and_drop_by_the_largest_cross_section_on_a_slice():
+  # A thick-slice scan (0.9 x 0.9 mm pixels, 6.5 mm slices along the last axis).
+  spacing = (0.9, 0.9, 6.5)
+  mask = np.zeros((16, 16, 6), bool)
+  mask[1, 1:3, 1] = True        # a speck of 2 voxels: 1.62 mm^2, 10.5 mm^3
+  mask[6:9, 6:9, 2] = True      # 3 x 3 voxels on one slice: 7.29 mm^2, 47.4 mm^3
+  mask[12, 12, 1:4] = True      # a voxel on each of 3 slices: 0.81 mm^2, 15.8 mm^3
+  cc, n = cm.lesions(mask)
+  areas = cm.slice_areas(cc, n, spacing)
+  by_lesion = {int(cc[1, 1, 1]): 1.62, int(cc[6, 6, 2]): 7.29, int(cc[12, 12, 1]): 0.81}
+  for label, want in by_lesion.items():
+    assert areas[label] == pytest.approx(want)
+  drop = cm.drop_small_lesions
+  assert drop(mask, spacing, 0.0, 0.0) is mask
+  # By volume (10 mm^3) all three stay; by cross-section (2 mm^2) only the 3 x 3.
+  np.testing.assert_array_equal(drop(mask, spacing, 10.0), mask)
+  kept = drop(mask, spacing, 0.0, 2.0)
+  assert kept.sum() == 9 and kept[6:9, 6:9, 2].all()
+  # Both: a lesion must pass each.
+  assert drop(mask, spacing, 12.0, 1.0).sum() == 9
+  assert drop(mask, spacing, 12.0, 0.0).sum() == 12
+  # The slice axis is the coarsest, wherever it lies in the file.
+  moved = np.moveaxis(mask, 2, 0)
+  np.testing.assert_array_equal(drop(moved, (6.5, 0.9, 0.9), 0.0, 2.0),
+                                np.moveaxis(kept, 2, 0))
+  # Isotropic 1 mm: the 3 x 3 lesion's largest cross-section across the first
+  # axis is 3 voxels (a row), so 4 mm^2 drops it and 3 mm^2 keeps it.
+  iso = (1.0, 1.0, 1.0)
+  assert not drop(mask, iso, 0.0, 4.0)[6:9, 6:9, 2].any()
+  assert drop(mask, iso, 0.0, 3.0)[6:9, 6:9, 2].all()
+
+
 def test_drop_small_lesions_measures_26_connected_lesions_in_mm3():
   mask = np.zeros((12, 12, 6), bool)
   mask[1, 1, 1] = True                      # a speck: 2 mm^3

@@ -32,11 +32,14 @@ def _case(shift):
 
 def test_the_training_scans_choose_the_threshold_then_the_smallest_lesion():
   cases = [_case(0), _case(2)]
-  assert loo_refiners.choose(cases, _rc()) == (0.5, 10.0)
+  assert loo_refiners.choose(cases, _rc()) == (0.5, 10.0, 0.0)
   # The speck kept: no smallest lesion on offer.
-  assert loo_refiners.choose(cases, _rc(min_lesion_mm3=(0.0,))) == (0.5, 0.0)
+  assert loo_refiners.choose(cases, _rc(min_lesion_mm3=(0.0,))) == (0.5, 0.0, 0.0)
+  # Or dropped by its cross-section (1 mm^2; the lesion's is 16 mm^2).
+  assert loo_refiners.choose(cases, _rc(min_lesion_mm3=(0.0,),
+                                        min_lesion_mm2=(0.0, 2.0, 20.0))) == (0.5, 0.0, 2.0)
   # Under the rim every threshold marks it: the first of the equal ones.
-  assert loo_refiners.choose(cases, _rc(thresholds=(0.3, 0.4))) == (0.3, 10.0)
+  assert loo_refiners.choose(cases, _rc(thresholds=(0.3, 0.4))) == (0.3, 10.0, 0.0)
 
 
 def test_scores_leave_out_other_pathology_and_drop_small_lesions():
@@ -68,7 +71,7 @@ def test_the_smallest_lesion_is_chosen_by_dice_and_lesion_f1_together():
   assert every[0] > large[0]                      # Dice alone would keep them all
   assert sum(large) > sum(every)                  # Dice and F1 together drop them
   assert loo_refiners.choose([(labels, prob, spacing)],
-                             _rc(thresholds=(0.5,), min_lesion_mm3=(0.0, 10.0))) == (0.5, 10.0)
+                             _rc(thresholds=(0.5,), min_lesion_mm3=(0.0, 10.0))) == (0.5, 10.0, 0.0)
 
 
 def test_the_one_standard_error_rule_keeps_the_higher_threshold():
@@ -81,9 +84,9 @@ def test_the_one_standard_error_rule_keeps_the_higher_threshold():
     rim_lesion.append((labels, prob, spacing))
   cases = rim_lesion + [_case(2)]
   rc = _rc(thresholds=(0.4, 0.5), min_lesion_mm3=(10.0,))
-  assert loo_refiners.choose(cases, rc) == (0.4, 10.0)
+  assert loo_refiners.choose(cases, rc) == (0.4, 10.0, 0.0)
   rc.threshold_rule = 'one_se'
-  assert loo_refiners.choose(cases, rc) == (0.5, 10.0)
+  assert loo_refiners.choose(cases, rc) == (0.5, 10.0, 0.0)
 
 
 def test_a_fold_split_is_read_from_its_split_json(tmp_path):

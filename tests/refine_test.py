@@ -148,6 +148,28 @@ def test_fit_drops_specks_when_the_fitting_subjects_ask_for_it():
   assert refine.min_lesion_of(None) == 0.0
 
 
+
+def test_fit_drops_specks_by_their_area_on_a_slice_at_the_volume_it_picked():
+  # The cases' pixels are 1 mm^2 on 2 mm slices: a speck shows 1 mm^2, every
+  # true lesion at least 2 x 2 voxels (4 mm^2) on its largest slice.
+  speckled = [_specks(_case(s), s) for s in range(3)]
+  refiner = refine.fit(speckled, _rc(min_lesion_mm2=(0.0, 2.0)), seed=0, unet_step=1)
+  assert float(refiner['min_lesion_mm3']) == 0.0 and refine.min_area_of(refiner) == 2.0
+  prob, image, spacing, labels = speckled[0]
+  seg = refine.refine(refiner, prob, image, spacing, 0.02) >= refiner['threshold']
+  kept = challenge_metrics.drop_small_lesions(seg, spacing, 0.0, 2.0)
+  truth, _ = challenge_metrics.masked_pair(labels, seg)
+  f1 = [challenge_metrics.lesion_detection(truth, m)[1] for m in (seg, kept)]
+  assert f1[1] > f1[0], f1
+  # An area no lesion has is never chosen; without the key (a config or a
+  # refiner before it) no lesion is dropped by area.
+  assert refine.min_area_of(refine.fit(speckled, _rc(min_lesion_mm2=(0.0, 1e12)),
+                                       seed=0, unet_step=1)) == 0.0
+  assert refine.min_area_of(refine.fit(speckled, _rc(), seed=0, unet_step=1)) == 0.0
+  assert refine.min_area_of({k: v for k, v in refiner.items()
+                             if k != 'min_lesion_mm2'}) == 0.0
+  assert refine.min_area_of(None) == 0.0
+
 def test_pick_takes_the_highest_within_one_standard_error_of_the_best():
   # Per-subject Dice by threshold: 0.3 best on average; 0.4 below it by less
   # than the spread of the paired differences; 0.5 below it on every subject.

@@ -107,12 +107,30 @@ def bounding_box(mask: np.ndarray, margin=0) -> tuple[slice, ...] | None:
   return tuple(box)
 
 
-def drop_small_lesions(mask: np.ndarray, spacing, min_mm3: float) -> np.ndarray:
+def slice_areas(cc: np.ndarray, n: int, spacing) -> np.ndarray:
+  """Each lesion's largest cross-section (mm^2) on the scan's slices, for the
+  label array ``cc`` of ``n`` lesions (:func:`lesions`; entry 0 is the
+  background's). The slices are the planes across the coarsest axis (a
+  thick-slice scan's slice axis; the first of equal ones), the area a rater
+  sees a lesion by on the slice where it is largest."""
+  ax = int(np.argmax(spacing))
+  pixel = float(np.prod([s for k, s in enumerate(spacing) if k != ax]))
+  depth = cc.shape[ax]
+  plane = np.arange(depth).reshape([-1 if k == ax else 1 for k in range(cc.ndim)])
+  counts = np.bincount((cc.astype(np.int64) * depth + plane).ravel(),
+                       minlength=(n + 1) * depth)
+  return counts.reshape(n + 1, depth).max(1) * pixel
+
+
+def drop_small_lesions(mask: np.ndarray, spacing, min_mm3: float,
+                       min_mm2: float = 0.0) -> np.ndarray:
   """``mask`` without its lesions (26-connected components, as :func:`lesions`
-  counts them) of less than ``min_mm3`` (voxel size ``spacing`` in mm);
-  ``mask`` itself when ``min_mm3 <= 0``. The refiner's last step, and the
-  synthetic generator's rule for the lesions a rater marks."""
-  if min_mm3 <= 0:
+  counts them) of less than ``min_mm3`` (voxel size ``spacing`` in mm) or
+  whose largest cross-section on a slice is less than ``min_mm2``
+  (:func:`slice_areas`); ``mask`` itself when both are 0. The refiner's last
+  step, and (by volume) the synthetic generator's rule for the lesions a rater
+  marks."""
+  if min_mm3 <= 0 and min_mm2 <= 0:
     return mask
   out = np.zeros(mask.shape, bool)
   # Labelled inside the mask's bounding box only: a few lesions in a large scan.
@@ -122,6 +140,8 @@ def drop_small_lesions(mask: np.ndarray, spacing, min_mm3: float) -> np.ndarray:
   cc, n = lesions(mask[box])
   size = np.bincount(cc.ravel(), minlength=n + 1) * float(np.prod(spacing))
   keep = size >= min_mm3
+  if min_mm2 > 0:
+    keep &= slice_areas(cc, n, spacing) >= min_mm2
   keep[0] = False
   out[box] = keep[cc]
   return out

@@ -392,5 +392,6 @@ def refine_segmentation(segmenter: Segmenter, seg: Segmentation,
   final = refine.refine(refiner, seg.unet_probability, seg.flair_z, spacing,
                         segmenter.candidate)
   mask = challenge_metrics.drop_small_lesions(final >= refiner['threshold'],
-                                              spacing, refine.min_lesion_of(refiner))
+                                              spacing, refine.min_lesion_of(refiner),
+                                              refine.min_area_of(refiner))
   return dataclasses.replace(seg, probability=final, mask=mask, refined=True)

@@ -24,6 +24,10 @@ refined mask then loses its lesions (26-connected, as the challenge counts
 them) smaller than a volume chosen at fit time from ``refine.min_lesion_mm3``
 (``refine.min_lesion_rule``: by default the largest the fitting subjects
 cannot tell from the best): single-voxel specks are most of the false lesions.
+Then, by the same rule from ``refine.min_lesion_mm2``, the smallest
+cross-section a lesion must show on one of the scan's slices: on 5-8 mm slices
+a volume that keeps a 1 mm scan's small lesions keeps specks of 2-3 voxels,
+which raters do not mark (docs/results.md, stop 43).
 A fine-tune refits the refiner on the user's few scans, where MLPs fitted on
 four scans lose on a fifth what they gained on the four (docs/results.md). With
 ``refine.prior_weight`` w, its probability is ``(1 - w)`` that of the MLPs
@@ -32,7 +36,7 @@ on its own subjects), and the threshold and smallest lesion are picked on that
 blend (:func:`blend`).
 
 A refiner is a plain pytree ``{params: {fit_k: MLP params}, mean, std,
-threshold, candidate, min_lesion_mm3, unet_step}``, with ``prior: {params,
+threshold, candidate, min_lesion_mm3, min_lesion_mm2, unet_step}``, with ``prior: {params,
 mean, std, unet_step[, prior, prior_weight]}`` and ``prior_weight`` when blended (all it
 decided at fit time and all it needs to apply; the MLP widths are read off
 their kernels) saved with orbax in ``WORKDIR/refine/step_N``, N the U-Net
@@ -209,6 +213,14 @@ def min_lesion_of(refiner) -> float:
   return float(refiner['min_lesion_mm3'])
 
 
+def min_area_of(refiner) -> float:
+  """The smallest cross-section on a slice (mm^2) a lesion ``refiner`` keeps
+  needs: 0 (any) for None or a refiner saved before it chose one."""
+  if refiner is None or 'min_lesion_mm2' not in refiner:
+    return 0.0
+  return float(refiner['min_lesion_mm2'])
+
+
 def fit(cases, rc, seed: int, unet_step: int, prior: dict | None = None) -> dict:
   """Fits a refiner on training ``cases`` and picks its threshold on them
   from their Dice (``rc.threshold_rule``: :func:`pick`), then its smallest
@@ -283,22 +295,22 @@ def fit(cases, rc, seed: int, unet_step: int, prior: dict | None = None) -> dict
     mask = np.zeros(cand[box].shape, bool)
     mask[cand[box]] = q >= threshold
     boxed.append((mask, spacing, labels[box]))
-  by_size = {}
-  for v in rc.get('min_lesion_mm3', (0.0,)):
-    both = []
-    for mask, spacing, labels in boxed:
-      truth, pred = challenge_metrics.masked_pair(
-          labels, challenge_metrics.drop_small_lesions(mask, spacing, float(v)))
-      both.append((challenge_metrics.dice(truth, pred)
-                   + challenge_metrics.lesion_detection(truth, pred)[1]) / 2)
-    by_size[float(v)] = np.array(both)
+  by_size = {float(v): _size_scores(boxed, float(v), 0.0)
+             for v in rc.get('min_lesion_mm3', (0.0,))}
+  min_mm3 = pick(by_size, min_lesion_rule(rc))
+  # Then, at that volume, the smallest cross-section on a slice: 2-3 voxel
+  # specks on thick slices pass a volume a 1 mm scan's small lesions need.
+  by_area = {float(a): _size_scores(boxed, min_mm3, float(a))
+             for a in rc.get('min_lesion_mm2', (0.0,))}
   refiner = {**scaled, 'threshold': np.float32(threshold),
              'candidate': np.float64(rc.candidate),
-             'min_lesion_mm3': np.float64(pick(by_size, min_lesion_rule(rc))),
+             'min_lesion_mm3': np.float64(min_mm3),
+             'min_lesion_mm2': np.float64(pick(by_area, min_lesion_rule(rc))),
              'unet_step': np.int32(unet_step)}
   logging.info('refine: %d MLPs fitted on %d voxels of %d subjects (%.1f%% '
                'lesion%s), final BCE %s%s; Dice on them by threshold %s -> %.2f (%s); '
-               'mean of Dice and lesion F1 by smallest lesion (mm^3) %s -> %g (%s)',
+               'mean of Dice and lesion F1 by smallest lesion (mm^3) %s -> %g (%s), '
+               'then by its smallest cross-section on a slice (mm^2) %s -> %g',
                rc.num_fits, len(x), len(cases), 100 * float(y.mean()),
                ', each MLP on its own share of them' if bagged(rc) else '',
                ' '.join(f'{l:.4f}' for l in losses),
@@ -306,8 +318,23 @@ def fit(cases, rc, seed: int, unet_step: int, prior: dict | None = None) -> dict
                {t: round(s, 3) for t, s in scores.items()},
                float(refiner['threshold']), threshold_rule(rc),
                {v: round(float(np.nanmean(s)), 3) for v, s in by_size.items()},
-               float(refiner['min_lesion_mm3']), min_lesion_rule(rc))
+               float(refiner['min_lesion_mm3']), min_lesion_rule(rc),
+               {a: round(float(np.nanmean(s)), 3) for a, s in by_area.items()},
+               float(refiner['min_lesion_mm2']))
   return refiner
+
+
+def _size_scores(boxed, min_mm3: float, min_mm2: float) -> np.ndarray:
+  """Per fitting case, the mean of Dice and lesion F1 of its refined mask
+  (``boxed``: ``(mask, spacing, labels)`` each) without the lesions
+  ``challenge_metrics.drop_small_lesions`` drops at these sizes."""
+  both = []
+  for mask, spacing, labels in boxed:
+    truth, pred = challenge_metrics.masked_pair(
+        labels, challenge_metrics.drop_small_lesions(mask, spacing, min_mm3, min_mm2))
+    both.append((challenge_metrics.dice(truth, pred)
+                 + challenge_metrics.lesion_detection(truth, pred)[1]) / 2)
+  return np.array(both)
 
 
 def candidate_dice(candidate_labels: np.ndarray, decided: np.ndarray,
