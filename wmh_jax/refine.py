@@ -300,8 +300,8 @@ def fit(cases, rc, seed: int, unet_step: int, prior: dict | None = None) -> dict
   min_mm3 = pick(by_size, min_lesion_rule(rc))
   # Then, at that volume, the smallest cross-section on a slice: 2-3 voxel
   # specks on thick slices pass a volume a 1 mm scan's small lesions need.
-  by_area = {float(a): _size_scores(boxed, min_mm3, float(a))
-             for a in rc.get('min_lesion_mm2', (0.0,))}
+  by_area = {float(a): _size_scores(boxed, min_mm3, float(a)) if a > 0
+             else by_size[min_mm3] for a in rc.get('min_lesion_mm2', (0.0,))}
   refiner = {**scaled, 'threshold': np.float32(threshold),
              'candidate': np.float64(rc.candidate),
              'min_lesion_mm3': np.float64(min_mm3),
