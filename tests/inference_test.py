@@ -163,7 +163,8 @@ def test_segment_is_the_chain_and_the_refiner_keeps_its_candidate(workdir, tmp_p
   np.testing.assert_array_equal(seg.unet_probability, prob)
   np.testing.assert_array_equal(seg.probability, refined)
   np.testing.assert_array_equal(seg.mask, challenge_metrics.drop_small_lesions(
-      refined >= fitted['threshold'], scan.spacing, refine.min_lesion_of(fitted)))
+      refined >= fitted['threshold'], scan.spacing, refine.min_lesion_of(fitted),
+      refine.min_area_of(fitted)))
   # The refine step alone, on the segmentation stopped before it, is the same.
   again = inference.refine_segmentation(segmenter, before, scan.spacing)
   assert again.refined and not before.refined
@@ -176,6 +177,9 @@ def test_segment_is_the_chain_and_the_refiner_keeps_its_candidate(workdir, tmp_p
   assert (refined >= fitted['threshold']).any()
   huge = dataclasses.replace(segmenter, refiner={**fitted, 'min_lesion_mm3': 1e12})
   assert not inference.segment(huge, scan).mask.any()
+  # And its smallest cross-section on a slice.
+  wide = dataclasses.replace(segmenter, refiner={**fitted, 'min_lesion_mm2': 1e12})
+  assert not inference.segment(wide, scan).mask.any()
   # A refiner saved before it stored its candidate: 0.02, what every such refiner
   # was fitted with, not the config's (2e-4 since stop 20).
   old = {k: v for k, v in fitted.items() if k != 'candidate'}

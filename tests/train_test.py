@@ -409,7 +409,8 @@ def test_lesion_misses_finds_what_evaluate_counts_as_detected(trained):
   segmenter = inference.load(cfg, workdir)
   assert segmenter.refiner is not None
   keep_all = dataclasses.replace(
-      segmenter, refiner={**segmenter.refiner, 'min_lesion_mm3': np.float64(0.0)})
+      segmenter, refiner={**segmenter.refiner, 'min_lesion_mm3': np.float64(0.0),
+                          'min_lesion_mm2': np.float64(0.0)})
   checked = 0
   for key, scan, p in _refiner_spread().split_scans(val_set):
     rows = misses.scan_fates(segmenter, [(key, scan, p)])
