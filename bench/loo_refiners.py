@@ -70,20 +70,13 @@ def choose(cases, rc) -> tuple[float, float, float]:
   """``(threshold, smallest lesion mm^3, smallest cross-section mm^2)`` that
   ``cases`` (``(labels, refined probability, spacing)``) choose as
   ``refine.fit`` does: the threshold from their Dice (``refine.threshold_rule``),
-  then the smallest lesion from their mean of Dice and lesion F1 at it
-  (``refine.min_lesion_rule``), then at that size the smallest cross-section
-  on a slice by the same rule."""
+  then the smallest lesion and cross-section on a slice from their mean of Dice
+  and lesion F1 at it (``refine.pick_sizes``, as ``refine.fit``)."""
   by_t = {float(t): np.array([scores(l, p >= t, s)[0] for l, p, s in cases])
           for t in rc.thresholds}
   t = refine.pick(by_t, refine.threshold_rule(rc))
-  by_v = {float(v): np.array([sum(scores(l, p >= t, s, float(v))) / 2
-                              for l, p, s in cases])
-          for v in rc.get('min_lesion_mm3', (0.0,))}
-  v = refine.pick(by_v, refine.min_lesion_rule(rc))
-  by_a = {float(a): np.array([sum(scores(l, p >= t, s, v, float(a))) / 2
-                              for l, p, s in cases])
-          for a in rc.get('min_lesion_mm2', (0.0,))}
-  return t, v, refine.pick(by_a, refine.min_lesion_rule(rc))
+  v, a, _, _ = refine.pick_sizes([(p >= t, s, l) for l, p, s in cases], rc)
+  return t, v, a
 
 
 @functools.cache

@@ -36,9 +36,9 @@ def test_outside_splits_truth_and_prediction_by_the_mask():
   assert 'pred_outside_ml' not in outside_brain.outside(labels, brain, AFFINE)
 
 
-def _write(path, volume, AFFINE):
+def _write(path, volume, affine):
   path.parent.mkdir(parents=True, exist_ok=True)
-  nib.save(nib.Nifti1Image(volume, AFFINE), str(path))
+  nib.save(nib.Nifti1Image(volume, affine), str(path))
 
 
 def test_rows_read_a_challenge_layout_and_predict_outputs(tmp_path):

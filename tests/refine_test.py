@@ -148,7 +148,6 @@ def test_fit_drops_specks_when_the_fitting_subjects_ask_for_it():
   assert refine.min_lesion_of(None) == 0.0
 
 
-
 def test_fit_drops_specks_by_their_area_on_a_slice_at_the_volume_it_picked():
   # The cases' pixels are 1 mm^2 on 2 mm slices: a speck shows 1 mm^2, every
   # true lesion at least 2 x 2 voxels (4 mm^2) on its largest slice.
@@ -169,6 +168,7 @@ def test_fit_drops_specks_by_their_area_on_a_slice_at_the_volume_it_picked():
   assert refine.min_area_of({k: v for k, v in refiner.items()
                              if k != 'min_lesion_mm2'}) == 0.0
   assert refine.min_area_of(None) == 0.0
+
 
 def test_pick_takes_the_highest_within_one_standard_error_of_the_best():
   # Per-subject Dice by threshold: 0.3 best on average; 0.4 below it by less

@@ -295,17 +295,11 @@ def fit(cases, rc, seed: int, unet_step: int, prior: dict | None = None) -> dict
     mask = np.zeros(cand[box].shape, bool)
     mask[cand[box]] = q >= threshold
     boxed.append((mask, spacing, labels[box]))
-  by_size = {float(v): _size_scores(boxed, float(v), 0.0)
-             for v in rc.get('min_lesion_mm3', (0.0,))}
-  min_mm3 = pick(by_size, min_lesion_rule(rc))
-  # Then, at that volume, the smallest cross-section on a slice: 2-3 voxel
-  # specks on thick slices pass a volume a 1 mm scan's small lesions need.
-  by_area = {float(a): _size_scores(boxed, min_mm3, float(a)) if a > 0
-             else by_size[min_mm3] for a in rc.get('min_lesion_mm2', (0.0,))}
+  min_mm3, min_mm2, by_size, by_area = pick_sizes(boxed, rc)
   refiner = {**scaled, 'threshold': np.float32(threshold),
              'candidate': np.float64(rc.candidate),
              'min_lesion_mm3': np.float64(min_mm3),
-             'min_lesion_mm2': np.float64(pick(by_area, min_lesion_rule(rc))),
+             'min_lesion_mm2': np.float64(min_mm2),
              'unet_step': np.int32(unet_step)}
   logging.info('refine: %d MLPs fitted on %d voxels of %d subjects (%.1f%% '
                'lesion%s), final BCE %s%s; Dice on them by threshold %s -> %.2f (%s); '
@@ -322,6 +316,23 @@ def fit(cases, rc, seed: int, unet_step: int, prior: dict | None = None) -> dict
                {a: round(float(np.nanmean(s)), 3) for a, s in by_area.items()},
                float(refiner['min_lesion_mm2']))
   return refiner
+
+
+def pick_sizes(boxed, rc) -> tuple[float, float, dict, dict]:
+  """``(min_mm3, min_mm2, by_size, by_area)``: the smallest lesion volume kept,
+  from ``rc.min_lesion_mm3``, then at that volume the smallest cross-section on
+  a slice, from ``rc.min_lesion_mm2``, each by ``rc.min_lesion_rule`` (:func:`pick`)
+  on the cases' mean of Dice and lesion F1 (``by_size`` and ``by_area``: those
+  per case, by candidate). ``boxed``: ``(mask, spacing, labels)`` of each
+  fitting case, its mask thresholded. On thick slices a speck of 2-3 voxels
+  passes the volume a 1 mm scan's small lesions need; its area does not."""
+  rule = min_lesion_rule(rc)
+  by_size = {float(v): _size_scores(boxed, float(v), 0.0)
+             for v in rc.get('min_lesion_mm3', (0.0,))}
+  min_mm3 = pick(by_size, rule)
+  by_area = {float(a): _size_scores(boxed, min_mm3, float(a)) if a > 0
+             else by_size[min_mm3] for a in rc.get('min_lesion_mm2', (0.0,))}
+  return min_mm3, pick(by_area, rule), by_size, by_area
 
 
 def _size_scores(boxed, min_mm3: float, min_mm2: float) -> np.ndarray:
