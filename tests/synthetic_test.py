@@ -102,6 +102,51 @@ def test_inferior_lesions_lie_below_the_ventricles_in_half_the_subjects():
   assert cm.lesions(les)[1] > 1                           # several small lesions
 
 
+def test_ventricle_lining_is_a_thin_band_along_the_ventricles_in_half_the_subjects():
+  """Generator 3.4.0: a lining abutting the lateral ventricles, a share of the
+  load, off the midline; a draw >= 0.5 gives none (the subject is as in 3.3.0)."""
+  tpl = synthetic.load_template()
+  grow = 2.0
+  vent = tpl.dist_vent < grow
+  wm, gm = np.where(vent, 0.0, tpl.wm), np.where(vent, 0.0, tpl.gm)
+  dist = np.maximum(tpl.dist_vent - grow, 0.0)
+  tissue = (wm + gm) > 0.3
+  mid = int(round(np.linalg.inv(tpl.affine)[0] @ np.array([0, 0, 0, 1])))
+  lining = lambda seed: synthetic.ventricle_lining(np.random.default_rng(seed), tpl,
+                                                   grow, wm, gm, 8.0)
+  assert np.random.default_rng(0).uniform() >= 0.5
+  assert not lining(0).any()
+  assert np.random.default_rng(2).uniform() < 0.5
+  les = lining(2)
+  assert 0.1 * 8000 - 1 <= les.sum() <= 0.3 * 8000 + 1    # its share of 8 mL
+  assert not (les & vent).any() and tissue[les].all()
+  assert dist[les].max() <= 3.5                           # thin
+  assert (dist[les] <= 1.0).mean() > 0.2                  # against the CSF
+  assert not les[mid - 3:mid + 4].any()                   # not the septum
+  on_wall = (dist > 0) & (dist <= 1.0) & tissue
+  on_wall[mid - 3:mid + 4] = False
+  assert (les & on_wall).sum() < on_wall.sum()            # part of the wall
+  # Another seed lines other stretches.
+  other = lining(3)
+  assert np.random.default_rng(3).uniform() < 0.5 and other.any()
+  assert (les & other).sum() < 0.8 * min(les.sum(), other.sum())
+
+
+def test_subject_with_a_lining_keeps_its_load(monkeypatch):
+  """A subject drawn with a lining has the load asked for (the lining is a share
+  of it), and its lesions are not those of the same subject without one."""
+  geo = _iso_geometry()
+  index = next(i for i in range(20)
+               if np.random.default_rng([0, i, 2]).uniform() < 0.5)
+  s = synthetic.generate_subject(0, index, load_ml=4.0, geometry=geo)
+  got = (s.labels == 1).sum() * np.prod(geo[1]) / 1000.0
+  assert abs(got - 4.0) / 4.0 <= 0.10, got
+  monkeypatch.setattr(synthetic, 'ventricle_lining',
+                      lambda rng, tpl, grow, wm, *a: np.zeros(wm.shape, bool))
+  without = synthetic.generate_subject(0, index, load_ml=4.0, geometry=geo)
+  assert not np.array_equal(without.labels, s.labels)
+
+
 def test_other_pathology_dilated_in_plane_and_lesion_wins():
   lesion = np.zeros((9, 9, 3), bool)
   other = np.zeros_like(lesion)

@@ -38,6 +38,8 @@ class WmhSynthetic(tfds.core.GeneratorBasedBuilder):
       '3.3.0': 'Half the subjects have lesions in the white matter below the '
                'lateral ventricles: temporal lobes, brainstem, cerebellum '
                '(synthetic.inferior_lesions).',
+      '3.4.0': 'Half the subjects have a thin lining along stretches of the '
+               'lateral ventricles\' walls (synthetic.ventricle_lining).',
   }
   BUILDER_CONFIGS = [SyntheticConfig(name='default', description=(
       '48 training subjects (seed 2017), 12 validation subjects (seed 2018).'))]
