@@ -255,9 +255,11 @@ def ventricle_lining(rng, tpl: Template, grow: float, wm: np.ndarray, gm: np.nda
   ``U(2, 3.5)`` mm thick along the lateral ventricles' walls, in the stretches
   where a smooth random field is highest, abutting the CSF (the other
   periventricular lesions start past 0.5 mm and grow as caps at the horns).
-  Real FLAIR shows such a pencil-thin lining in many older and MS subjects,
-  and raters mark it (Fazekas' periventricular grade 1); MS3SEG's misses
-  include it (docs/results.md, stop 44).
+  Real FLAIR shows such a thin lining in many older and MS subjects, and
+  raters mark it (Fazekas' periventricular grade 1); MS3SEG's misses include
+  it. Thinner (1-2.5 mm), it did not show once blurred (the lesion edge, the
+  ventricle's partial volume, thick slices), and the model trained on it did
+  worse everywhere (docs/results.md, stop 44).
 
   Args:
     rng: the lining's own stream (a subject without it is as in 3.3.0).
