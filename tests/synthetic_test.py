@@ -111,7 +111,7 @@ def test_ventricle_lining_is_a_thin_band_along_the_ventricles_in_half_the_subjec
   wm, gm = np.where(vent, 0.0, tpl.wm), np.where(vent, 0.0, tpl.gm)
   dist = np.maximum(tpl.dist_vent - grow, 0.0)
   tissue = (wm + gm) > 0.3
-  mid = int(round(np.linalg.inv(tpl.affine)[0] @ np.array([0, 0, 0, 1])))
+  mid = tpl.midline
   lining = lambda seed: synthetic.ventricle_lining(np.random.default_rng(seed), tpl,
                                                    grow, wm, gm, 8.0)
   assert np.random.default_rng(0).uniform() >= 0.5

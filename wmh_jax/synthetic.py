@@ -54,6 +54,7 @@ class Template:
   vent: np.ndarray        # bool: the lateral ventricles
   head: head_lib.Head     # the head around the brain
   affine: np.ndarray      # template voxel -> MNI world (mm)
+  midline: int           # index of MNI x = 0 along the first axis
   dist_vent: np.ndarray   # mm from the lateral ventricles
   vent_y_range: tuple[float, float]  # anterior-posterior extent of the ventricles
 
@@ -98,7 +99,7 @@ def load_template() -> Template:
   ys = np.nonzero(vent.any(axis=(0, 2)))[0]
   return Template(
       gm=gm, wm=wm, csf=csf, brain=brain, vent=vent,
-      head=head_lib.build(brain, affine), affine=affine,
+      head=head_lib.build(brain, affine), affine=affine, midline=midline,
       dist_vent=ndimage.distance_transform_edt(~vent).astype(np.float32),
       vent_y_range=(float(ys.min()), float(ys.max())))
 
@@ -117,6 +118,12 @@ def _smooth_noise(rng, shape, sigma_vox, coarse=4):
                               sigma_vox / coarse)
   n = _upsample(n, shape)
   return (n - n.mean()) / (n.std() + 1e-6)
+
+
+def _kth_largest(values: np.ndarray, k: int):
+  """The ``k``-th largest of ``values`` (1 <= k <= values.size): the threshold
+  that keeps ``k`` of them, ties aside."""
+  return np.partition(values, values.size - k)[values.size - k]
 
 
 def _upsample(small: np.ndarray, shape) -> np.ndarray:
@@ -189,15 +196,14 @@ def lesion_map(rng, tpl: Template, load_ml: float, vent_grow: float,
   field = np.exp(-dist / reach) * (0.6 + 0.6 * horn)
   field = field * (1 + 0.35 * _smooth_noise(rng, shape, 3.0))
   eligible = (wm > 0.5) & (dist > 0.5)
-  mid = int(round(np.linalg.inv(tpl.affine)[0] @ np.array([0, 0, 0, 1])))
+  mid = tpl.midline
   eligible[mid - 3:mid + 4] = False
   deep_fraction = rng.uniform(0.1, 0.5)
   n_peri = int(round(load_ml * 1000 * (1 - deep_fraction)))
   values = field[eligible]
   les = np.zeros(shape, bool)
   if n_peri > 0:
-    thr = np.partition(values, values.size - n_peri)[values.size - n_peri]
-    les = eligible & (field >= thr)
+    les = eligible & (field >= _kth_largest(values, n_peri))
   _scatter(rng, les, np.argwhere(eligible & (dist > 8)), eligible,
            load_ml * 1000 - les.sum(), rough)
   return les
@@ -277,7 +283,7 @@ def ventricle_lining(rng, tpl: Template, grow: float, wm: np.ndarray, gm: np.nda
   thick = rng.uniform(2.0, 3.5)
   dist = tpl.dist_vent - grow
   band = (dist > 0) & (dist <= thick) & ((wm + gm) > 0.3)
-  mid = int(round(np.linalg.inv(tpl.affine)[0] @ np.array([0, 0, 0, 1])))
+  mid = tpl.midline
   band[mid - 3:mid + 4] = False
   want = int(round(rng.uniform(0.1, 0.3) * load_ml * 1000))
   rough = _smooth_noise(rng, wm.shape, 4.0)[band]
@@ -285,7 +291,7 @@ def ventricle_lining(rng, tpl: Template, grow: float, wm: np.ndarray, gm: np.nda
     return les
   if want >= rough.size:
     return band
-  les[band] = rough >= np.partition(rough, rough.size - want)[rough.size - want]
+  les[band] = rough >= _kth_largest(rough, want)
   return les
 
 
@@ -302,7 +308,7 @@ def _lookalikes(rng, tpl: Template, img: np.ndarray, vent: np.ndarray) -> np.nda
   """Adds bright tissue that is not WMH (label 0): the choroid plexus in the
   ventricles' atria, the septum pellucidum between them, CSF flow artefacts."""
   img = img.copy()
-  mid = int(round(np.linalg.inv(tpl.affine)[0] @ np.array([0, 0, 0, 1])))
+  mid = tpl.midline
   y0, y1 = tpl.vent_y_range
   x = np.arange(vent.shape[0])[:, None, None]
   y = np.arange(vent.shape[1])[None, :, None]
@@ -334,8 +340,7 @@ def _mask_keeping_volume(fraction: np.ndarray) -> np.ndarray:
   values = fraction[fraction >= 0.25]
   if want == 0 or values.size <= want:
     return fraction >= 0.25
-  thr = np.partition(values, values.size - want)[values.size - want]
-  return fraction >= min(thr, 0.5)
+  return fraction >= min(_kth_largest(values, want), 0.5)
 
 
 def _rotation(rx, ry, rz):
