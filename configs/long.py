@@ -9,7 +9,10 @@ each scan's own slices"): synthetic dev / test 0.713 / 0.736 (the main job,
 three seeds: 0.698 / 0.683), MS3SEG Dice 0.692, lesion F1 0.637, AVD 14.5 %
 (the main job: 0.684, 0.579, 20.1 %); seed 1: 0.715 / 0.713, MS3SEG 0.677, F1
 0.629. Fine-tuned leave-one-out on MS3SEG from seed 0's model: 0.721 (from three
-main jobs 0.652-0.702). 71 min from a fresh clone, install included. On the
+main jobs 0.652-0.702). 71 min from a fresh clone, install included. On generator
+3.4.0 (stop 45, seed 0): synthetic dev / test 0.669 / 0.715, MS3SEG Dice 0.678,
+lesion F1 0.584 (the main job's seed 0: 0.647 / 0.684, 0.698, 0.651): better on
+the synthetic subjects, not on the real scans. On the
 16-slice grid (stops 32 and 34) it was the main job's equal on MS3SEG
 (0.646-0.655) and better on the synthetic subjects (0.698-0.707).
 
