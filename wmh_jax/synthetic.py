@@ -43,6 +43,9 @@ GENERATOR_VERSION = '3.4.0'
 # stay in the image, unmarked, as on real scans (3.2.0; 3.0.0 marked them;
 # 3.1.0 was stop 23's look-alike generator, not adopted).
 MIN_MARKED_MM3 = float(np.pi / 6 * 3.0 ** 3)
+# Template voxels (1 mm) each side of the midline where no white-matter lesion is
+# drawn: the septum pellucidum and the falx, not white matter.
+MIDLINE_MARGIN = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +179,11 @@ def _resample(to_tpl: np.ndarray, warps, volumes) -> list[np.ndarray]:
   return [np.concatenate(p, axis=0) for p in zip(*parts)]
 
 
+def near_midline(tpl: Template) -> slice:
+  """The template's sagittal slices within ``MIDLINE_MARGIN`` of the midline."""
+  return slice(tpl.midline - MIDLINE_MARGIN, tpl.midline + MIDLINE_MARGIN + 1)
+
+
 def lesion_map(rng, tpl: Template, load_ml: float, vent_grow: float,
                wm: np.ndarray, rough: np.ndarray) -> np.ndarray:
   """Lesion mask on the template grid with ``load_ml`` mL (1 mm voxels).
@@ -185,7 +193,7 @@ def lesion_map(rng, tpl: Template, load_ml: float, vent_grow: float,
   load (caps -> rim -> confluent), roughened by smooth noise, in white matter only.
   Deep: many small irregular punctate or ovoid lesions away from the ventricles,
   most of them a few mm across (as in real scans, where most lesions cover a few
-  voxels on one or two slices). No lesion within 3 mm of the midline.
+  voxels on one or two slices). None within ``MIDLINE_MARGIN`` mm of the midline.
   """
   shape = wm.shape
   dist = np.maximum(tpl.dist_vent - vent_grow, 0.0)
@@ -196,8 +204,7 @@ def lesion_map(rng, tpl: Template, load_ml: float, vent_grow: float,
   field = np.exp(-dist / reach) * (0.6 + 0.6 * horn)
   field = field * (1 + 0.35 * _smooth_noise(rng, shape, 3.0))
   eligible = (wm > 0.5) & (dist > 0.5)
-  mid = tpl.midline
-  eligible[mid - 3:mid + 4] = False
+  eligible[near_midline(tpl)] = False
   deep_fraction = rng.uniform(0.1, 0.5)
   n_peri = int(round(load_ml * 1000 * (1 - deep_fraction)))
   values = field[eligible]
@@ -275,7 +282,7 @@ def ventricle_lining(rng, tpl: Template, grow: float, wm: np.ndarray, gm: np.nda
       the lining lies where they sum to more than 0.3, not in CSF.
     load_ml: the subject's lesion load, of which the lining is a share.
 
-  Not within 3 voxels of the midline (the septum pellucidum's neighbourhood).
+  Not within ``MIDLINE_MARGIN`` voxels of the midline (the septum pellucidum).
   """
   les = np.zeros(wm.shape, bool)
   if rng.uniform() >= 0.5:
@@ -283,8 +290,7 @@ def ventricle_lining(rng, tpl: Template, grow: float, wm: np.ndarray, gm: np.nda
   thick = rng.uniform(2.0, 3.5)
   dist = tpl.dist_vent - grow
   band = (dist > 0) & (dist <= thick) & ((wm + gm) > 0.3)
-  mid = tpl.midline
-  band[mid - 3:mid + 4] = False
+  band[near_midline(tpl)] = False
   want = int(round(rng.uniform(0.1, 0.3) * load_ml * 1000))
   rough = _smooth_noise(rng, wm.shape, 4.0)[band]
   if want <= 0 or not rough.size:
